@@ -1,0 +1,5 @@
+import sys
+
+from catq.cli import main
+
+sys.exit(main())

