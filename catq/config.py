@@ -228,18 +228,38 @@ class Config(Section):
         return self.run_path / "checkpoints"
 
 
+ENV_OVERRIDES = {
+    "CATQ_POLICY_URLS": ("engines", "policy_urls"),  # comma-separated
+    "CATQ_ANCHOR_URL": ("engines", "anchor_url"),
+    "CATQ_JUDGE_URL": ("engines", "judge_url"),
+    "CATQ_INGEST_HOST": ("ingest", "host"),
+}
+"""Environment overrides of addresses, so one config file serves `catq up` on a host and
+containers that reach engines by service name (compose.yaml sets these)."""
+
+
 def load_config(path: str | Path | None = None, **overrides: str) -> Config:
     """Load and validate a TOML config (defaults when path is None), then apply the environment
-    (CATQ_REDIS_URL, CATQ_RUN) and finally explicit non-empty overrides (e.g. from CLI flags)."""
+    (CATQ_REDIS_URL, CATQ_RUN, ENV_OVERRIDES) and finally explicit non-empty overrides (e.g. from
+    CLI flags)."""
     data = _read_toml(Path(path)) if path else {}
     env = {"redis_url": os.environ.get("CATQ_REDIS_URL"), "run": os.environ.get("CATQ_RUN")}
     for key, value in {**env, **overrides}.items():
         if value:
             data[key] = value
+    _apply_address_env(data)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{path or 'config'}: {_describe(exc)}") from None
+
+
+def _apply_address_env(data: dict) -> None:
+    for var, (section, key) in ENV_OVERRIDES.items():
+        value = os.environ.get(var)
+        if value:
+            parsed = [u.strip() for u in value.split(",") if u.strip()] if key == "policy_urls" else value
+            data.setdefault(section, {})[key] = parsed
 
 
 def _read_toml(path: Path) -> dict:
