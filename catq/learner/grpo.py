@@ -1,0 +1,351 @@
+"""GRPO on scored groups: advantages, log-probs, the clipped off-policy loss, one optimizer step.
+
+Pure training logic (torch + a transformers causal LM); no Redis, no files. The worker
+(:mod:`catq.learner.worker`) feeds it batches of ScoredGroups.
+
+The objective, per completion token t of rollout i in group g (DESIGN §1 step 4, §2):
+
+    A_i      = (r_i - mean(r_g)) / (std(r_g) + eps)              group-normalised advantage
+    ratio    = exp(log πθ(t) - log π_behaviour(t))                 behaviour log-prob from the engine
+    w        = min(ratio, C)                                      C = behaviour_weight_cap
+    obj      = min(w * A_i, clip(ratio, 1 - ε, 1 + ε) * A_i)       clipped PPO, ratio capped at C
+    kl       = exp(log π_anchor - log πθ) - (log π_anchor - log πθ) - 1     (k3, ≥ 0)
+    loss     = mean over all completion tokens of the batch of (-obj + kl_coef * kl)
+
+Why the cap. Rollouts arrive up to ``max_staleness`` versions old, so π_behaviour can be far from
+πθ. PPO's clip bounds the weight of positively-advantaged tokens (at 1 + ε) but leaves the
+negative side unbounded: a token with A < 0 whose probability has since grown a lot gets weight
+ratio → ∞ and one stale sample can dominate the step. Capping the importance weight at C bounds
+every token's weight (dual-clip PPO, Ye et al. 2020; the truncated-importance-sampling idea).
+In decoupled PPO (Hilton et al. 2021) terms: the learner takes one optimizer step per batch, so
+the proximal policy π_prox is exactly the weights the step starts from (πθ at forward time), the
+behaviour weight π_prox/π_behaviour is this same ratio, and the cap C truncates it. A capped or
+clipped token contributes no policy gradient (its objective is constant in θ) but still counts
+in the token mean and in ``clip_frac``; the KL term keeps its gradient everywhere.
+
+Log-probs are log_softmax of the raw logits at each completion token given prompt + preceding
+completion tokens, with no temperature and no top-p/top-k — the same distribution the engine
+reports as behaviour log-probs, so at version 0 the ratio is 1 up to numerics.
+
+Groups whose rewards are all equal have zero advantage everywhere and carry no signal: they are
+skipped (no forward, no KL) and counted. A batch with no signal left takes no optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from catq.messages import ScoredGroup
+
+ADV_EPS = 1e-6
+"""ε in (r - mean) / (std + ε); groups with std below this count as zero-variance."""
+
+
+@dataclass
+class LossConfig:
+    clip_eps: float = 0.2
+    behaviour_weight_cap: float = 2.0
+    kl_coef: float = 1e-3
+
+
+@dataclass
+class TrainSample:
+    """One rollout ready for the loss: prompt + completion ids, behaviour log-probs, advantage."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    behaviour_logprobs: list[float]
+    advantage: float
+    policy_version: int = 0
+
+
+@dataclass
+class PreparedBatch:
+    samples: list[TrainSample]
+    rewards: list[float] = field(default_factory=list)
+    """Rewards of every rollout of every group given (zero-variance groups included)."""
+    groups_used: int = 0
+    groups_skipped: int = 0
+    """Zero-variance groups: all rewards equal, no signal."""
+
+
+def group_advantages(rewards: list[float], eps: float = ADV_EPS) -> list[float] | None:
+    """(r - mean) / (std + eps) within one group (population std); None when all rewards are
+    equal (the group carries no signal)."""
+    r = torch.tensor(rewards, dtype=torch.float64)
+    std = r.std(unbiased=False).item() if len(rewards) > 1 else 0.0
+    if std < eps:
+        return None
+    return ((r - r.mean()) / (std + eps)).tolist()
+
+
+def prepare_batch(groups: list[ScoredGroup]) -> PreparedBatch:
+    """Turn scored groups into training samples; zero-variance groups are skipped and counted.
+    Rollouts with no tokens are left out (nothing to train on)."""
+    batch = PreparedBatch(samples=[])
+    for scored in groups:
+        group = scored.group
+        batch.rewards.extend(scored.rewards)
+        if len(scored.rewards) != len(group.rollouts):
+            raise ValueError(
+                f"group {group.prompt.prompt_id}: {len(scored.rewards)} rewards for "
+                f"{len(group.rollouts)} rollouts"
+            )
+        advantages = group_advantages(scored.rewards)
+        if advantages is None:
+            batch.groups_skipped += 1
+            continue
+        batch.groups_used += 1
+        for rollout, adv in zip(group.rollouts, advantages):
+            if not rollout.token_ids:
+                continue
+            if len(rollout.logprobs) != len(rollout.token_ids):
+                raise ValueError(
+                    f"group {group.prompt.prompt_id}: {len(rollout.logprobs)} behaviour "
+                    f"log-probs for {len(rollout.token_ids)} tokens"
+                )
+            batch.samples.append(
+                TrainSample(
+                    prompt_ids=list(group.prompt_token_ids),
+                    completion_ids=list(rollout.token_ids),
+                    behaviour_logprobs=list(rollout.logprobs),
+                    advantage=float(adv),
+                    policy_version=group.policy_version,
+                )
+            )
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward pass: per-token log-probs of completions
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor        # (B, L) right-padded prompt + completion
+    attention_mask: torch.Tensor   # (B, L)
+    prompt_lens: list[int]
+    completion_lens: list[int]
+    behaviour_logprobs: torch.Tensor  # (N,) completion tokens of all rows, concatenated
+    advantages: torch.Tensor          # (N,) each row's advantage repeated over its tokens
+
+
+def collate(samples: list[TrainSample], device: torch.device | str = "cpu", pad_id: int = 0) -> MicroBatch:
+    lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
+    width = max(lengths)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, (s, n) in enumerate(zip(samples, lengths)):
+        ids[row, :n] = torch.tensor(s.prompt_ids + s.completion_ids, dtype=torch.long)
+        mask[row, :n] = 1
+    behaviour = torch.tensor([lp for s in samples for lp in s.behaviour_logprobs], dtype=torch.float32)
+    advantages = torch.tensor(
+        [s.advantage for s in samples for _ in s.completion_ids], dtype=torch.float32
+    )
+    return MicroBatch(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        prompt_lens=[len(s.prompt_ids) for s in samples],
+        completion_lens=[len(s.completion_ids) for s in samples],
+        behaviour_logprobs=behaviour.to(device),
+        advantages=advantages.to(device),
+    )
+
+
+def completion_logits(model, mb: MicroBatch) -> torch.Tensor:
+    """Logits (N, V) predicting each completion token, all rows concatenated. Position p's
+    logits predict token p + 1, so completion token j of a row with prompt length P is predicted
+    at position P - 1 + j. One forward pass over prompt + completion."""
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+    rows = [
+        logits[b, p - 1 : p - 1 + c]
+        for b, (p, c) in enumerate(zip(mb.prompt_lens, mb.completion_lens))
+    ]
+    return torch.cat(rows, dim=0)
+
+
+def token_logprobs(logits: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of each completion token, log_softmax of all logits), in fp32."""
+    logp_all = F.log_softmax(logits.float(), dim=-1)
+    targets = torch.cat(
+        [
+            mb.input_ids[b, p : p + c]
+            for b, (p, c) in enumerate(zip(mb.prompt_lens, mb.completion_lens))
+        ]
+    )
+    return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1), logp_all
+
+
+def sequence_logprobs(model, samples: list[TrainSample], device="cpu") -> list[torch.Tensor]:
+    """Per-token log-probs of each sample's completion under ``model`` (no grad); for tests and
+    evaluation."""
+    mb = collate(samples, device)
+    with torch.no_grad():
+        logp, _ = token_logprobs(completion_logits(model, mb), mb)
+    return list(torch.split(logp.cpu(), mb.completion_lens))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss
+
+
+@dataclass
+class LossTerms:
+    """Per-token sums over a micro-batch (divide by the batch's token count for means)."""
+
+    loss_sum: torch.Tensor  # differentiable: sum of (-obj + kl_coef * kl)
+    pg_sum: float
+    kl_sum: float
+    clipped: int
+    capped: int
+    ratio_sum: float
+    tokens: int
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    behaviour_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    cfg: LossConfig,
+    anchor_logp: torch.Tensor | None = None,
+) -> LossTerms:
+    """The per-token clipped, capped objective plus the k3 KL to the anchor, summed over tokens.
+    All arguments are flat (N,) tensors over completion tokens; only ``logp`` carries grad."""
+    log_ratio = (logp - behaviour_logp).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    capped_ratio = torch.clamp(ratio, max=cfg.behaviour_weight_cap)
+    unclipped = capped_ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * advantages
+    objective = torch.minimum(unclipped, clipped)
+    pg = -objective
+    # A token has no policy gradient when the min picks the clipped branch with ratio outside
+    # [1-ε, 1+ε], or when the cap binds.
+    clip_hit = (clipped < unclipped) & ((ratio < 1.0 - cfg.clip_eps) | (ratio > 1.0 + cfg.clip_eps))
+    cap_hit = (ratio > cfg.behaviour_weight_cap) & (unclipped <= clipped)
+    if anchor_logp is not None and cfg.kl_coef > 0:
+        delta = (anchor_logp - logp).clamp(-20.0, 20.0)
+        kl = torch.exp(delta) - delta - 1.0
+    else:
+        kl = torch.zeros_like(logp)
+    total = pg + cfg.kl_coef * kl
+    return LossTerms(
+        loss_sum=total.sum(),
+        pg_sum=pg.detach().sum().item(),
+        kl_sum=kl.detach().sum().item(),
+        clipped=int(clip_hit.sum().item()),
+        capped=int(cap_hit.sum().item()),
+        ratio_sum=ratio.detach().sum().item(),
+        tokens=int(logp.numel()),
+    )
+
+
+def entropy_sum(logp_all: torch.Tensor) -> float:
+    """Sum over tokens of the policy's entropy at each completion position."""
+    with torch.no_grad():
+        return float(-(logp_all.exp() * logp_all).sum().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# One optimizer step
+
+
+@dataclass
+class StepConfig:
+    loss: LossConfig = field(default_factory=LossConfig)
+    micro_batch_rollouts: int = 8
+    max_grad_norm: float = 1.0
+    autocast_bf16: bool = False
+    """CUDA: run forwards under bf16 autocast (params, grads and optimizer stay fp32)."""
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(
+    policy,
+    optimizer: torch.optim.Optimizer,
+    batch: PreparedBatch,
+    cfg: StepConfig,
+    anchor=None,
+) -> dict:
+    """One GRPO optimizer step over ``batch`` with gradient accumulation over micro-batches of
+    ``cfg.micro_batch_rollouts`` rollouts. The loss is the mean over every completion token of
+    the batch, so accumulation gives exactly the full-batch gradient. Returns step metrics;
+    takes no step (``"updated": False``) when no sample carries signal."""
+    started = time.perf_counter()
+    metrics = _reward_metrics(batch)
+    samples = batch.samples
+    total_tokens = sum(len(s.completion_ids) for s in samples)
+    if total_tokens == 0:
+        return {**metrics, "updated": False, "tokens": 0, "step_time_s": time.perf_counter() - started}
+    device = next(policy.parameters()).device
+    policy.train()
+    optimizer.zero_grad(set_to_none=True)
+    sums = {"pg": 0.0, "kl": 0.0, "clipped": 0, "capped": 0, "ratio": 0.0, "entropy": 0.0}
+    for start in range(0, len(samples), cfg.micro_batch_rollouts):
+        mb = collate(samples[start : start + cfg.micro_batch_rollouts], device)
+        anchor_logp = None
+        if anchor is not None and cfg.loss.kl_coef > 0:
+            with torch.no_grad(), _autocast(device, cfg.autocast_bf16):
+                anchor_logp, _ = token_logprobs(completion_logits(anchor, mb), mb)
+        with _autocast(device, cfg.autocast_bf16):
+            logits = completion_logits(policy, mb)
+        logp, logp_all = token_logprobs(logits, mb)
+        terms = policy_loss(logp, mb.behaviour_logprobs, mb.advantages, cfg.loss, anchor_logp)
+        (terms.loss_sum / total_tokens).backward()
+        sums["entropy"] += entropy_sum(logp_all)
+        del logits, logp_all
+        for key, value in (("pg", terms.pg_sum), ("kl", terms.kl_sum), ("clipped", terms.clipped),
+                           ("capped", terms.capped), ("ratio", terms.ratio_sum)):
+            sums[key] += value
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    elapsed = time.perf_counter() - started
+    pg, kl = sums["pg"] / total_tokens, sums["kl"] / total_tokens
+    return {
+        **metrics,
+        "updated": True,
+        "loss": pg + cfg.loss.kl_coef * kl,
+        "pg_loss": pg,
+        "kl": kl,
+        "clip_frac": (sums["clipped"] + sums["capped"]) / total_tokens,
+        "cap_frac": sums["capped"] / total_tokens,
+        "ratio_mean": sums["ratio"] / total_tokens,
+        "entropy": sums["entropy"] / total_tokens,
+        "grad_norm": float(grad_norm),
+        "tokens": total_tokens,
+        "rollouts": len(samples),
+        "step_time_s": elapsed,
+        "tokens_per_s": total_tokens / elapsed if elapsed > 0 else math.inf,
+    }
+
+
+def _reward_metrics(batch: PreparedBatch) -> dict:
+    rewards = torch.tensor(batch.rewards or [0.0], dtype=torch.float64)
+    adv = torch.tensor([s.advantage for s in batch.samples] or [0.0], dtype=torch.float64)
+    return {
+        "reward_mean": rewards.mean().item(),
+        "reward_std": rewards.std(unbiased=False).item(),
+        "adv_mean": adv.mean().item(),
+        "adv_std": adv.std(unbiased=False).item(),
+        "adv_min": adv.min().item(),
+        "adv_max": adv.max().item(),
+        "groups_used": batch.groups_used,
+        "groups_skipped": batch.groups_skipped,
+    }
+
+
+def make_optimizer(model, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+    )
