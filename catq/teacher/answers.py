@@ -1,0 +1,181 @@
+"""Final answers of math responses: extraction and equivalence.
+
+Extraction (:func:`final_answer`) takes, in order: the last ``\\boxed{...}`` (or ``\\fbox``) with
+nested braces; else the last "answer is X" / "Answer: X"; else "= X" ending the text; else the
+last number. The paper used string match on the last box; we compare answers for real
+mathematical equivalence (:func:`answers_equivalent`) with math-verify (sympy), after a cheap
+string normalisation, so ``\\frac{1}{2}``, ``0.5`` and ``1/2`` agree, as do ``2\\sqrt{2}`` and
+``\\sqrt{8}``.
+
+Text answers ("Paris", ``\\text{blue}``) never go to sympy: it reads "Paris" as the product of
+five symbols, which would make it equal to "Sapir". They are compared as normalised strings.
+
+math-verify bounds each parse/compare with SIGALRM, which only works in the main thread; off the
+main thread we call it without a timeout and rely on :data:`MAX_ANSWER_CHARS` instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+
+from math_verify import parse, verify
+
+MAX_ANSWER_CHARS = 200
+"""Answers longer than this are compared as strings only (sympy on huge input can hang)."""
+
+SYMPY_TIMEOUT_S = 3
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)\s*:?", re.IGNORECASE)
+_TEXT_WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textit|mbox|operatorname)\s*\{([^{}]*)\}")
+_MATH_WORDS = {"sqrt", "frac", "dfrac", "tfrac", "pi", "infty", "sin", "cos", "tan", "cot", "sec",
+               "csc", "log", "ln", "exp", "cup", "cap", "cdot", "times", "div", "pm", "le", "ge",
+               "leq", "geq", "neq", "circ", "deg", "degrees", "left", "right", "emptyset",
+               "varnothing", "mathbb", "arcsin", "arccos", "arctan", "binom", "mod", "pmod"}
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last complete ``\\boxed{...}``/``\\fbox{...}`` (nested braces allowed);
+    None when there is none. A box cut off by the token limit is skipped for an earlier one.
+    Linear time: braces are matched in one pass, not once per box."""
+    starts = sorted(
+        m.end() for cmd in _BOX_COMMANDS for m in re.finditer(re.escape(cmd) + r"(?![a-zA-Z])", text)
+    )
+    if not starts:
+        return None
+    closing = _matching_braces(text)
+    for pos in reversed(starts):
+        while pos < len(text) and text[pos] == " ":
+            pos += 1
+        if pos >= len(text):
+            continue
+        if text[pos] == "{":
+            end = closing.get(pos)
+            content = text[pos + 1 : end] if end is not None else None
+        else:  # "\boxed 5"
+            match = re.match(r"[^\s$]+", text[pos:])
+            content = match.group(0) if match else None
+        if content is not None and content.strip():
+            return content.strip()
+    return None
+
+
+def _matching_braces(text: str) -> dict[int, int]:
+    """Position of each '{' -> position of its '}' (unclosed ones absent); \\{ and \\} skipped."""
+    closing: dict[int, int] = {}
+    stack: list[int] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "{":
+            stack.append(i)
+        elif ch == "}" and stack:
+            closing[stack.pop()] = i
+        i += 1
+    return closing
+
+
+def final_answer(text: str) -> str | None:
+    """The final answer of a response, or None when it has none (see the module docstring)."""
+    if not text or not text.strip():
+        return None
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return _clean(boxed)
+    return _stated_answer(text) or _trailing_equation(text) or _last_number(text)
+
+
+def _stated_answer(text: str) -> str | None:
+    """X from the last "answer is X" / "Answer: X", cut at the end of its line or sentence."""
+    for match in reversed(list(_ANSWER_IS.finditer(text))):
+        rest = text[match.end() :].split("\n", 1)[0]
+        rest = re.split(r"\.(?:\s|$)", rest, maxsplit=1)[0]  # "3.5." -> "3.5"
+        answer = _clean(rest)
+        if answer:
+            return answer
+    return None
+
+
+def _trailing_equation(text: str) -> str | None:
+    """X when the text ends with "... = X"."""
+    last_line = text.strip().rsplit("\n", 1)[-1]
+    if "=" not in last_line:
+        return None
+    answer = _clean(last_line.rsplit("=", 1)[1])
+    return answer if answer and len(answer) <= MAX_ANSWER_CHARS else None
+
+
+def _last_number(text: str) -> str | None:
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def _clean(answer: str) -> str:
+    answer = answer.strip()
+    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**")):
+        if answer.startswith(left) and answer.endswith(right) and len(answer) >= len(left) + len(right):
+            answer = answer[len(left) : len(answer) - len(right)].strip()
+    return answer.rstrip(".").strip().strip("$").strip()
+
+
+def normalize_answer(answer: str) -> str:
+    """A canonical string form for the string-equality fallback: no dollars, text wrappers,
+    spacing commands, \\left/\\right, trailing period; \\dfrac/\\tfrac -> \\frac; lower case."""
+    s = _clean(answer)
+    s = _TEXT_WRAPPERS.sub(r"\1", s)
+    s = re.sub(r"\\(?:left|right)(?![a-zA-Z])", "", s)
+    s = re.sub(r"\\[,;:! ]", "", s)
+    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = s.replace("^\\circ", "").replace("^{\\circ}", "")
+    s = re.sub(r"\s+", " ", s).strip().rstrip(".").strip()
+    return s.lower()
+
+
+def is_text_answer(answer: str) -> bool:
+    """True for worded answers ("Paris", \\text{blue}, "no solution"), which sympy must not see.
+    Answers with digits ("5 \\text{ cm}") are numbers with units: math-verify handles those."""
+    if re.search(r"\d", answer):
+        return False
+    if re.search(r"\\text\s*\{[^{}]*[a-zA-Z]{2,}", answer):
+        return True
+    words = re.findall(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}", normalize_answer(answer))
+    return any(w not in _MATH_WORDS for w in words)
+
+
+def answers_equivalent(a: str | None, b: str | None) -> bool:
+    """Whether two final answers are the same: normalised strings match, or (for non-text
+    answers) math-verify finds them equivalent in either direction. None never matches."""
+    if a is None or b is None:
+        return False
+    na, nb = normalize_answer(a), normalize_answer(b)
+    if not na or not nb:
+        return False
+    if na == nb:
+        return True
+    if is_text_answer(a) or is_text_answer(b):
+        return False
+    if len(a) > MAX_ANSWER_CHARS or len(b) > MAX_ANSWER_CHARS:
+        return False
+    pa, pb = _parsed(a), _parsed(b)
+    if not pa or not pb:
+        return False
+    timeout = _timeout()
+    return bool(
+        verify(list(pa), list(pb), timeout_seconds=timeout)
+        or verify(list(pb), list(pa), timeout_seconds=timeout)
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(answer: str) -> tuple:
+    return tuple(parse(f"${_clean(answer)}$", parsing_timeout=_timeout()))
+
+
+def _timeout() -> int | None:
+    return SYMPY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
