@@ -1,0 +1,143 @@
+"""Learner checkpoints: everything needed to resume exactly where a step left off.
+
+A checkpoint is one file ``<checkpoint_dir>/step-<step:08d>.pt`` holding the policy's state
+dict, the optimizer's, the step, the policy version, the RNG states and the ids of the scored
+stream entries already trained into these weights. It is written to a temp file in the same
+directory, fsynced, then renamed, so the newest complete file is always a valid resume point;
+older ones are pruned (the last ``keep`` stay).
+
+The trained-entry ids make training exactly-once across crashes: the learner acknowledges a
+scored entry only after a checkpoint that includes its update is on disk, and a restarted learner
+skips (and acknowledges) any redelivered entry whose id is in its checkpoint. An entry trained
+but not yet checkpointed when the learner died is simply trained again from the restored
+weights, so it counts once in the weights that survive. The id list is bounded (newest kept):
+Redis redelivers only entries still pending, never ones acknowledged long ago.
+
+Loading uses ``torch.load(weights_only=True)``: tensors and plain containers only, no arbitrary
+unpickling.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_RE = re.compile(r"^step-(\d{8,})\.pt$")
+MAX_TRAINED_IDS = 100_000
+"""Trained entry ids kept in a checkpoint; far more than can ever be pending at once."""
+
+
+@dataclass
+class TrainingState:
+    step: int = 0
+    """Optimizer steps taken."""
+    policy_version: int = 0
+    """Version of the newest published weights (0 = the initial policy)."""
+    trained_ids: list[str] = field(default_factory=list)
+    """Scored entry ids whose update is in these weights, oldest first."""
+    groups_trained: int = 0
+    """Groups used for updates so far (for counting, not for correctness)."""
+
+    def add_trained(self, entry_ids: list[str]) -> None:
+        self.trained_ids.extend(entry_ids)
+        if len(self.trained_ids) > MAX_TRAINED_IDS:
+            del self.trained_ids[: len(self.trained_ids) - MAX_TRAINED_IDS]
+
+
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return Path(directory) / f"step-{step:08d}.pt"
+
+
+def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = CHECKPOINT_RE.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def save_checkpoint(directory: Path, model, optimizer, state: TrainingState, keep: int = 2) -> Path:
+    """Write a checkpoint atomically and prune older ones; returns its path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = checkpoint_path(directory, state.step)
+    tmp = directory / f".{target.name}.{os.getpid()}.tmp"
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": state.step,
+        "policy_version": state.policy_version,
+        "trained_ids": list(state.trained_ids),
+        "groups_trained": state.groups_trained,
+        "rng": _rng_state(),
+    }
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(directory)
+    finally:
+        tmp.unlink(missing_ok=True)
+    for _, old in list_checkpoints(directory)[:-keep]:
+        old.unlink(missing_ok=True)
+    return target
+
+
+def load_latest(directory: Path, model, optimizer) -> TrainingState | None:
+    """Restore model, optimizer and RNG from the newest checkpoint; None when there is none."""
+    checkpoints = list_checkpoints(directory)
+    if not checkpoints:
+        return None
+    _, path = checkpoints[-1]
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    _set_rng_state(payload["rng"])
+    return TrainingState(
+        step=int(payload["step"]),
+        policy_version=int(payload["policy_version"]),
+        trained_ids=list(payload["trained_ids"]),
+        groups_trained=int(payload.get("groups_trained", 0)),
+    )
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(_flatten(random.getstate()))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"][0], state["python"][1:-1], state["python"][-1]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _flatten(python_state: tuple):
+    """random.getstate() is (version, tuple of ints, gauss_next); store as one flat list."""
+    version, internal, gauss = python_state
+    yield version
+    yield from internal
+    yield gauss
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,93 @@
+"""The learner's training state: policy, frozen anchor, optimizer, step and version.
+
+Synchronous and file-bound (no Redis); :mod:`catq.learner.worker` calls it from a thread.
+The policy starts from ``model.policy``, or from the newest checkpoint when there is one. The
+anchor π0 is a second, frozen copy loaded from ``model.anchor`` even when both name the same
+weights: the policy is trained in place, the anchor must never move.
+
+Device: ``learner.device`` ("auto" = CUDA when present). Weights and optimizer state are fp32
+everywhere; on CUDA the forward passes run under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from catq.config import Config
+from catq.learner import checkpoint, grpo, publish
+from catq.messages import ScoredGroup
+
+
+@dataclass
+class Trainer:
+    config: Config
+    policy: torch.nn.Module
+    anchor: torch.nn.Module | None
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    state: checkpoint.TrainingState
+    device: torch.device
+    step_config: grpo.StepConfig
+
+    @classmethod
+    def from_config(cls, config: Config) -> Trainer:
+        from catq.engines.models import load_causal_lm, load_tokenizer, resolve_device
+
+        cfg = config.learner
+        cache_dir = config.model.cache_dir or None
+        device = torch.device(resolve_device(cfg.device))
+        torch.manual_seed(cfg.seed)
+        policy = load_causal_lm(config.model.policy, device=str(device), cache_dir=cache_dir)
+        policy.train()
+        anchor = None
+        if cfg.kl_coef > 0:
+            anchor = load_causal_lm(config.model.anchor, device=str(device), cache_dir=cache_dir)
+            anchor.requires_grad_(False).eval()
+        optimizer = grpo.make_optimizer(policy, cfg.lr, cfg.weight_decay)
+        state = checkpoint.load_latest(config.checkpoint_dir, policy, optimizer)
+        step_config = grpo.StepConfig(
+            loss=grpo.LossConfig(
+                clip_eps=cfg.clip_eps, behaviour_weight_cap=cfg.behaviour_weight_cap, kl_coef=cfg.kl_coef
+            ),
+            micro_batch_rollouts=cfg.micro_batch_rollouts,
+            max_grad_norm=cfg.max_grad_norm,
+            autocast_bf16=device.type == "cuda",
+        )
+        return cls(
+            config=config,
+            policy=policy,
+            anchor=anchor,
+            tokenizer=load_tokenizer(config.model.policy, cache_dir),
+            optimizer=optimizer,
+            state=state or checkpoint.TrainingState(),
+            device=device,
+            step_config=step_config,
+        )
+
+    @property
+    def trained_id_set(self) -> set[str]:
+        return set(self.state.trained_ids)
+
+    def train(self, groups: list[ScoredGroup], entry_ids: list[str]) -> dict:
+        """One optimizer step on ``groups``; records them as trained. Returns the step's metrics."""
+        batch = grpo.prepare_batch(groups)
+        metrics = grpo.train_step(self.policy, self.optimizer, batch, self.step_config, anchor=self.anchor)
+        self.state.step += 1
+        self.state.groups_trained += batch.groups_used
+        self.state.add_trained(entry_ids)
+        return {"step": self.state.step, "policy_version": self.state.policy_version,
+                "time": time.time(), **metrics}
+
+    def save_checkpoint(self) -> Path:
+        return checkpoint.save_checkpoint(
+            self.config.checkpoint_dir, self.policy, self.optimizer, self.state
+        )
+
+    def write_weights(self) -> Path:
+        return publish.write_weights(
+            self.policy, self.tokenizer, self.config.weights_dir, self.state.policy_version
+        )
