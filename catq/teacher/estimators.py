@@ -1,0 +1,188 @@
+"""Reference estimators: how the anchor turns G rollouts into one pseudo-reference s (DESIGN §1.2).
+
+- ``synthesis`` (CaT, the default): the frozen anchor reads the rollouts — not the question —
+  and writes a summary then a unified response; s is the unified response. When the anchor
+  ignores the format, s is its whole output and ``format_fallback`` records that.
+- ``majority`` (TTRL; math only): the most common final answer, answers grouped by mathematical
+  equivalence; ties go to the answer that appeared first (lowest rollout index), so the rule is
+  deterministic. s is the first rollout that gave it (rollout 1, flagged as a fallback, when no
+  rollout has an answer). Open prompts in a majority run fall back
+  to synthesis (``estimator`` records what was used).
+- ``self_bon``: the policy reads the question and its rollouts and names the best; s is that
+  rollout. An unreadable choice falls back to rollout 1 (``format_fallback``).
+- ``min_ppl``: the rollout with the lowest mean token negative log-likelihood under the
+  behaviour log-probs; ties go to the lowest index.
+
+The pure functions take plain data; :func:`estimate_reference` wires them to chat models given as
+async callables (see :mod:`catq.teacher.chat`), so everything here is testable without an engine.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Awaitable, Protocol
+
+from catq.messages import Rollout, RolloutGroup
+from catq.teacher import prompts
+from catq.teacher.answers import answers_equivalent, final_answer, last_boxed
+
+ESTIMATORS = ("synthesis", "majority", "self_bon", "min_ppl")
+
+
+class ChatFn(Protocol):
+    """A chat model: messages in, the assistant's reply out."""
+
+    def __call__(self, messages: list[dict[str, str]], *, temperature: float | None = None) -> Awaitable[str]: ...
+
+
+@dataclass
+class Reference:
+    reference: str
+    """The pseudo-reference s."""
+    estimator: str
+    """The estimator that produced it."""
+    anchor_output: str
+    """The raw model output behind it ("" for estimators without a model call)."""
+    format_fallback: bool = False
+    reference_answer: str | None = None
+    """math: the final answer of s."""
+    majority_answer: str | None = None
+    """math: the majority answer of the rollouts (recorded whatever the estimator)."""
+
+
+_UNIFIED = re.compile(
+    r"(?:^[ \t#>*_-]*(?:\d+\.\s*)?unified[ \t]+response\b[ \t*_]*:?|unified[ \t]+response[ \t*_]*:)[ \t*_]*"
+    r"|<unified_response>",
+    re.IGNORECASE | re.MULTILINE,
+)
+_UNIFIED_CLOSE = re.compile(r"</unified_response>", re.IGNORECASE)
+
+
+def parse_unified_response(output: str) -> tuple[str, bool]:
+    """(s, format_fallback): the text after the last "Unified response:" heading (markdown
+    decorations and a ``<unified_response>`` tag accepted); the whole output, flagged, when
+    the heading is missing or nothing follows it."""
+    matches = list(_UNIFIED.finditer(output))
+    if matches:
+        unified = output[matches[-1].end() :]
+        unified = _UNIFIED_CLOSE.split(unified, maxsplit=1)[0].strip()
+        if unified:
+            return unified, False
+    return output.strip(), True
+
+
+def reference_final_answer(reference: str, anchor_output: str) -> str | None:
+    """The reference's final answer: a box in s, else a box anywhere in the anchor's output
+    (some models box the answer in the summary), else the usual fallbacks on s."""
+    boxed = last_boxed(reference)
+    if boxed is None:
+        boxed = last_boxed(anchor_output)
+    return final_answer("\\boxed{" + boxed + "}") if boxed is not None else final_answer(reference)
+
+
+def synthesis_reference(output: str, task: str) -> Reference:
+    reference, fallback = parse_unified_response(output)
+    answer = reference_final_answer(reference, output) if task == "math" else None
+    return Reference(reference, "synthesis", output, fallback, reference_answer=answer)
+
+
+def majority_vote(answers: list[str | None]) -> list[int]:
+    """Indices of the rollouts in the winning equivalence class of final answers (most members;
+    ties to the class whose first member comes first); [] when no rollout has an answer."""
+    classes: list[list[int]] = []
+    for i, answer in enumerate(answers):
+        if answer is None:
+            continue
+        for members in classes:
+            if answers_equivalent(answers[members[0]], answer):
+                members.append(i)
+                break
+        else:
+            classes.append([i])
+    if not classes:
+        return []
+    return max(classes, key=lambda members: (len(members), -members[0]))
+
+
+def majority_reference(group: RolloutGroup) -> Reference:
+    answers = [final_answer(r.text) for r in group.rollouts]
+    winners = majority_vote(answers)
+    if not winners:
+        return Reference(group.rollouts[0].text, "majority", "", format_fallback=True)
+    answer = answers[winners[0]]
+    return Reference(group.rollouts[winners[0]].text, "majority", "",
+                     reference_answer=answer, majority_answer=answer)
+
+
+def mean_nll(rollout: Rollout) -> float:
+    """Mean negative log-likelihood per token under the behaviour policy; inf without log-probs."""
+    if not rollout.logprobs:
+        return math.inf
+    return -sum(rollout.logprobs) / len(rollout.logprobs)
+
+
+def min_ppl_index(rollouts: list[Rollout]) -> int:
+    """The rollout with the lowest mean NLL (= lowest perplexity); lowest index on ties."""
+    return min(range(len(rollouts)), key=lambda i: (mean_nll(rollouts[i]), i))
+
+
+def min_ppl_reference(group: RolloutGroup) -> Reference:
+    best = group.rollouts[min_ppl_index(group.rollouts)]
+    return _rollout_reference(best.text, "min_ppl", "", False, group.prompt.task)
+
+
+def parse_selection(output: str, n: int) -> int | None:
+    """0-based index of the response the selector named (the first number 1..n), or None."""
+    for number in re.findall(r"\d+", output):
+        if 1 <= int(number) <= n:
+            return int(number) - 1
+    return None
+
+
+def self_bon_reference(group: RolloutGroup, output: str) -> Reference:
+    index = parse_selection(output, len(group.rollouts))
+    fallback = index is None
+    text = group.rollouts[0 if fallback else index].text
+    return _rollout_reference(text, "self_bon", output, fallback, group.prompt.task)
+
+
+def _rollout_reference(text: str, estimator: str, output: str, fallback: bool, task: str) -> Reference:
+    answer = final_answer(text) if task == "math" else None
+    return Reference(text, estimator, output, fallback, reference_answer=answer)
+
+
+async def estimate_reference(
+    group: RolloutGroup,
+    estimator: str,
+    *,
+    anchor: ChatFn,
+    policy: ChatFn | None = None,
+    include_question: bool = False,
+) -> Reference:
+    """The reference for a group with the named estimator; for math the majority answer is
+    filled in whatever the estimator (it is part of the per-prompt result)."""
+    task = group.prompt.task
+    texts = [r.text for r in group.rollouts]
+    if estimator == "majority" and task != "math":
+        estimator = "synthesis"
+    if estimator == "synthesis":
+        question = group.prompt.question if include_question else None
+        output = await anchor(prompts.synthesis_messages(texts, task, question))
+        ref = synthesis_reference(output, task)
+    elif estimator == "majority":
+        ref = majority_reference(group)
+    elif estimator == "self_bon":
+        if policy is None:
+            raise ValueError("self_bon needs the policy model")
+        output = await policy(prompts.selection_messages(group.prompt.question, texts))
+        ref = self_bon_reference(group, output)
+    elif estimator == "min_ppl":
+        ref = min_ppl_reference(group)
+    else:
+        raise ValueError(f"unknown estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
+    if task == "math" and ref.majority_answer is None:
+        winners = majority_vote([final_answer(t) for t in texts])
+        ref.majority_answer = final_answer(texts[winners[0]]) if winners else None
+    return ref

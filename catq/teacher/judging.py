@@ -1,0 +1,108 @@
+"""Rewards from a reference (DESIGN §1.3).
+
+- math: reward_i = 1 when rollout i's final answer is equivalent to the reference's, else 0;
+  no answer on either side -> 0.
+- open: one judge call per (rollout, criterion); reward_i = fraction of criteria satisfied.
+  Replies are parsed strictly (:func:`parse_yes_no`); an unusable reply is retried with a
+  reminder, and after ``attempts`` tries counts as "no" with ``parsed=False`` in its Verdict.
+  Calls of one group run concurrently, at most ``concurrency`` at a time.
+- Optional length penalty (both tasks): reward -1 for a rollout longer than
+  ``length_penalty_tokens`` tokens (paper: 750 for health); 0 turns it off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from catq.config import JudgeConfig
+from catq.messages import ReferencedGroup, Rollout, ScoredGroup, Verdict
+from catq.teacher import prompts
+from catq.teacher.answers import answers_equivalent, final_answer
+from catq.teacher.estimators import ChatFn
+
+_YES_NO = re.compile(r"(yes|no)(?![a-z])", re.IGNORECASE)
+
+
+def parse_yes_no(reply: str) -> bool | None:
+    """True for "yes", False for "no", None for anything else. Strict: the reply must *start*
+    with the word (after whitespace, quotes, markdown emphasis), and must not contain the other
+    one ("Yes." and "No, it does not" pass; "I think yes", "yes/no", "Yesterday" do not)."""
+    text = reply.strip().lstrip("\"'*_`([ ").lower()
+    match = _YES_NO.match(text)
+    if not match:
+        return None
+    other = "no" if match.group(1) == "yes" else "yes"
+    if re.search(rf"(?<![a-z]){other}(?![a-z])", text):
+        return None
+    return match.group(1) == "yes"
+
+
+def score_math(rollouts: list[Rollout], reference_answer: str | None) -> tuple[list[float], list[str | None]]:
+    """(rewards, each rollout's extracted final answer)."""
+    answers = [final_answer(r.text) for r in rollouts]
+    rewards = [1.0 if answers_equivalent(reference_answer, a) else 0.0 for a in answers]
+    return rewards, answers
+
+
+async def judge_criterion(
+    judge: ChatFn, question: str, response: str, criterion: str, *,
+    rollout_index: int, criterion_index: int, attempts: int,
+) -> Verdict:
+    """One (rollout, criterion) verdict, retried on unusable replies, then counted as "no"."""
+    reply = ""
+    for attempt in range(attempts):
+        messages = (
+            prompts.judge_messages(question, response, criterion)
+            if attempt == 0
+            else prompts.judge_retry_messages(question, response, criterion, reply)
+        )
+        reply = await judge(messages)
+        satisfied = parse_yes_no(reply)
+        if satisfied is not None:
+            return Verdict(rollout_index, criterion_index, satisfied, reply)
+    return Verdict(rollout_index, criterion_index, False, reply, parsed=False)
+
+
+async def score_open(
+    judge: ChatFn, question: str, rollouts: list[Rollout], rubric: list[str], *,
+    attempts: int, concurrency: int,
+) -> tuple[list[float], list[Verdict]]:
+    """(rewards, verdicts in (rollout, criterion) order), judge calls bounded by a semaphore."""
+    if not rubric:
+        raise ValueError("an open prompt needs a non-empty rubric to be judged")
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(i: int, j: int) -> Verdict:
+        async with limit:
+            return await judge_criterion(judge, question, rollouts[i].text, rubric[j],
+                                         rollout_index=i, criterion_index=j, attempts=attempts)
+
+    verdicts = await asyncio.gather(*(one(i, j) for i in range(len(rollouts)) for j in range(len(rubric))))
+    rewards = [
+        sum(v.satisfied for v in verdicts if v.rollout_index == i) / len(rubric) for i in range(len(rollouts))
+    ]
+    return rewards, list(verdicts)
+
+
+def apply_length_penalty(rewards: list[float], rollouts: list[Rollout], limit_tokens: int) -> list[float]:
+    """-1 for every rollout over ``limit_tokens`` tokens; unchanged when the limit is 0 (off)."""
+    if limit_tokens <= 0:
+        return rewards
+    return [-1.0 if len(r.token_ids) > limit_tokens else reward for reward, r in zip(rewards, rollouts)]
+
+
+async def score_group(referenced: ReferencedGroup, judge: ChatFn | None, config: JudgeConfig) -> ScoredGroup:
+    """The ScoredGroup of a referenced group; ``judge`` is only called for open prompts."""
+    group = referenced.group
+    if group.prompt.task == "math":
+        rewards, answers = score_math(group.rollouts, referenced.reference_answer)
+        verdicts: list[Verdict] = []
+    else:
+        if judge is None:
+            raise ValueError("open prompts need a judge model")
+        rewards, verdicts = await score_open(judge, group.prompt.question, group.rollouts, referenced.rubric,
+                                             attempts=config.attempts, concurrency=config.concurrency)
+        answers = []
+    rewards = apply_length_penalty(rewards, group.rollouts, config.length_penalty_tokens)
+    return ScoredGroup(referenced, rewards, rollout_answers=answers, verdicts=verdicts)

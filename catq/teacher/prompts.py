@@ -1,0 +1,127 @@
+"""Every prompt the teacher sends to a model, in one place (each rendered by a unit test).
+
+- :func:`synthesis_messages` — the anchor's CaT synthesis (DESIGN §1, step 2). The anchor sees the
+  G rollouts and **not the question** (the paper omits it on purpose; ``include_question`` exists
+  for ablations). It finds common ground, reconciles contradictions, keeps unique correct
+  insights, writes a summary, then one unified response; for math the unified response ends
+  with ``\\boxed{}``. The two parts carry fixed headings so the estimator can find the unified
+  response (:data:`SUMMARY_HEADING`, :data:`UNIFIED_HEADING`).
+- :func:`rubric_messages` — the anchor turns the reference into >= N binary, checkable criteria,
+  as XML (``<rubric><criterion>...</criterion>...</rubric>``).
+- :func:`judge_messages` — one (rollout, criterion) pair, strict yes/no; :func:`judge_retry_messages`
+  repeats it with the judge's unusable reply and a reminder (a greedy judge would otherwise
+  repeat itself).
+- :func:`selection_messages` — self best-of-N: the policy reads the question and the rollouts and
+  names the best one by number.
+
+Messages are plain ``{"role", "content"}`` dicts, ready for a chat template or an
+OpenAI-compatible API.
+"""
+
+from __future__ import annotations
+
+SUMMARY_HEADING = "Summary:"
+UNIFIED_HEADING = "Unified response:"
+
+_SYNTHESIS_SYSTEM = (
+    "You are an expert at reconciling several attempts at the same task into one answer "
+    "that is better than any of them."
+)
+
+_SYNTHESIS_STEPS = """Read all of them, then:
+1. Find the common ground: what the responses agree on.
+2. Reconcile contradictions: where they disagree, work out which is right and why. The majority is not always right; every response may contain mistakes.
+3. Keep unique insights: a correct point that only one response makes belongs in the answer.
+4. Under the heading "{summary}", write a short summary of this analysis.
+5. Under the heading "{unified}", write one complete, self-contained response that combines the best of them. Do not mention the other responses in it."""
+
+_MATH_FORMAT = "\nThe unified response must end with the final answer in \\boxed{}, e.g. \\boxed{42}."
+
+
+def _numbered_responses(rollouts: list[str]) -> str:
+    return "\n\n".join(
+        f"<response {i}>\n{text.strip()}\n</response {i}>" for i, text in enumerate(rollouts, start=1)
+    )
+
+
+def synthesis_messages(
+    rollouts: list[str], task: str, question: str | None = None
+) -> list[dict[str, str]]:
+    """The anchor's synthesis prompt. ``question`` is shown only when given (the
+    ``include_question`` ablation); by default the anchor reconciles the rollouts alone."""
+    kind = "solutions to the same math problem" if task == "math" else "responses to the same request"
+    parts = [f"Below are {len(rollouts)} candidate {kind}."]
+    if question is not None:
+        parts.append(f"The original request was:\n<request>\n{question.strip()}\n</request>")
+    parts.append(_numbered_responses(rollouts))
+    parts.append(_SYNTHESIS_STEPS.format(summary=SUMMARY_HEADING, unified=UNIFIED_HEADING))
+    if task == "math":
+        parts.append(_MATH_FORMAT.strip())
+    parts.append(f'Answer in this format:\n{SUMMARY_HEADING} ...\n{UNIFIED_HEADING} ...')
+    return [
+        {"role": "system", "content": _SYNTHESIS_SYSTEM},
+        {"role": "user", "content": "\n\n".join(parts)},
+    ]
+
+
+_RUBRIC_INSTRUCTIONS = """Write a rubric of at least {min_criteria} criteria that a response must meet to be as good as this reference. Each criterion must:
+- be a property of the reference response above (what it says, recommends, warns about or gets right),
+- be binary: clearly met or not met, checkable by reading a response alone,
+- be one short sentence, and different from the other criteria.
+
+Output only XML in exactly this format:
+<rubric>
+<criterion>The response ...</criterion>
+<criterion>The response ...</criterion>
+</rubric>"""
+
+
+def rubric_messages(
+    reference: str, min_criteria: int, question: str | None = None
+) -> list[dict[str, str]]:
+    """Ask the anchor for >= ``min_criteria`` binary criteria, as XML, derived from ``reference``."""
+    parts = []
+    if question is not None:
+        parts.append(f"The request was:\n<request>\n{question.strip()}\n</request>")
+    parts.append(f"Here is a reference response:\n<reference>\n{reference.strip()}\n</reference>")
+    parts.append(_RUBRIC_INSTRUCTIONS.format(min_criteria=min_criteria))
+    return [
+        {"role": "system", "content": "You write precise grading rubrics."},
+        {"role": "user", "content": "\n\n".join(parts)},
+    ]
+
+
+_JUDGE_SYSTEM = "You are a strict grader. You reply with exactly one word: yes or no."
+
+
+def judge_messages(question: str, response: str, criterion: str) -> list[dict[str, str]]:
+    """One judge call: does ``response`` (to ``question``) satisfy ``criterion``? yes/no."""
+    content = (
+        f"<request>\n{question.strip()}\n</request>\n\n"
+        f"<response>\n{response.strip()}\n</response>\n\n"
+        f"<criterion>\n{criterion.strip()}\n</criterion>\n\n"
+        "Does the response satisfy the criterion? Reply with exactly one word: yes or no."
+    )
+    return [{"role": "system", "content": _JUDGE_SYSTEM}, {"role": "user", "content": content}]
+
+
+def judge_retry_messages(
+    question: str, response: str, criterion: str, previous_reply: str
+) -> list[dict[str, str]]:
+    """The judge call again after an unusable reply, with that reply and a reminder."""
+    return judge_messages(question, response, criterion) + [
+        {"role": "assistant", "content": previous_reply.strip()[:200]},
+        {"role": "user", "content": "Reply with exactly one word: yes or no."},
+    ]
+
+
+def selection_messages(question: str, rollouts: list[str]) -> list[dict[str, str]]:
+    """Self best-of-N: the policy names the best of its own rollouts by number."""
+    content = (
+        f"<request>\n{question.strip()}\n</request>\n\n"
+        f"Here are {len(rollouts)} candidate responses to this request.\n\n"
+        f"{_numbered_responses(rollouts)}\n\n"
+        f"Which response is the best: the most correct, complete and helpful? "
+        f"Reply with its number only (1 to {len(rollouts)})."
+    )
+    return [{"role": "user", "content": content}]

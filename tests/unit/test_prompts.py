@@ -1,0 +1,68 @@
+"""Every teacher prompt, rendered (catq.teacher.prompts)."""
+
+from catq.teacher import prompts
+from catq.teacher.estimators import parse_unified_response
+from catq.teacher.rubric import parse_rubric
+
+ROLLOUTS = ["It is \\boxed{4}.", "2+2 = \\boxed{5}", "four"]
+
+
+def text_of(messages):
+    return "\n".join(m["content"] for m in messages)
+
+
+def test_synthesis_prompt_for_math():
+    messages = prompts.synthesis_messages(ROLLOUTS, "math")
+    assert [m["role"] for m in messages] == ["system", "user"]
+    text = text_of(messages)
+    for rollout in ROLLOUTS:
+        assert rollout in text
+    assert "<response 3>\nfour\n</response 3>" in text
+    for step in ("common ground", "contradictions", "unique insights", prompts.SUMMARY_HEADING,
+                 prompts.UNIFIED_HEADING, "\\boxed{}"):
+        assert step in text
+    assert "request was" not in text
+
+
+def test_synthesis_prompt_for_open_has_no_box_and_can_include_the_question():
+    text = text_of(prompts.synthesis_messages(["a", "b"], "open", question="How to sleep?"))
+    assert "\\boxed" not in text and "<request>\nHow to sleep?\n</request>" in text
+    assert "2 candidate responses to the same request" in text
+
+
+def test_synthesis_format_example_parses():
+    # The format the prompt asks for is exactly what the estimator parses.
+    example = f"{prompts.SUMMARY_HEADING} they agree.\n{prompts.UNIFIED_HEADING} It is \\boxed{{4}}."
+    assert parse_unified_response(example) == ("It is \\boxed{4}.", False)
+
+
+def test_rubric_prompt():
+    text = text_of(prompts.rubric_messages("Drink water.", 5))
+    assert "<reference>\nDrink water.\n</reference>" in text
+    assert "at least 5 criteria" in text and "binary" in text
+    assert "<rubric>" in text and "<criterion>" in text and "request was" not in text
+    assert "How?" in text_of(prompts.rubric_messages("x", 5, question="How?"))
+
+
+def test_rubric_prompt_example_is_not_itself_a_valid_rubric():
+    # The two placeholder criteria in the instructions must never pass as a rubric by echo.
+    text = text_of(prompts.rubric_messages("Drink water.", 5))
+    assert len(parse_rubric(text, min_criteria=1)) < 5
+
+
+def test_judge_prompts():
+    messages = prompts.judge_messages("Q?", "My answer", "Mentions water")
+    assert messages[0]["role"] == "system" and "yes or no" in messages[0]["content"]
+    user = messages[1]["content"]
+    assert "<request>\nQ?\n</request>" in user and "<response>\nMy answer\n</response>" in user
+    assert "<criterion>\nMentions water\n</criterion>" in user and user.endswith("yes or no.")
+    retry = prompts.judge_retry_messages("Q?", "My answer", "Mentions water", "maybe")
+    assert retry[:2] == messages
+    assert retry[2] == {"role": "assistant", "content": "maybe"} and "yes or no" in retry[3]["content"]
+
+
+def test_selection_prompt():
+    (message,) = prompts.selection_messages("What is 2+2?", ROLLOUTS)
+    text = message["content"]
+    assert "What is 2+2?" in text and "<response 2>\n2+2 = \\boxed{5}\n</response 2>" in text
+    assert "(1 to 3)" in text

@@ -1,0 +1,106 @@
+"""Rubric XML parsing on valid, partial and malicious input (catq.teacher.rubric)."""
+
+import time
+
+import pytest
+
+from catq.teacher.rubric import MAX_CRITERIA, RubricParseError, parse_rubric, render_rubric
+
+CRITERIA = [f"The response mentions point {i}." for i in range(1, 6)]
+
+
+def xml(criteria, wrapper=True):
+    body = "\n".join(f"<criterion>{c}</criterion>" for c in criteria)
+    return f"<rubric>\n{body}\n</rubric>" if wrapper else body
+
+
+def test_valid_rubric():
+    assert parse_rubric(xml(CRITERIA)) == CRITERIA
+
+
+def test_rubric_with_chatter_markdown_and_attributes():
+    text = "Sure! Here is the rubric:\n```xml\n" + xml(CRITERIA).replace(
+        "<criterion>", '<Criterion id="x">'
+    ).replace("</criterion>", "</Criterion >") + "\n```\nHope this helps."
+    assert parse_rubric(text) == CRITERIA
+
+
+def test_entities_are_decoded_and_inner_tags_stripped():
+    items = CRITERIA[:4] + ["Says <b>salt</b> &lt; 5 g &amp; water &#x3e; 2 l"]
+    assert parse_rubric(xml(items))[-1] == "Says salt < 5 g & water > 2 l"
+
+
+def test_round_trip_through_render():
+    items = CRITERIA[:4] + ["Uses a < b & c > d"]
+    assert parse_rubric(render_rubric(items)) == items
+
+
+def test_duplicates_and_empty_criteria_do_not_count():
+    with pytest.raises(RubricParseError, match="4 usable criteria"):
+        parse_rubric(xml(CRITERIA[:4] + [CRITERIA[0], "   "]))
+
+
+def test_partial_rubric_cut_off_mid_criterion_keeps_complete_ones():
+    text = xml(CRITERIA + ["The response ends with"])[: -len("</criterion>\n</rubric>")]
+    assert parse_rubric(text) == CRITERIA
+
+
+def test_missing_wrapper_is_accepted():
+    assert parse_rubric(xml(CRITERIA, wrapper=False)) == CRITERIA
+
+
+def test_unclosed_criterion_followed_by_another_is_dropped():
+    text = "<rubric><criterion>broken" + xml(CRITERIA)
+    assert parse_rubric(text) == CRITERIA
+
+
+def test_too_few_criteria_says_why():
+    with pytest.raises(RubricParseError, match="3 usable criteria, need at least 5"):
+        parse_rubric(xml(CRITERIA[:3]))
+    with pytest.raises(RubricParseError, match="no <criterion> elements"):
+        parse_rubric("1. be nice\n2. be short")
+    assert parse_rubric(xml(CRITERIA[:3]), min_criteria=3) == CRITERIA[:3]
+
+
+def test_external_entities_are_refused():
+    xxe = (
+        '<?xml version="1.0"?>\n<!DOCTYPE r [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>\n'
+        + xml(CRITERIA[:4] + ["&xxe;"])
+    )
+    with pytest.raises(RubricParseError, match="DOCTYPE/ENTITY"):
+        parse_rubric(xxe)
+
+
+def test_billion_laughs_is_refused():
+    bomb = '<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;">]>' + xml(
+        CRITERIA[:4] + ["&lol2;"]
+    )
+    with pytest.raises(RubricParseError):
+        parse_rubric(bomb)
+
+
+def test_undeclared_entity_reference_stays_literal():
+    assert parse_rubric(xml(CRITERIA[:4] + ["uses &foo; here"]))[-1] == "uses &foo; here"
+
+
+def test_huge_input_is_refused_quickly():
+    with pytest.raises(RubricParseError, match="too large"):
+        parse_rubric("<criterion>" * 1_000_000)
+
+
+def test_many_unclosed_tags_parse_in_linear_time():
+    start = time.perf_counter()
+    with pytest.raises(RubricParseError):
+        parse_rubric("<criterion>x" * 8000)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_criteria_count_and_length_are_bounded():
+    many = [f"Criterion number {i}." for i in range(50)]
+    assert len(parse_rubric(xml(many))) == MAX_CRITERIA
+    long = CRITERIA + ["x" * 10_000]
+    assert parse_rubric(xml(long)) == CRITERIA
+
+
+def test_cdata_content_is_kept_without_stray_brackets():
+    assert parse_rubric(xml(CRITERIA[:4] + ["<![CDATA[Says a < b]]>"]))[-1] == "Says a b"
