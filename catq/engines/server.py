@@ -1,0 +1,415 @@
+"""catq's engine server: the subset of SGLang's native HTTP API that catq uses, on PyTorch.
+
+    catq engine --model default --port 30000 --weights-dir runs/default/weights
+    python -m workers.engine --model /path/to/hf-dir --device cuda
+
+Workers cannot tell it from SGLang: the same routes, request fields and response shapes
+(``python/sglang/srt/entrypoints/http_server.py`` and ``managers/io_struct.py`` are the
+reference). What runs behind them is ``scheduler.Scheduler`` (continuous batching over one KV
+cache) and ``sampling.sample``. Returned log-probs are ``log_softmax`` of the raw logits at each
+sampled token — temperature and top-p/top-k NOT applied — see ``catq.engines.sampling``.
+
+Routes: POST /generate, POST /update_weights_from_disk, GET /model_info (and /get_model_info),
+GET /get_weight_version, GET /get_server_info (its ``engine_stats`` counts forward passes and the
+largest batch seen, which is how tests prove that concurrent requests were batched),
+GET /health, GET /health_generate, GET /v1/models, POST /v1/chat/completions,
+POST /pause_generation, POST /continue_generation, GET|POST /flush_cache.
+Malformed requests get HTTP 400 ``{"error": {"message": ...}}`` and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from catq.engines.batching import BatchGenerator, Sequence
+from catq.engines.sampling import SamplingParams
+from catq.engines.scheduler import Scheduler
+
+log = structlog.get_logger()
+
+ENGINE_KEY = web.AppKey("engine", object)
+
+
+class SamplingParamsIn(BaseModel):
+    """The ``sampling_params`` keys catq's engine honours (SGLang names and defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int | None = Field(128, ge=0)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+    n: int = Field(1, ge=1, le=256)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    spaces_between_special_tokens: bool = True
+
+    def to_params(self) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_new_tokens=128 if self.max_new_tokens is None else self.max_new_tokens,
+            temperature=self.temperature, top_p=self.top_p,
+            top_k=-1 if self.top_k == 0 else self.top_k, stop=stop,
+            stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens, n=self.n,
+        )
+
+
+class GenerateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: SamplingParamsIn | list[SamplingParamsIn] = SamplingParamsIn()
+    return_logprob: bool | list[bool] = False
+    rid: str | list[str] | None = None
+    stream: bool = False
+    logprob_start_len: int | list[int] = -1
+    top_logprobs_num: int | list[int] = 0
+    return_text_in_logprobs: bool = False
+
+
+class UpdateWeightsIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # SGLang has more knobs (load_format, ...)
+    model_path: str
+    weight_version: str | None = None
+    abort_all_requests: bool = False
+
+
+class ChatCompletionIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send many optional fields
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    model: str = ""
+    n: int = Field(1, ge=1, le=256)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+    stop: str | list[str] | None = None
+    logprobs: bool = False
+    stream: bool = False
+
+
+class BadRequest(ValueError):
+    """A request the engine refuses with HTTP 400."""
+
+
+class Engine:
+    """The model, its scheduler, and the HTTP handlers."""
+
+    def __init__(self, generator: BatchGenerator, *, model_path: str, served_name: str,
+                 weights_dir: Path | None, max_batch: int):
+        self.gen = generator
+        self.tokenizer = generator.tokenizer
+        self.model_path = model_path
+        self.served_name = served_name
+        self.weights_dir = weights_dir.resolve() if weights_dir else None
+        self.scheduler = Scheduler(generator, max_batch=max_batch)
+        self.started = time.time()
+
+    # -- /generate --------------------------------------------------------------------------
+
+    async def generate(self, request: web.Request) -> web.Response:
+        started = time.time()
+        body = GenerateIn.model_validate(await _json(request))
+        if body.stream:
+            raise BadRequest("streaming is not supported by catq's engine; send stream=false")
+        prompts, single = self._prompts(body)
+        params = _per_prompt(body.sampling_params, len(prompts), "sampling_params")
+        logprob_flags = _per_prompt(body.return_logprob, len(prompts), "return_logprob")
+        groups: list[list[Sequence]] = []
+        for prompt, sp in zip(prompts, params, strict=True):
+            sampling = sp.to_params()
+            sampling.validate()
+            group = [Sequence(list(prompt), sampling) for _ in range(sampling.n)]
+            for seq in group:
+                self.gen.admit(seq)
+            groups.append(group)
+        await self.scheduler.submit([seq for group in groups for seq in group])
+        items = [
+            self._item(seq, flag, started)
+            for group, flag in zip(groups, logprob_flags, strict=True)
+            for seq in group
+        ]
+        return web.json_response(items[0] if single and len(items) == 1 else items)
+
+    def _prompts(self, body: GenerateIn) -> tuple[list[list[int]], bool]:
+        if (body.text is None) == (body.input_ids is None):
+            raise BadRequest("exactly one of 'text' and 'input_ids' is required")
+        if body.text is not None:
+            texts = [body.text] if isinstance(body.text, str) else body.text
+            return [self.tokenizer.encode(t) for t in texts], isinstance(body.text, str)
+        ids = body.input_ids
+        if not ids:
+            raise BadRequest("input_ids is empty")
+        if isinstance(ids[0], int):
+            return [ids], True
+        return ids, False
+
+    def _item(self, seq: Sequence, return_logprob: bool, started: float) -> dict:
+        meta = {
+            "id": seq.seq_id,
+            "finish_reason": seq.finish_reason,
+            "prompt_tokens": len(seq.prompt_ids),
+            "weight_version": self.scheduler.weight_version,
+            "completion_tokens": len(seq.output_ids),
+            "cached_tokens": 0,
+            "e2e_latency": time.time() - started,
+        }
+        if return_logprob:
+            meta["output_token_logprobs"] = [
+                [lp, tok, None] for lp, tok in zip(seq.logprobs, seq.output_ids, strict=True)
+            ]
+        return {"text": self.gen.output_text(seq), "output_ids": list(seq.output_ids), "meta_info": meta}
+
+    # -- weights ----------------------------------------------------------------------------
+
+    async def update_weights_from_disk(self, request: web.Request) -> web.Response:
+        body = UpdateWeightsIn.model_validate(await _json(request))
+        path = self._allowed_weights_path(body.model_path)
+        if isinstance(path, str):
+            return _update_reply(False, path, 0)
+        success, message, held = await self.scheduler.update_weights(
+            path, body.weight_version, body.abort_all_requests
+        )
+        if success:
+            self.model_path = str(path)
+            if body.weight_version is not None:
+                message += f" Weight version updated to {body.weight_version}."
+        return _update_reply(success, message, held)
+
+    def _allowed_weights_path(self, model_path: str) -> Path | str:
+        """The resolved directory, or a refusal message."""
+        if self.weights_dir is None:
+            return "weight updates are disabled: start the engine with --weights-dir"
+        path = Path(model_path).expanduser().resolve()
+        if not path.is_relative_to(self.weights_dir):
+            return f"model_path {model_path!r} is outside the weights directory {str(self.weights_dir)!r}"
+        if not path.is_dir():
+            return f"model_path {model_path!r} is not a directory"
+        return path
+
+    # -- info, health, control ---------------------------------------------------------------
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "model_path": self.model_path,
+            "tokenizer_path": self.model_path,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": self.scheduler.weight_version,
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
+            "model_type": getattr(self.gen.model.config, "model_type", None),
+            "architectures": getattr(self.gen.model.config, "architectures", None),
+        })
+
+    async def weight_version(self, request: web.Request) -> web.Response:
+        return web.json_response({"weight_version": self.scheduler.weight_version})
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "model_path": self.model_path,
+            "served_model_name": self.served_name,
+            "device": str(self.gen.device),
+            "max_running_requests": self.scheduler.max_batch,
+            "context_length": self.gen.context_len,
+            "weight_version": self.scheduler.weight_version,
+            "engine_stats": self.scheduler.snapshot(),
+            "version": "catq",
+        })
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def health_generate(self, request: web.Request) -> web.Response:
+        stats = self.scheduler.snapshot()
+        if stats["num_running"] or stats["num_waiting"] or self.scheduler._paused:
+            return web.Response(status=200)  # busy or paused on purpose: alive
+        seq = Sequence([self.tokenizer.eos_token_id or 0], SamplingParams(max_new_tokens=1, temperature=0))
+        self.gen.admit(seq)
+        try:
+            await asyncio.wait_for(self.scheduler.submit([seq]), timeout=20)
+        except TimeoutError:
+            return web.Response(status=503)
+        return web.Response(status=200)
+
+    async def models(self, request: web.Request) -> web.Response:
+        card = {"id": self.served_name, "object": "model", "created": int(self.started),
+                "owned_by": "catq", "root": self.served_name, "max_model_len": self.gen.context_len}
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def pause_generation(self, request: web.Request) -> web.Response:
+        self.scheduler.pause()
+        return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
+
+    async def continue_generation(self, request: web.Request) -> web.Response:
+        self.scheduler.resume()
+        return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
+
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        # No prefix cache to flush: KV caches live only as long as their batch.
+        return web.Response(text="Cache flushed.\n", status=200)
+
+    # -- OpenAI-compatible chat ---------------------------------------------------------------
+
+    async def chat_completions(self, request: web.Request) -> web.Response:
+        started = time.time()
+        body = ChatCompletionIn.model_validate(await _json(request))
+        if body.stream:
+            raise BadRequest("streaming is not supported by catq's engine; send stream=false")
+        prompt = self._chat_prompt(body.messages)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        sampling = SamplingParamsIn(
+            max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+            top_k=body.top_k, stop=body.stop,
+        ).to_params()
+        seqs = [Sequence(list(prompt), sampling) for _ in range(body.n)]
+        for seq in seqs:
+            self.gen.admit(seq)
+        await self.scheduler.submit(seqs)
+        choices = [self._choice(i, seq, body.logprobs) for i, seq in enumerate(seqs)]
+        completion = sum(len(s.output_ids) for s in seqs)
+        return web.json_response({
+            "id": uuid.uuid4().hex, "object": "chat.completion", "created": int(started),
+            "model": body.model or self.served_name, "choices": choices,
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion,
+                      "total_tokens": len(prompt) + completion},
+            "metadata": {"weight_version": self.scheduler.weight_version},
+        })
+
+    def _chat_prompt(self, messages: list[dict]) -> list[int]:
+        for m in messages:
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise BadRequest("each message needs string 'role' and 'content'")
+        turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+        ids = self.tokenizer.apply_chat_template(
+            turns, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return [int(i) for i in ids]
+
+    def _choice(self, index: int, seq: Sequence, logprobs: bool) -> dict:
+        reason = seq.finish_reason or {}
+        choice = {
+            "index": index,
+            "message": {"role": "assistant", "content": self.gen.output_text(seq)},
+            "logprobs": None,
+            "finish_reason": reason.get("type"),
+            "matched_stop": reason.get("matched"),
+        }
+        if logprobs:
+            choice["logprobs"] = {"content": [
+                {"token": self.tokenizer.decode([tok]), "logprob": lp, "bytes": None, "top_logprobs": []}
+                for tok, lp in zip(seq.output_ids, seq.logprobs, strict=True)
+            ]}
+        return choice
+
+
+async def _json(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+
+
+def _per_prompt(value, count: int, name: str) -> list:
+    if not isinstance(value, list):
+        return [value] * count
+    if len(value) != count:
+        raise BadRequest(f"{name} has {len(value)} entries for {count} prompts")
+    return value
+
+
+def _update_reply(success: bool, message: str, paused: int) -> web.Response:
+    body = {"success": success, "message": message, "num_paused_requests": paused}
+    return web.json_response(body, status=200 if success else 400)
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts[:5])
+
+
+@web.middleware
+async def errors_as_400(request: web.Request, handler):
+    """Every refusal as SGLang shapes it: 400 {"error": {"message": ...}}; the server goes on."""
+    try:
+        return await handler(request)
+    except ValidationError as exc:
+        message = _describe(exc)
+    except (BadRequest, ValueError) as exc:
+        message = str(exc)
+    log.info("bad request", path=request.path, error=message)
+    return web.json_response({"error": {"message": message}}, status=400)
+
+
+def build_app(engine: Engine) -> web.Application:
+    app = web.Application(middlewares=[errors_as_400], client_max_size=64 * 1024 * 1024)
+    app[ENGINE_KEY] = engine
+    r = app.router
+    r.add_route("POST", "/generate", engine.generate)
+    r.add_route("PUT", "/generate", engine.generate)
+    r.add_post("/update_weights_from_disk", engine.update_weights_from_disk)
+    r.add_get("/model_info", engine.model_info)
+    r.add_get("/get_model_info", engine.model_info)
+    r.add_get("/get_weight_version", engine.weight_version)
+    r.add_get("/get_server_info", engine.server_info)
+    r.add_get("/health", engine.health)
+    r.add_get("/health_generate", engine.health_generate)
+    r.add_get("/v1/models", engine.models)
+    r.add_post("/v1/chat/completions", engine.chat_completions)
+    r.add_post("/pause_generation", engine.pause_generation)
+    r.add_post("/continue_generation", engine.continue_generation)
+    r.add_route("GET", "/flush_cache", engine.flush_cache)
+    r.add_post("/flush_cache", engine.flush_cache)
+
+    async def lifecycle(app: web.Application):
+        engine.scheduler.start()
+        yield
+        await engine.scheduler.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def load_engine(model: str, *, device: str = "auto", weights_dir: str | None = None,
+                max_batch: int = 64, seed: int = 0) -> Engine:
+    """Load the model and build an Engine (not yet serving)."""
+    from catq.engines.models import load_causal_lm, load_tokenizer, resolve_device, resolve_model_path
+
+    device = resolve_device(device)
+    path = resolve_model_path(model)
+    lm = load_causal_lm(str(path), device=device)
+    generator = BatchGenerator(lm, load_tokenizer(str(path)), seed=seed)
+    return Engine(generator, model_path=str(path), served_name=model,
+                  weights_dir=Path(weights_dir) if weights_dir else None, max_batch=max_batch)
+
+
+def engine_command(args: argparse.Namespace) -> int:
+    """`catq engine`: load the model, then serve until SIGTERM/SIGINT."""
+    from catq.log import setup_logging
+
+    setup_logging("engine")
+    started = time.time()
+    engine = load_engine(args.model, device=args.device, weights_dir=args.weights_dir,
+                         max_batch=args.max_batch, seed=getattr(args, "seed", 0))
+    log.info("engine ready", model=engine.model_path, device=str(engine.gen.device),
+             load_s=round(time.time() - started, 2), host=args.host, port=args.port,
+             weights_dir=str(engine.weights_dir))
+    web.run_app(build_app(engine), host=args.host, port=args.port, print=None, access_log=None)
+    return 0
