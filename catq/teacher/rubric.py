@@ -84,3 +84,24 @@ def render_rubric(criteria: list[str]) -> str:
         return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
     return "<rubric>\n" + "".join(f"<criterion>{esc(c)}</criterion>\n" for c in criteria) + "</rubric>"
+
+
+async def propose_rubric(
+    anchor, reference: str, *, min_criteria: int, attempts: int, question: str | None = None,
+    retry_temperature: float = 0.7,
+) -> tuple[list[str], str]:
+    """(criteria, raw output) from the anchor (an async chat callable, see catq.teacher.chat).
+    Malformed output is retried up to ``attempts`` times in all, the retries sampled at
+    ``retry_temperature`` (a greedy anchor would repeat itself); then RubricParseError with the
+    last reason."""
+    from catq.teacher.prompts import rubric_messages
+
+    messages = rubric_messages(reference, min_criteria, question)
+    reasons = []
+    for attempt in range(attempts):
+        output = await anchor(messages, temperature=None if attempt == 0 else retry_temperature)
+        try:
+            return parse_rubric(output, min_criteria), output
+        except RubricParseError as exc:
+            reasons.append(str(exc))
+    raise RubricParseError(f"no valid rubric after {attempts} attempts: {'; '.join(reasons)}")

@@ -1,0 +1,184 @@
+"""The rollout role: Prompt -> RolloutGroup (DESIGN §1.1, "explore").
+
+    catq worker rollout --config configs/demo.toml      (or python -m workers.rollout)
+
+One ``generate`` call with ``n = G`` per prompt on a policy engine (round-robin over
+``engines.policy_urls``), the prompt chat-templated client-side with the policy's tokenizer, so
+the token ids the learner trains on are exactly those the engine saw. Every rollout keeps its
+text, token ids, behaviour log-probs and finish reason; the group records the weight version
+the engine reported.
+
+Backpressure (:class:`Backpressure`). "Ahead of the learner" is read the way AReaL bounds
+staleness: a group produced now is trained on only after every group queued before it, so the
+number of groups produced but not yet consumed by the learner, measured in learner versions
+(``learner.batch_groups * learner.publish_every`` groups per version), is how far rollout runs
+ahead. Rollout stops pulling prompts while that backlog reaches ``max_staleness + 1`` versions
+(the +1 lets a full batch be in flight even with ``max_staleness = 0``). The backlog is the
+unconsumed (lag + pending) entries of the anchor group on ``groups``, the judge group on
+``references`` and the learner group on ``scored``; before the learner has read ``scored`` for
+the first time its part counts as 0. Separately, it stops while the policy engine's weights are
+more than ``max_staleness`` versions behind the learner's (its groups would be dropped as stale),
+until the syncer has updated the engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+from catq.bus import Output
+from catq.config import Config
+from catq.messages import Prompt, Rollout, RolloutGroup
+from catq.runtime import DeadLetterError, WorkerContext, run_worker
+
+PIPELINE_GROUPS = (("groups", "anchor"), ("references", "judge"), ("scored", "learner"))
+"""(stream, consumer group) pairs whose unconsumed entries are groups not yet trained on."""
+
+BACKPRESSURE_REFRESH_S = 1.0
+
+
+def parse_version(weight_version: str | None) -> int:
+    """The engine's reported weight_version as a policy version: "7" or "v7" -> 7;
+    None, "default" or anything unnumbered -> 0 (the initial weights)."""
+    if not weight_version:
+        return 0
+    text = str(weight_version).strip().lower().removeprefix("v")
+    return int(text) if text.isdigit() else 0
+
+
+@dataclass
+class BackpressureState:
+    backlog_groups: int
+    learner_version: int
+    engine_version: int
+
+    def reason(self, max_staleness: int, groups_per_version: int) -> str | None:
+        """Why rollout must wait, or None when it may go on."""
+        limit = (max_staleness + 1) * groups_per_version
+        if self.backlog_groups >= limit:
+            return f"{self.backlog_groups} groups not yet trained on (limit {limit})"
+        if self.learner_version - self.engine_version > max_staleness:
+            return (f"engine weights v{self.engine_version} are more than {max_staleness} versions "
+                    f"behind the learner's v{self.learner_version}")
+        return None
+
+
+async def pipeline_backlog(bus) -> int:
+    """Groups produced by rollout and not yet consumed by the learner (see module docstring)."""
+    stats = await bus.stats(tuple(stream for stream, _ in PIPELINE_GROUPS))
+    total = 0
+    for stream, group in PIPELINE_GROUPS:
+        for info in stats[stream]["groups"]:
+            if info["group"] == group:
+                total += int(info["pending"]) + int(info["lag"] or 0)
+    return total
+
+
+class Backpressure:
+    """Decides, at most once per ``BACKPRESSURE_REFRESH_S``, whether rollout may pull prompts."""
+
+    def __init__(self, ctx: WorkerContext, engine_versions):
+        self.ctx = ctx
+        self.engine_versions = engine_versions  # async () -> list[int]
+        learner = ctx.config.learner
+        self.groups_per_version = learner.batch_groups * learner.publish_every
+        self.max_staleness = ctx.config.rollout.max_staleness
+        self.last_engine_version = 0
+        self._checked_at = -1e9
+        self._reason: str | None = None
+        self._logged_reason: str | None = None
+
+    async def ready(self) -> bool:
+        now = time.monotonic()
+        if now - self._checked_at >= BACKPRESSURE_REFRESH_S:
+            self._checked_at = now
+            try:
+                self._reason = (await self.state()).reason(self.max_staleness, self.groups_per_version)
+            except Exception as exc:  # Redis/engine hiccup: keep the last decision, ask again soon
+                self.ctx.log.warning("backpressure check failed", error=str(exc) or type(exc).__name__)
+            if self._reason != self._logged_reason:
+                if self._reason:
+                    self.ctx.log.info("backpressure: pausing", reason=self._reason)
+                else:
+                    self.ctx.log.info("backpressure: resuming")
+                self._logged_reason = self._reason
+        return self._reason is None
+
+    async def state(self) -> BackpressureState:
+        learner_version = await self.ctx.bus.get_policy_version()
+        engine_version = self.last_engine_version
+        if learner_version - engine_version > self.max_staleness:  # maybe synced since: ask
+            engine_version = min(await self.engine_versions())
+            self.last_engine_version = engine_version
+        return BackpressureState(await pipeline_backlog(self.ctx.bus), learner_version, engine_version)
+
+
+class RolloutHandler:
+    input_stream = "prompts"
+    input_type = Prompt
+
+    def __init__(self, ctx: WorkerContext, clients: list, tokenizer):
+        self.ctx = ctx
+        self.clients = clients
+        self.tokenizer = tokenizer
+        self._next_client = itertools.cycle(range(len(clients)))
+        self.backpressure = Backpressure(ctx, self._engine_versions)
+
+    async def _engine_versions(self) -> list[int]:
+        return [parse_version(await c.weight_version()) for c in self.clients]
+
+    async def ready(self) -> bool:
+        return await self.backpressure.ready()
+
+    async def handle(self, prompt: Prompt) -> list[Output]:
+        group = await self.roll_out(prompt)
+        self.backpressure.last_engine_version = group.policy_version
+        await self.ctx.results.update(
+            prompt.prompt_id, status="rolled_out", task=prompt.task, question=prompt.question,
+            rollouts=[r.text for r in group.rollouts], policy_version=group.policy_version,
+        )
+        return [Output("groups", group)]
+
+    async def roll_out(self, prompt: Prompt) -> RolloutGroup:
+        from catq.engines.client import EngineError
+
+        config = self.ctx.config
+        sampling = config.rollout.math if prompt.task == "math" else config.rollout.open
+        prompt_ids = self.tokenizer.encode_chat(prompt.messages)
+        client = self.clients[next(self._next_client)]
+        try:
+            completions = await client.generate(
+                prompt_ids, n=config.rollout.group_size, max_new_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                return_logprob=True,
+            )
+        except EngineError as exc:
+            if exc.status is not None and 400 <= exc.status < 500:  # this prompt can never work
+                raise DeadLetterError(f"policy engine refused the prompt: {exc}") from exc
+            raise
+        rollouts = [
+            Rollout(c.text, list(c.output_ids), list(c.logprobs or []), c.finish_reason) for c in completions
+        ]
+        return RolloutGroup(prompt, prompt_ids, rollouts, parse_version(completions[0].weight_version))
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
+
+
+async def build_rollout_handler(ctx: WorkerContext) -> RolloutHandler:
+    from catq.engines.client import EngineClient
+    from catq.engines.tokenizer import ChatTokenizer
+
+    config = ctx.config
+    clients = [
+        EngineClient(url, timeout_s=config.engines.request_timeout_s, max_attempts=config.engines.max_attempts)
+        for url in config.engines.policy_urls
+    ]
+    tokenizer = ChatTokenizer(config.model.policy, config.model.cache_dir or None)
+    return RolloutHandler(ctx, clients, tokenizer)
+
+
+async def run(config: Config) -> None:
+    await run_worker(config, "rollout", build_rollout_handler)

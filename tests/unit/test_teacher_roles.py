@@ -1,0 +1,175 @@
+"""The rollout/anchor/judge handlers with fake engines, bus and result store (no Redis, no model)."""
+
+from types import SimpleNamespace
+
+import pytest
+import structlog
+
+from catq.config import load_config
+from catq.messages import ChatMessage, Prompt, RolloutGroup
+from catq.runtime import DeadLetterError, WorkerContext
+from catq.teacher.anchor import AnchorHandler
+from catq.teacher.judge import JudgeHandler
+from catq.teacher.rollout import BackpressureState, RolloutHandler, parse_version
+
+RUBRIC = "<rubric>" + "".join(f"<criterion>c{i}</criterion>" for i in range(5)) + "</rubric>"
+
+
+class FakeResults:
+    def __init__(self):
+        self.fields = {}
+
+    async def update(self, prompt_id, **fields):
+        self.fields.setdefault(prompt_id, {}).update(fields)
+
+
+class FakeBus:
+    def __init__(self, version=0, lags=None):
+        self.version = version
+        self.lags = lags or {}
+
+    async def get_policy_version(self):
+        return self.version
+
+    async def stats(self, streams):
+        groups = {"groups": "anchor", "references": "judge", "scored": "learner"}
+        return {s: {"length": 0, "groups": [{"group": groups[s], "pending": 0, "lag": self.lags.get(s, 0)}]}
+                for s in streams}
+
+
+def make_ctx(**overrides):
+    config = load_config(None, run="unit")
+    for section, fields in overrides.items():
+        setattr(config, section, getattr(config, section).model_copy(update=fields))
+    return WorkerContext(config, FakeBus(), FakeResults(), "w1", structlog.get_logger())
+
+
+class FakeEngine:
+    def __init__(self, texts, version="3"):
+        self.texts = texts
+        self.version = version
+        self.calls = []
+
+    async def generate(self, ids, **kwargs):
+        self.calls.append((ids, kwargs))
+        return [SimpleNamespace(text=t, output_ids=[7, 8], logprobs=[-0.5, -0.25], finish_reason="stop",
+                                weight_version=self.version) for t in self.texts[: kwargs["n"]]]
+
+    async def weight_version(self):
+        return self.version
+
+    async def close(self):
+        pass
+
+
+class FakeTokenizer:
+    def encode_chat(self, messages):
+        return [1, 2, 3]
+
+
+class FakeChat:
+    def __init__(self, replies):
+        self.replies = list(replies)
+        self.client = FakeEngine([])
+        self.calls = []
+
+    async def __call__(self, messages, *, temperature=None):
+        self.calls.append((messages, temperature))
+        return self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
+
+    async def close(self):
+        pass
+
+
+def prompt(task="math"):
+    return Prompt("p1", task, [ChatMessage("user", "What is 2+2?")])
+
+
+@pytest.mark.parametrize("raw,version", [(None, 0), ("default", 0), ("7", 7), ("v12", 12), ("abc", 0)])
+def test_parse_version(raw, version):
+    assert parse_version(raw) == version
+
+
+async def test_rollout_builds_a_group_round_robin_and_records_the_result():
+    ctx = make_ctx(rollout={"group_size": 2}, engines={"policy_urls": ["http://a", "http://b"]})
+    engines = [FakeEngine(["\\boxed{4}", "\\boxed{5}"]), FakeEngine(["x", "y"])]
+    handler = RolloutHandler(ctx, engines, FakeTokenizer())
+    (out,) = await handler.handle(prompt())
+    await handler.handle(prompt("open"))
+    group = out.message
+    assert out.stream == "groups" and isinstance(group, RolloutGroup)
+    assert group.prompt_token_ids == [1, 2, 3] and group.policy_version == 3
+    assert [r.text for r in group.rollouts] == ["\\boxed{4}", "\\boxed{5}"]
+    assert group.rollouts[0].token_ids == [7, 8] and group.rollouts[0].logprobs == [-0.5, -0.25]
+    assert len(engines[0].calls) == len(engines[1].calls) == 1
+    kwargs = engines[0].calls[0][1]
+    assert kwargs["n"] == 2 and kwargs["max_new_tokens"] == ctx.config.rollout.math.max_new_tokens
+    assert engines[1].calls[0][1]["max_new_tokens"] == ctx.config.rollout.open.max_new_tokens
+    assert ctx.results.fields["p1"]["status"] == "rolled_out"
+
+
+def test_backpressure_rules():
+    assert BackpressureState(9, 0, 0).reason(max_staleness=4, groups_per_version=2) is None
+    assert "not yet trained" in BackpressureState(10, 0, 0).reason(max_staleness=4, groups_per_version=2)
+    assert "behind the learner" in BackpressureState(0, 5, 0).reason(max_staleness=4, groups_per_version=2)
+    assert BackpressureState(0, 4, 0).reason(max_staleness=4, groups_per_version=2) is None
+    assert BackpressureState(1, 0, 0).reason(max_staleness=0, groups_per_version=2) is None
+
+
+async def test_rollout_pauses_on_backlog_and_stale_engine():
+    ctx = make_ctx(rollout={"max_staleness": 1}, learner={"batch_groups": 2, "publish_every": 1})
+    engine = FakeEngine(["a"], version="0")
+    handler = RolloutHandler(ctx, [engine], FakeTokenizer())
+    assert await handler.ready()
+    ctx.bus.lags = {"groups": 1, "references": 1, "scored": 2}
+    handler.backpressure._checked_at = -1e9
+    assert not await handler.ready()
+    ctx.bus.lags = {}
+    ctx.bus.version = 2
+    handler.backpressure._checked_at = -1e9
+    assert not await handler.ready()
+    engine.version = "2"  # the syncer caught the engine up
+    handler.backpressure._checked_at = -1e9
+    assert await handler.ready()
+
+
+async def test_anchor_math_synthesis():
+    ctx = make_ctx()
+    anchor = FakeChat(["Summary: most say 4.\nUnified response: 2+2=4, \\boxed{4}"])
+    group = (await RolloutHandler(ctx, [FakeEngine(["\\boxed{4}", "\\boxed{5}", "4"] * 3)],
+                                  FakeTokenizer()).roll_out(prompt()))
+    (out,) = await AnchorHandler(ctx, anchor).handle(group)
+    ref = out.message
+    assert out.stream == "references" and ref.reference == "2+2=4, \\boxed{4}" and ref.reference_answer == "4"
+    assert ref.majority_answer == "4" and ref.rubric == [] and not ref.format_fallback and ref.anchor_version == 3
+    fields = ctx.results.fields["p1"]
+    assert fields["status"] == "referenced" and fields["cat_answer"] == ref.reference
+    assert fields["estimator"] == "synthesis"
+
+
+async def test_anchor_open_rubric_retried_then_dead_lettered():
+    ctx = make_ctx(anchor={"rubric_attempts": 2})
+    group = await RolloutHandler(ctx, [FakeEngine(["a"] * 8)], FakeTokenizer()).roll_out(prompt("open"))
+    anchor = FakeChat(["Unified response: sleep well", "not xml", RUBRIC])
+    (out,) = await AnchorHandler(ctx, anchor).handle(group)
+    assert out.message.rubric == [f"c{i}" for i in range(5)]
+    assert [t for _, t in anchor.calls] == [None, None, 0.7]  # synthesis, rubric, rubric retry
+    with pytest.raises(DeadLetterError, match="no valid rubric after 2 attempts"):
+        await AnchorHandler(ctx, FakeChat(["Unified response: x", "nope"])).handle(group)
+    assert ctx.results.fields["p1"]["status"] == "dead"
+
+
+async def test_judge_open_and_math():
+    ctx = make_ctx()
+    group = await RolloutHandler(ctx, [FakeEngine(["\\boxed{4}", "\\boxed{5}"])], FakeTokenizer()).roll_out(prompt())
+    (ref,) = await AnchorHandler(ctx, FakeChat(["Unified response: \\boxed{4}"])).handle(group)
+    (out,) = await JudgeHandler(ctx, FakeChat(["unused"])).handle(ref.message)
+    assert out.stream == "scored" and out.message.rewards[:2] == [1.0, 0.0]
+    assert ctx.results.fields["p1"]["status"] == "scored"
+
+    group = await RolloutHandler(ctx, [FakeEngine(["r"] * 8)], FakeTokenizer()).roll_out(prompt("open"))
+    (ref,) = await AnchorHandler(ctx, FakeChat(["Unified response: s", RUBRIC])).handle(group)
+    (out,) = await JudgeHandler(ctx, FakeChat(["yes"])).handle(ref.message)
+    assert out.message.rewards == [1.0] * 8 and len(out.message.verdicts) == 40
+    fields = ctx.results.fields["p1"]
+    assert fields["reward_mean"] == 1.0 and len(fields["verdicts"]) == 40
