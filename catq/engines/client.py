@@ -1,0 +1,226 @@
+"""Async client for SGLang's native HTTP API (and catq's engine, which speaks the same subset).
+
+    async with EngineClient("http://127.0.0.1:30000") as engine:
+        [completion] = await engine.generate(prompt_ids, max_new_tokens=64, temperature=0)
+
+Prompts go in as token ids: the caller applies the chat template (``ChatTokenizer``) so the ids
+the learner trains on are exactly those the engine generated from. ``Completion.logprobs`` are
+the behaviour log-probs of the sampled tokens: raw-logit log-softmax on catq's engine (see
+``catq.engines.sampling``; start SGLang with ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` to match).
+
+Retries: transport errors (connection refused/reset, timeouts) and HTTP 5xx are retried with
+exponential backoff, stopping at ``max_attempts`` or when ``timeout_s`` (for the whole call,
+retries included) runs out. 4xx are never retried: ``EngineError`` carries the server's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+RETRY_BACKOFF_S = 0.5
+"""First wait between attempts; doubles each time, capped by the time left."""
+
+
+class EngineError(Exception):
+    """An engine call that failed: a 4xx (at once) or retries exhausted."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(f"{status}: {message}" if status else message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Completion:
+    text: str
+    output_ids: list[int]
+    logprobs: list[float] | None
+    """One per output token (raw-logit log-probs) when return_logprob, else None."""
+    finish_reason: str
+    """"stop" (eos, stop token or stop string), "length" or "abort"."""
+    prompt_tokens: int
+    completion_tokens: int
+    weight_version: str | None
+    """The weights that produced it, as the engine reports them ("default" before any update)."""
+
+
+def is_retryable_status(status: int) -> bool:
+    return status >= 500
+
+
+RETRYABLE_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+"""Transport failures worth another attempt (refused, reset, disconnected, timed out)."""
+
+
+class HttpJsonClient:
+    """JSON over HTTP with bounded retries; shared by EngineClient and ChatClient."""
+
+    def __init__(self, base_url: str, *, timeout_s: float, max_attempts: int,
+                 headers: dict[str, str] | None = None, retry_status=is_retryable_status):
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.max_attempts = max(1, max_attempts)
+        self._headers = headers or {}
+        self._retry_status = retry_status
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(headers=self._headers)
+        return self._session
+
+    async def request(self, method: str, path: str, payload: Any = None) -> Any:
+        """The decoded JSON reply (text when not JSON); raises EngineError."""
+        deadline = time.monotonic() + self.timeout_s
+        last_error = "no attempt made"
+        for attempt in range(1, self.max_attempts + 1):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                status, body = await self._once(method, path, payload, left)
+            except RETRYABLE_ERRORS as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+            else:
+                if status < 400:
+                    return body
+                message = _error_message(body)
+                if not self._retry_status(status):
+                    raise EngineError(message, status)
+                last_error = f"HTTP {status}: {message}"
+            if attempt < self.max_attempts:
+                await asyncio.sleep(min(RETRY_BACKOFF_S * 2 ** (attempt - 1), max(0.0, deadline - time.monotonic())))
+        raise EngineError(f"{method} {self.base_url}{path} failed after retries: {last_error}")
+
+    async def _once(self, method: str, path: str, payload: Any, timeout_s: float) -> tuple[int, Any]:
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        async with self._http().request(method, self.base_url + path, json=payload, timeout=timeout) as resp:
+            text = await resp.text()
+            try:
+                body = await resp.json(content_type=None) if text else None
+            except ValueError:
+                body = text
+            return resp.status, body
+
+
+def _error_message(body: Any) -> str:
+    """SGLang's {"error": {"message"}}, OpenAI's {"object": "error", "message"}, or the text."""
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and "message" in error:
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+        if "message" in body:
+            return str(body["message"])
+    return str(body)[:2000]
+
+
+class EngineClient(HttpJsonClient):
+    """SGLang native API: /generate, /update_weights_from_disk, /model_info, /health."""
+
+    def __init__(self, base_url: str, *, timeout_s: float = 300, max_attempts: int = 3):
+        super().__init__(base_url, timeout_s=timeout_s, max_attempts=max_attempts)
+
+    async def generate(self, input_ids: list[int], *, n: int = 1, max_new_tokens: int = 128,
+                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1,
+                       stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
+                       return_logprob: bool = True) -> list[Completion]:
+        """``n`` samples of one prompt."""
+        [group] = await self.generate_batch(
+            [input_ids], n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            top_k=top_k, stop=stop, stop_token_ids=stop_token_ids, return_logprob=return_logprob,
+        )
+        return group
+
+    async def generate_batch(self, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int = 128,
+                             temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1,
+                             stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
+                             return_logprob: bool = True) -> list[list[Completion]]:
+        """``n`` samples of each prompt, grouped by prompt, in one request."""
+        if not prompts:
+            return []
+        sampling: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature,
+                                    "top_p": top_p, "top_k": top_k, "n": n}
+        if stop:
+            sampling["stop"] = list(stop)
+        if stop_token_ids:
+            sampling["stop_token_ids"] = list(stop_token_ids)
+        payload = {"input_ids": [list(p) for p in prompts], "sampling_params": sampling,
+                   "return_logprob": return_logprob}
+        reply = await self.request("POST", "/generate", payload)
+        items = reply if isinstance(reply, list) else [reply]
+        if len(items) != len(prompts) * n:
+            raise EngineError(f"/generate returned {len(items)} items for {len(prompts)} prompts x n={n}")
+        completions = [parse_completion(item, return_logprob) for item in items]
+        return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    async def update_weights_from_disk(self, model_path: str, weight_version: str | None = None,
+                                       abort_all_requests: bool = False) -> dict:
+        """Load new weights; the reply {"success", "message", "num_paused_requests"}."""
+        payload: dict[str, Any] = {"model_path": model_path, "abort_all_requests": abort_all_requests}
+        if weight_version is not None:
+            payload["weight_version"] = weight_version
+        reply = await self.request("POST", "/update_weights_from_disk", payload)
+        if not reply.get("success", False):
+            raise EngineError(str(reply.get("message", reply)), 400)
+        return reply
+
+    async def model_info(self) -> dict:
+        """GET /model_info, or the older /get_model_info where the former is missing."""
+        try:
+            return await self.request("GET", "/model_info")
+        except EngineError as exc:
+            if exc.status != 404:
+                raise
+            return await self.request("GET", "/get_model_info")
+
+    async def weight_version(self) -> str | None:
+        return (await self.model_info()).get("weight_version")
+
+    async def health(self) -> bool:
+        """True when GET /health answers 200 now (no retries)."""
+        try:
+            status, _ = await self._once("GET", "/health", None, min(self.timeout_s, 10.0))
+        except RETRYABLE_ERRORS:
+            return False
+        return status == 200
+
+
+def parse_completion(item: dict, return_logprob: bool) -> Completion:
+    """One /generate item -> Completion; EngineError when a field is missing or mistyped."""
+    try:
+        meta = item["meta_info"]
+        reason = meta.get("finish_reason") or {}
+        logprobs = None
+        if return_logprob:
+            logprobs = [float(entry[0]) for entry in meta["output_token_logprobs"]]
+        output_ids = [int(t) for t in item["output_ids"]]
+        version = meta.get("weight_version")
+        return Completion(
+            text=str(item["text"]),
+            output_ids=output_ids,
+            logprobs=logprobs,
+            finish_reason=str(reason.get("type", "abort") if isinstance(reason, dict) else reason),
+            prompt_tokens=int(meta["prompt_tokens"]),
+            completion_tokens=int(meta.get("completion_tokens", len(output_ids))),
+            weight_version=None if version is None else str(version),
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise EngineError(f"malformed /generate item ({type(exc).__name__}: {exc}): {str(item)[:300]}") from None

@@ -1,0 +1,48 @@
+"""Client for OpenAI-compatible chat endpoints (/v1/chat/completions): a hosted judge such as
+GPT-4o, vLLM, SGLang, or catq's own engine.
+
+    judge = ChatClient("https://api.openai.com/v1", model="gpt-4o", api_key_env="OPENAI_API_KEY")
+    [answer] = await judge.complete([{"role": "user", "content": "..."}], max_tokens=8)
+
+``base_url`` may end in ``/v1`` (OpenAI's convention) or be the server root. The API key comes
+from the environment (never from config files). Retries: transport errors, 5xx, and 429 (hosted
+APIs rate-limit; the request is fine, only early), bounded by attempts and total time; other 4xx
+raise ``EngineError`` at once with the server's message.
+"""
+
+from __future__ import annotations
+
+import os
+
+from catq.engines.client import EngineError, HttpJsonClient
+
+
+def is_retryable_chat_status(status: int) -> bool:
+    return status >= 500 or status == 429
+
+
+class ChatClient(HttpJsonClient):
+    def __init__(self, base_url: str, *, model: str = "", api_key: str | None = None,
+                 timeout_s: float = 300, max_attempts: int = 3, api_key_env: str = "OPENAI_API_KEY"):
+        key = api_key if api_key is not None else os.environ.get(api_key_env)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        root = base_url.rstrip("/")
+        self.path = "/chat/completions" if root.endswith("/v1") else "/v1/chat/completions"
+        self.model = model
+        super().__init__(root, timeout_s=timeout_s, max_attempts=max_attempts, headers=headers,
+                         retry_status=is_retryable_chat_status)
+
+    async def complete(self, messages: list[dict], *, max_tokens: int = 16,
+                       temperature: float = 0.0, n: int = 1) -> list[str]:
+        """The ``n`` reply texts, in choice order."""
+        payload = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
+                   "temperature": temperature, "n": n}
+        reply = await self.request("POST", self.path, payload)
+        try:
+            choices = sorted(reply["choices"], key=lambda c: c.get("index", 0))
+            texts = [c["message"]["content"] or "" for c in choices]
+        except (KeyError, TypeError) as exc:
+            raise EngineError(f"malformed chat completion ({exc}): {str(reply)[:300]}") from None
+        if len(texts) != n:
+            raise EngineError(f"chat completion returned {len(texts)} choices, asked for {n}")
+        return texts
