@@ -11,11 +11,12 @@ One learner per run (it alone holds trainable weights). Its loop:
    acked. Everything else waits in the batch buffer.
 2. With ``batch_groups`` groups (or a partial batch after ``batch_timeout_s``), take one GRPO
    step (:mod:`catq.learner.grpo`) in a thread, so the event loop keeps the heartbeat going.
-3. Every ``checkpoint_every`` steps — and always on a step that publishes — save a checkpoint
-   (:mod:`catq.learner.checkpoint`) that lists the entry ids trained so far, and only then ack
-   those entries and append the steps' lines to ``<run_dir>/metrics.jsonl``. A crash therefore
+3. Append the step's line to ``<run_dir>/metrics.jsonl``. Every ``checkpoint_every`` steps —
+   and always on a step that publishes — save a checkpoint (:mod:`catq.learner.checkpoint`)
+   that lists the entry ids trained so far, and only then ack those entries. A crash therefore
    loses no scored work (unacked entries come back) and trains nothing twice (the checkpoint
-   says what is in the weights); a step lost in a crash is redone and logged once.
+   says what is in the weights). A restarted learner drops the metrics lines of steps newer
+   than its checkpoint (they died with the process and are redone), so each step is logged once.
 4. Every ``publish_every`` steps, bump the policy version, write ``<weights_dir>/v<version>/``,
    announce it on ``weights`` and set the run's policy version in Redis (rollout's backpressure
    reads it). A learner that died between checkpoint and announcement announces on restart.
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -81,8 +83,6 @@ class LearnerLoop:
     """Deliveries accepted for training, oldest first."""
     held: list = field(default_factory=list)
     """Deliveries trained into the current weights but not yet checkpointed (not acked)."""
-    pending_lines: list = field(default_factory=list)
-    """Metrics lines of steps not yet checkpointed."""
     counts: Counts = field(default_factory=Counts)
     buffer_since: float | None = None
 
@@ -151,7 +151,7 @@ class LearnerLoop:
             "entry_ids": [d.entry_id for d in fresh],
         }
         self.counts = Counts()
-        self.pending_lines.append(line)
+        self.write_metrics(line)
         publish = self.trainer.state.step % cfg.publish_every == 0
         if publish or self.trainer.state.step % cfg.checkpoint_every == 0:
             await self.commit(publish=publish)
@@ -177,7 +177,6 @@ class LearnerLoop:
         if self.held:
             await self.bus.ack(self.held, GROUP)
             self.held = []
-        self.write_metrics()
         if publish:
             await self.announce_current()
 
@@ -203,15 +202,31 @@ class LearnerLoop:
             await self.announce_current()
         await self.bus.set_policy_version(version)
 
-    def write_metrics(self) -> None:
-        if not self.pending_lines:
-            return
-        path = self.config.run_path / "metrics.jsonl"
+    @property
+    def metrics_path(self) -> Path:
+        return self.config.run_path / "metrics.jsonl"
+
+    def write_metrics(self, line: dict) -> None:
+        path = self.metrics_path
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as fh:
-            for line in self.pending_lines:
-                fh.write(json.dumps(line, sort_keys=True) + "\n")
-        self.pending_lines = []
+            fh.write(json.dumps(line, sort_keys=True) + "\n")
+
+    def forget_lost_steps(self) -> int:
+        """Drop metrics lines of steps newer than the restored checkpoint: those updates died
+        with the previous process and are about to be redone (and logged again). Returns the
+        number of lines dropped."""
+        path, step = self.metrics_path, self.trainer.state.step
+        if not path.exists():
+            return 0
+        lines = path.read_text().splitlines()
+        kept = [ln for ln in lines if ln.strip() and _step_of(ln) <= step]
+        if len(kept) == len(lines):
+            return 0
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, path)
+        return len(lines) - len(kept)
 
     async def read(self, bus) -> list:
         cfg = self.config.learner
@@ -223,19 +238,20 @@ class LearnerLoop:
         )
 
     async def reclaim_previous(self) -> None:
-        """Take back entries a previous learner process left pending (short claim idle time)."""
+        """Take back entries a previous learner process left pending, in one read with a short
+        claim idle time (one read, so nothing is claimed twice). The learner never holds more
+        than a few batches, far below the read's count."""
         from catq.bus import Bus
 
+        cfg = self.config.learner
+        count = max(1000, 4 * cfg.batch_groups * cfg.checkpoint_every)
         startup = Bus(self.config.redis_url, self.config.run, self._bus_config(STARTUP_CLAIM_IDLE_MS))
         try:
-            await asyncio.sleep(STARTUP_CLAIM_IDLE_MS / 1000)
-            for _ in range(1000):
-                deliveries = await startup.read(
-                    "scored", GROUP, CONSUMER, count=100, message_type=ScoredGroup, block_ms=1
-                )
-                if not deliveries:
-                    break
-                await self.intake(deliveries)
+            await asyncio.sleep(2 * STARTUP_CLAIM_IDLE_MS / 1000)
+            deliveries = await startup.read(
+                "scored", GROUP, CONSUMER, count=count, message_type=ScoredGroup, block_ms=1
+            )
+            await self.intake(deliveries)
         finally:
             await startup.close()
 
@@ -243,6 +259,9 @@ class LearnerLoop:
         return self.config.bus.model_copy(update={"claim_idle_ms": claim_idle_ms})
 
     async def run(self, stop: asyncio.Event) -> None:
+        dropped = self.forget_lost_steps()
+        if dropped:
+            self.log.info("metrics of uncheckpointed steps dropped; they will be redone", lines=dropped)
         await self.ensure_announced()
         await self.reclaim_previous()
         max_steps = self.config.learner.max_steps
@@ -251,7 +270,7 @@ class LearnerLoop:
                 await self.step()
                 continue
             await self.intake(await self.read(self.bus))
-        if self.held or self.pending_lines:
+        if self.held:
             await self.commit(publish=False)
 
 
@@ -278,3 +297,10 @@ async def run(config: Config) -> None:
         heartbeat.cancel()
         await asyncio.gather(heartbeat, return_exceptions=True)
         await bus.close()
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 0
