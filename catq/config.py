@@ -244,7 +244,7 @@ def load_config(path: str | Path | None = None, **overrides: str) -> Config:
     CLI flags)."""
     data = _read_toml(Path(path)) if path else {}
     env = {"redis_url": os.environ.get("CATQ_REDIS_URL"), "run": os.environ.get("CATQ_RUN")}
-    for key, value in {**env, **overrides}.items():
+    for key, value in {**env, **{k: v for k, v in overrides.items() if v}}.items():
         if value:
             data[key] = value
     _apply_address_env(data)
