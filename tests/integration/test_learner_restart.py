@@ -42,7 +42,8 @@ def make_scored(index: int, rewards: list[float], policy_version: int = 0, seed:
     return ScoredGroup(referenced=referenced, rewards=rewards)
 
 
-def write_config(tmp_path: Path, run: str, redis_url: str, model: Path, **learner) -> Path:
+def write_config(tmp_path: Path, run: str, redis_url: str, model: Path, extra: str = "",
+                 **learner) -> Path:
     settings = {"batch_groups": 2, "micro_batch_rollouts": 3, "lr": 1e-3, "checkpoint_every": 1,
                 "publish_every": 1, "keep_versions": 2, "max_staleness": 100, **learner}
     lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())
@@ -64,14 +65,15 @@ heartbeat_s = 1
 
 [learner]
 {lines}
+{extra}
 """)
     return path
 
 
-def start_learner(config: Path, log: Path) -> subprocess.Popen:
+def start_learner(config: Path, log: Path, role: str = "learner") -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "catq", "worker", "learner", "--config", str(config)],
+        [sys.executable, "-m", "catq", "worker", role, "--config", str(config)],
         stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, cwd=REPO,
     )
 
