@@ -161,12 +161,10 @@ class Stack:
         return env
 
     async def wait_roles_healthy(self) -> None:
-        from catq.ops import role_is_healthy
-
         for role, children in self.roles.items():
             if role in ("ingest",) or not children:
                 continue  # ingest is an HTTP server; it is checked on /healthz below
-            await wait_until(lambda r=role: role_is_healthy(self.config, r),
+            await wait_until(lambda r=role, n=len(children): has_live_workers(self.config, r, n),
                              self.health_timeout_s, f"{role} heartbeat", self._role_died)
         if self.roles.get("ingest"):
             url = f"http://{self.config.ingest.host}:{self.config.ingest.port}/healthz"
@@ -255,6 +253,12 @@ async def stop_child(child: Child, grace_s: float) -> None:
     except asyncio.TimeoutError:
         proc.kill()
         await proc.wait()
+
+
+async def has_live_workers(config: Config, role: str, count: int) -> bool:
+    from catq.ops import live_workers
+
+    return len(await live_workers(config, role)) >= count
 
 
 async def redis_answers(url: str) -> bool:
