@@ -193,6 +193,11 @@ def _field_names(cls: type) -> tuple[str, ...]:
 
 
 @functools.cache
+def _fields_by_name(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+@functools.cache
 def _type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -219,7 +224,7 @@ def _build(cls: type, body: Any, path: str) -> Any:
     if not isinstance(body, dict):
         raise MessageDecodeError(f"{path}: expected a map, got {type(body).__name__}")
     hints = _type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = _fields_by_name(cls)
     unknown = set(body) - set(fields)
     if unknown:
         raise MessageDecodeError(f"{path}: unknown fields {sorted(unknown)}")
