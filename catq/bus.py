@@ -373,6 +373,19 @@ class Bus:
 
         await self.retrying(touch, f"keep alive {stream}")
 
+    async def forget_consumer(self, stream: str, group: str, consumer: str) -> bool:
+        """Remove a stopped consumer from the group if it holds no pending entries (so `catq
+        status` does not list every worker that ever ran). Returns True if it was removed."""
+        key = self.key(stream)
+
+        async def forget() -> bool:
+            if await self.redis.xpending_range(key, group, "-", "+", 1, consumername=consumer):
+                return False
+            await self.redis.xgroup_delconsumer(key, group, consumer)
+            return True
+
+        return await self.retrying(forget, f"forget consumer {consumer}")
+
     # -- reading without a group -----------------------------------------------------------------
 
     async def read_all(self, stream: str, message_type: type, after_id: str = "0",

@@ -143,6 +143,7 @@ class _WorkerLoop:
             ctx.log.info("stopping", in_flight=len(self.in_flight),
                          grace_period_s=ctx.config.worker.grace_period_s)
             await self._drain()
+            await self._forget_consumer()
         finally:
             for task in upkeep:
                 task.cancel()
@@ -223,6 +224,12 @@ class _WorkerLoop:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _forget_consumer(self) -> None:
+        try:
+            await asyncio.wait_for(self.ctx.bus.forget_consumer(self.stream, self.group, self.ctx.worker_id), 5)
+        except Exception as exc:  # bookkeeping only: a leftover consumer entry is harmless
+            self.ctx.log.warning("could not remove consumer", error=str(exc) or type(exc).__name__)
 
     async def _keep_alive_loop(self) -> None:
         interval = self.ctx.config.bus.claim_idle_ms / 3000

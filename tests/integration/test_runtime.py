@@ -101,6 +101,17 @@ async def test_sigterm_finishes_or_leaves_pending_never_acks_without_output(bus,
     for entry in ids:  # acked <=> has its output
         assert (entry not in pending) == (entry in outputs)
     assert await bus.redis.keys(bus.key("heartbeat:echo:*")) == []
+    consumers = await bus.redis.xinfo_consumers(bus.key("prompts"), "echo")
+    assert [c["name"] for c in consumers] == [b"w"]  # still holds entries, so kept
+
+
+async def test_clean_stop_removes_idle_consumer(bus, run_name, redis_url, workers):
+    await bus.publish("prompts", prompt("hi"))
+    proc = workers(redis_url, run_name, "--worker-id", "w")
+    await wait_for(lambda: echoed(bus), what="output")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    assert await bus.redis.xinfo_consumers(bus.key("prompts"), "echo") == []
 
 
 async def _count_is(awaitable, n: int) -> bool:
