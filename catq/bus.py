@@ -42,6 +42,9 @@ from catq.messages import DeadLetter, Message, MessageDecodeError, decode, encod
 
 STREAMS: tuple[str, ...] = ("prompts", "groups", "references", "scored", "weights", "dead")
 """Every stream of a run, in pipeline order (names without namespace)."""
+GROUP_STREAMS: frozenset[str] = frozenset({"prompts", "groups", "references", "scored"})
+"""Streams read through consumer groups: not trimmed at all until their group exists, so a
+stage started late still finds everything written before it."""
 
 MESSAGE_FIELD = b"message"
 SOURCE_FIELD = b"source"
@@ -93,7 +96,7 @@ redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
-# trim(): KEYS = stream; ARGV = max length. Removes the oldest entries beyond max length, but
+# trim(): KEYS = stream; ARGV = max length, "1" if the stream is not trimmed without a group. Removes the oldest entries beyond max length, but
 # only those below every group's *needed* id: its oldest pending entry, or when nothing is
 # pending its last-delivered id (entries after it are undelivered; the entry itself is kept,
 # which is merely conservative). Entries below that id were delivered and acked by the group.
@@ -110,7 +113,9 @@ end
 local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[1])
 if excess <= 0 then return 0 end
 local needed = nil
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+if #groups == 0 and ARGV[2] == '1' then return 0 end
+for _, g in ipairs(groups) do
   local info = {}
   for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
   local id = info['last-delivered-id']
@@ -433,10 +438,13 @@ class Bus:
 
     async def trim(self, stream: str) -> int:
         """Trim a stream towards config.max_stream_len without removing any entry a group has not
-        acknowledged (or not yet been delivered). Returns the number of entries removed."""
+        acknowledged (or not yet been delivered); a GROUP_STREAMS stream with no group yet is
+        left alone. Returns the number of entries removed."""
         self._last_trim[stream] = time.monotonic()
         removed = await self.retrying(
-            lambda: self._trim(keys=[self.key(stream)], args=[self.config.max_stream_len]), f"trim {stream}"
+            lambda: self._trim(keys=[self.key(stream)],
+                               args=[self.config.max_stream_len, int(stream in GROUP_STREAMS)]),
+            f"trim {stream}",
         )
         return int(removed)
 

@@ -123,6 +123,7 @@ async def test_trim_keeps_unacked_and_undelivered_entries(bus, run_name, redis_u
     small = Bus(redis_url, run_name, BusConfig(max_stream_len=10, claim_idle_ms=100_000), trim_interval_s=1e9)
     try:
         ids = [await small.publish("prompts", prompt(str(i))) for i in range(40)]
+        assert await small.trim("prompts") == 0  # its consumer group does not exist yet
         await small.ensure_group("prompts", "slow")  # nothing delivered yet: nothing may go
         assert await small.trim("prompts") == 0
         got = await small.read("prompts", "slow", "c", count=20, message_type=Prompt)
