@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import time
 from typing import Any
 
-from catq.bus import STREAMS, Bus
+import structlog
+
+from catq.bus import STREAMS, Bus, is_retryable
 from catq.config import Config
 from catq.messages import MessageDecodeError, decode, describe
 
@@ -26,12 +29,32 @@ STR_PREVIEW = 300
 
 
 def _bus(config: Config) -> Bus:
+    _quiet_logging()
     return Bus(config.redis_url, config.run, config.bus, reconnect_timeout_s=CLI_RECONNECT_S)
+
+
+def _quiet_logging() -> None:
+    """CLI commands print results on stdout; library warnings (Redis retries) go to stderr."""
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.dev.ConsoleRenderer(colors=False)],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    )
 
 
 def _fail(message: str, code: int = 1) -> int:
     print(f"catq: {message}", file=sys.stderr)
     return code
+
+
+def _run(config: Config, coro) -> int:
+    """asyncio.run a command; an unreachable Redis is a one-line error, not a traceback."""
+    try:
+        return asyncio.run(coro)
+    except Exception as exc:
+        if not is_retryable(exc):
+            raise
+        return _fail(f"cannot reach Redis at {config.redis_url}: {exc}")
 
 
 # -- submit ---------------------------------------------------------------------------------------
@@ -44,7 +67,7 @@ def submit_command(args: argparse.Namespace, config: Config) -> int:
         prompts = parse_prompts(items, config.ingest, default_task=args.task, check_batch=False)
     except PromptRequestError as exc:
         return _fail(str(exc), 2)
-    return asyncio.run(_submit(config, prompts, args.wait, args.timeout))
+    return _run(config, _submit(config, prompts, args.wait, args.timeout))
 
 
 def _submit_items(args: argparse.Namespace) -> list[Any]:
@@ -111,7 +134,7 @@ def tail_command(args: argparse.Namespace, config: Config) -> int:
     if args.stream not in STREAMS:
         return _fail(f"unknown stream {args.stream!r}; streams: {', '.join(STREAMS)}", 2)
     try:
-        return asyncio.run(_tail(config, args.stream, args.count, args.follow))
+        return _run(config, _tail(config, args.stream, args.count, args.follow))
     except KeyboardInterrupt:
         return 0
 
