@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 import subprocess
 
 import pytest
 import redis as sync_redis
+import structlog
 
-from catq.bus import Bus
+from catq.bus import Bus, Output
 from catq.config import BusConfig
 from catq.messages import ChatMessage, DeadLetter, Prompt, decode
+from catq.runtime import run_worker
+from tests.conftest import make_config
 
 from .workers import free_port, start_bus_worker, stop_process, wait_for
 
@@ -162,3 +166,57 @@ def _pings(url: str) -> bool:
 
 async def _all_done(bus: Bus, published: list[str]) -> bool:
     return {s for s, _ in await echoed(bus)} >= set(published)
+
+
+class CountingHandler:
+    """In-process handler: records concurrency, logs through structlog, can pause reading."""
+
+    input_stream = "prompts"
+    input_type = Prompt
+
+    def __init__(self):
+        self.active = self.peak = 0
+        self.is_ready = True
+        self.closed = False
+
+    async def handle(self, message: Prompt):
+        structlog.get_logger().info("handling in the handler")
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        await asyncio.sleep(0.2)
+        self.active -= 1
+        return [Output("echoed", message)]
+
+    async def ready(self) -> bool:
+        return self.is_ready
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_in_process_worker_bounds_concurrency_pauses_and_tags_log_lines(bus, run_name, redis_url, capsys):
+    config = make_config(run_name, redis_url, worker={"concurrency": 2, "heartbeat_s": 0.2},
+                         bus={"block_ms": 50})
+    handler = CountingHandler()
+    handler.is_ready = False
+    stop = asyncio.Event()
+
+    async def build(ctx):
+        return handler
+
+    for i in range(6):
+        await bus.publish("prompts", prompt(f"q{i}"))
+    task = asyncio.create_task(run_worker(config, "echo", build, worker_id="inproc", stop=stop))
+    await asyncio.sleep(1.0)
+    assert await echoed(bus) == [] and await pending_ids(bus) == []  # not ready: nothing read
+    handler.is_ready = True
+    await wait_for(lambda: _count_is(echoed(bus), 6), timeout=10, what="six outputs")
+    assert await bus.redis.exists(bus.key("heartbeat:echo:inproc"))
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert handler.peak == 2 and handler.closed
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    handling = [line for line in lines if line["event"] == "handling in the handler"]
+    assert len(handling) == 6
+    assert {(line["role"], line["worker"]) for line in handling} == {("echo", "inproc")}
+    assert sorted(line["prompt_id"] for line in handling) == [f"q{i}" for i in range(6)]
