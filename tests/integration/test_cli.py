@@ -17,7 +17,7 @@ from catq.cli import main
 from catq.messages import ChatMessage, Prompt, Rollout, RolloutGroup, decode, encode
 from catq.ops import format_entry
 
-from .workers import ROOT, free_port, start_bus_worker, stop_process
+from .procs import ROOT, free_port, start_bus_worker, stop_process
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -18,7 +18,7 @@ from catq.messages import ChatMessage, DeadLetter, Prompt, decode
 from catq.runtime import run_worker
 from tests.conftest import make_config
 
-from .workers import free_port, start_bus_worker, stop_process, wait_for
+from .procs import free_port, start_bus_worker, stop_process, wait_for
 
 
 def prompt(text: str, pid: str | None = None) -> Prompt:
