@@ -21,13 +21,17 @@ if TYPE_CHECKING:
 
 
 class EngineChat:
+    """``prefix`` starts the assistant's turn (response priming: the model continues it, which
+    makes small models keep a format); the returned text includes it."""
+
     def __init__(self, client: EngineClient, tokenizer: ChatTokenizer, sampling: SamplingConfig):
         self.client = client
         self.tokenizer = tokenizer
         self.sampling = sampling
 
-    async def __call__(self, messages: list[dict[str, str]], *, temperature: float | None = None) -> str:
-        ids = self.tokenizer.encode_chat(messages)
+    async def __call__(self, messages: list[dict[str, str]], *, temperature: float | None = None,
+                       prefix: str = "") -> str:
+        ids = self.tokenizer.encode_chat(messages) + (self.tokenizer.encode(prefix) if prefix else [])
         (completion,) = await self.client.generate(
             ids,
             n=1,
@@ -37,7 +41,7 @@ class EngineChat:
             top_k=self.sampling.top_k,
             return_logprob=False,
         )
-        return completion.text
+        return prefix + completion.text
 
     async def close(self) -> None:
         await self.client.close()
@@ -48,7 +52,10 @@ class OpenAIChat:
         self.client = client
         self.sampling = sampling
 
-    async def __call__(self, messages: list[dict[str, str]], *, temperature: float | None = None) -> str:
+    async def __call__(self, messages: list[dict[str, str]], *, temperature: float | None = None,
+                       prefix: str = "") -> str:
+        if prefix:  # chat APIs have no portable way to start the assistant's turn
+            raise ValueError("OpenAI-compatible endpoints take no response prefix")
         (text,) = await self.client.complete(
             messages,
             max_tokens=self.sampling.max_new_tokens,

@@ -32,9 +32,11 @@ ESTIMATORS = ("synthesis", "majority", "self_bon", "min_ppl")
 
 
 class ChatFn(Protocol):
-    """A chat model: messages in, the assistant's reply out."""
+    """A chat model: messages in, the assistant's reply out. ``prefix`` (where supported) starts
+    the reply, which then includes it; ``temperature`` overrides the configured one."""
 
-    def __call__(self, messages: list[dict[str, str]], *, temperature: float | None = None) -> Awaitable[str]: ...
+    def __call__(self, messages: list[dict[str, str]], *, temperature: float | None = None,
+                 prefix: str = "") -> Awaitable[str]: ...
 
 
 @dataclass
@@ -169,7 +171,7 @@ async def estimate_reference(
         estimator = "synthesis"
     if estimator == "synthesis":
         question = group.prompt.question if include_question else None
-        output = await anchor(prompts.synthesis_messages(texts, task, question))
+        output = await anchor(prompts.synthesis_messages(texts, task, question), prefix=prompts.SYNTHESIS_PREFIX)
         ref = synthesis_reference(output, task)
     elif estimator == "majority":
         ref = majority_reference(group)

@@ -15,13 +15,20 @@
   names the best one by number.
 
 Messages are plain ``{"role", "content"}`` dicts, ready for a chat template or an
-OpenAI-compatible API.
+OpenAI-compatible API. :data:`SYNTHESIS_PREFIX` and :data:`RUBRIC_PREFIX` start the anchor's
+replies (measured on SmolLM2-135M: without them it mostly echoed the instructions or wrote
+prose instead of XML).
 """
 
 from __future__ import annotations
 
 SUMMARY_HEADING = "Summary:"
 UNIFIED_HEADING = "Unified response:"
+
+SYNTHESIS_PREFIX = SUMMARY_HEADING
+"""Engine-served anchors get their reply started with these (response priming), so even a small
+model begins in the requested format; the returned text includes the prefix."""
+RUBRIC_PREFIX = "<rubric>\n<criterion>"
 
 _SYNTHESIS_SYSTEM = (
     "You are an expert at reconciling several attempts at the same task into one answer "

@@ -94,12 +94,13 @@ async def propose_rubric(
     Malformed output is retried up to ``attempts`` times in all, the retries sampled at
     ``retry_temperature`` (a greedy anchor would repeat itself); then RubricParseError with the
     last reason."""
-    from catq.teacher.prompts import rubric_messages
+    from catq.teacher.prompts import RUBRIC_PREFIX, rubric_messages
 
     messages = rubric_messages(reference, min_criteria, question)
     reasons = []
     for attempt in range(attempts):
-        output = await anchor(messages, temperature=None if attempt == 0 else retry_temperature)
+        output = await anchor(messages, temperature=None if attempt == 0 else retry_temperature,
+                              prefix=RUBRIC_PREFIX)
         try:
             return parse_rubric(output, min_criteria), output
         except RubricParseError as exc:

@@ -29,7 +29,7 @@ class FakeChat:
         self.reply = reply
         self.calls = []
 
-    async def __call__(self, messages, *, temperature=None):
+    async def __call__(self, messages, *, temperature=None, prefix=""):
         self.calls.append(messages)
         return self.reply
 

@@ -44,7 +44,7 @@ class ScriptedJudge:
         self.peak = 0
         self.calls = []
 
-    async def __call__(self, messages, *, temperature=None):
+    async def __call__(self, messages, *, temperature=None, prefix=""):
         self.running += 1
         self.peak = max(self.peak, self.running)
         await asyncio.sleep(0.01)

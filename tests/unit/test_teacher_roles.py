@@ -73,7 +73,7 @@ class FakeChat:
         self.client = FakeEngine([])
         self.calls = []
 
-    async def __call__(self, messages, *, temperature=None):
+    async def __call__(self, messages, *, temperature=None, prefix=""):
         self.calls.append((messages, temperature))
         return self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
 
@@ -173,3 +173,36 @@ async def test_judge_open_and_math():
     assert out.message.rewards == [1.0] * 8 and len(out.message.verdicts) == 40
     fields = ctx.results.fields["p1"]
     assert fields["reward_mean"] == 1.0 and len(fields["verdicts"]) == 40
+
+
+async def test_engine_chat_primes_the_reply_with_a_prefix():
+    from catq.config import SamplingConfig
+    from catq.teacher.chat import EngineChat
+
+    class Tok(FakeTokenizer):
+        def encode(self, text):
+            return [9] * len(text)
+
+    engine = FakeEngine([" rest"])
+    chat = EngineChat(engine, Tok(), SamplingConfig(temperature=0.0, max_new_tokens=5))
+    assert await chat([{"role": "user", "content": "hi"}], prefix="ab") == "ab rest"
+    ids, kwargs = engine.calls[0]
+    assert ids == [1, 2, 3, 9, 9] and kwargs["temperature"] == 0.0 and kwargs["max_new_tokens"] == 5
+    assert await chat([{"role": "user", "content": "hi"}], temperature=0.5) == " rest"
+    assert engine.calls[1][0] == [1, 2, 3] and engine.calls[1][1]["temperature"] == 0.5
+
+
+async def test_anchor_starts_its_replies_in_format():
+    from catq.teacher.prompts import RUBRIC_PREFIX, SYNTHESIS_PREFIX
+
+    seen = []
+
+    class Recorder(FakeChat):
+        async def __call__(self, messages, *, temperature=None, prefix=""):
+            seen.append(prefix)
+            return await super().__call__(messages, temperature=temperature, prefix=prefix)
+
+    ctx = make_ctx()
+    group = await RolloutHandler(ctx, [FakeEngine(["a"] * 8)], FakeTokenizer()).roll_out(prompt("open"))
+    await AnchorHandler(ctx, Recorder(["Unified response: s", RUBRIC])).handle(group)
+    assert seen == [SYNTHESIS_PREFIX, RUBRIC_PREFIX]
