@@ -131,6 +131,7 @@ async def test_worker_survives_redis_restart_without_losing_entries(tmp_path, wo
                "--appendonly", "no", "--dir", str(tmp_path)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     bus = Bus(url, "restart", BusConfig(claim_idle_ms=500, block_ms=100), reconnect_timeout_s=None)
+    proc = None
     try:
         await wait_for(lambda: _pings(url), what="test redis up")
         proc = workers(url, "restart", "--claim-idle-ms", "500")
@@ -153,6 +154,8 @@ async def test_worker_survives_redis_restart_without_losing_entries(tmp_path, wo
         assert sorted(sources) == sorted(published)  # nothing lost, nothing twice
         assert proc.poll() is None
     finally:
+        if proc is not None:
+            assert stop_process(proc) == 0  # before its Redis goes away for good
         await bus.close()
         stop_process(server)
 
