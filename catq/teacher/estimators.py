@@ -55,17 +55,17 @@ class Reference:
 
 
 _UNIFIED = re.compile(
-    r"(?:^[ \t#>*_-]*(?:\d+\.\s*)?unified[ \t]+response\b[ \t*_]*:?|unified[ \t]+response[ \t*_]*:)[ \t*_]*"
-    r"|<unified_response>",
+    r"^[ \t#>*_-]*(?:\d+\.\s*)?unified[ \t]+response\b[ \t*_]*:?[ \t*_]*|<unified_response>",
     re.IGNORECASE | re.MULTILINE,
 )
 _UNIFIED_CLOSE = re.compile(r"</unified_response>", re.IGNORECASE)
 
 
 def parse_unified_response(output: str) -> tuple[str, bool]:
-    """(s, format_fallback): the text after the last "Unified response:" heading (markdown
-    decorations and a ``<unified_response>`` tag accepted); the whole output, flagged, when
-    the heading is missing or nothing follows it."""
+    """(s, format_fallback): the text after the last "Unified response:" heading at the start of
+    a line (markdown decorations and a ``<unified_response>`` tag accepted); the whole output,
+    flagged, when the heading is missing or nothing follows it. Mid-line mentions do not count:
+    small models echo the instructions ('under the heading "Unified response:", write ...')."""
     matches = list(_UNIFIED.finditer(output))
     if matches:
         unified = output[matches[-1].end() :]

@@ -65,6 +65,12 @@ def test_synthesis_without_the_format_falls_back_to_whole_output():
     assert ref.format_fallback and ref.reference == output and ref.reference_answer == "7"
 
 
+def test_echoed_instructions_are_not_the_format():
+    # Measured on SmolLM2-135M: it repeats the prompt's steps instead of following them.
+    output = 'Summary: 4. Under the heading "Summary:", write a summary.\n5. Under the heading "Unified response:", write one'
+    assert parse_unified_response(output) == (output, True)
+
+
 def test_synthesis_with_empty_unified_section_falls_back():
     assert parse_unified_response("Summary: ok\nUnified response:   ") == ("Summary: ok\nUnified response:", True)
 
