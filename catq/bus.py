@@ -166,6 +166,8 @@ class Bus:
         self._reclaim_cursor: dict[tuple[str, str], str] = {}
         self._last_reclaim: dict[tuple[str, str], float] = {}
         self._last_trim: dict[str, float] = {}
+        self.on_dead_letter: Callable[[DeadLetter], Awaitable[None]] | None = None
+        """Called after an entry is dead-lettered (the runtime marks the prompt's result)."""
 
     def key(self, name: str) -> str:
         return f"catq:{self.run}:{name}"
@@ -239,6 +241,8 @@ class Bus:
         placeholder = Delivery(stream, entry_id, letter, attempts, payload)
         await self.complete(placeholder, group, [Output("dead", letter)])
         log.warning("dead-lettered", stream=stream, entry_id=entry_id, attempts=attempts, error=error)
+        if self.on_dead_letter is not None:
+            await self.on_dead_letter(letter)
 
     # -- consuming through a group ---------------------------------------------------------------
 

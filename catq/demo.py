@@ -34,9 +34,14 @@ class DemoPrompt:
     prompt_id: str = ""
 
 
+FINISHED = ("scored", "trained")
+
+
 @dataclass
 class Progress:
     done: int
+    failed: int
+    """Prompts dead-lettered on the way (their result says why)."""
     total: int
     policy_version: int
     learner_steps: int
@@ -46,7 +51,8 @@ class Progress:
     def line(self) -> str:
         reward = "-" if self.reward_mean is None else f"{self.reward_mean:.2f}"
         rate = self.done / max(self.elapsed_s, 1e-9) * 60
-        return (f"[{self.elapsed_s:6.0f}s] prompts {self.done}/{self.total}  "
+        failed = f" ({self.failed} failed)" if self.failed else ""
+        return (f"[{self.elapsed_s:6.0f}s] prompts {self.done}/{self.total}{failed}  "
                 f"policy v{self.policy_version}  learner steps {self.learner_steps}  "
                 f"mean reward {reward}  {rate:.1f} prompts/min")
 
@@ -96,7 +102,7 @@ async def progress(config: Config, prompts: list[DemoPrompt], started: float) ->
     from catq.bus import Bus
 
     results = await fetch_results(config, prompts)
-    scored = [r for r in results if r.get("status") in ("scored", "trained")]
+    scored = [r for r in results if r.get("status") in FINISHED]
     rewards = [r["reward_mean"] for r in scored if r.get("reward_mean") is not None]
     bus = Bus(config.redis_url, config.run, config.bus)
     try:
@@ -104,7 +110,8 @@ async def progress(config: Config, prompts: list[DemoPrompt], started: float) ->
     finally:
         await bus.close()
     return Progress(
-        done=len(scored), total=len(prompts), policy_version=version,
+        done=len(scored), failed=sum(r.get("status") == "dead" for r in results),
+        total=len(prompts), policy_version=version,
         learner_steps=len(read_metrics(config)),
         reward_mean=sum(rewards) / len(rewards) if rewards else None,
         elapsed_s=time.monotonic() - started,
@@ -118,7 +125,7 @@ async def watch(config: Config, prompts: list[DemoPrompt], timeout_s: float, out
         state = await progress(config, prompts, started)
         out.write(state.line() + "\n")
         out.flush()
-        if state.done == state.total or state.elapsed_s > timeout_s:
+        if state.done + state.failed == state.total or state.elapsed_s > timeout_s:
             return state
 
 
@@ -136,7 +143,7 @@ def report(prompts: list[DemoPrompt], results: list[dict], config: Config, final
             continue
         answers = result.get("rollout_answers") or []
         ok = [is_correct(a, item.answer) for a in answers]
-        if result.get("status") in ("scored", "trained"):
+        if result.get("status") in FINISHED:
             single.append(sum(ok) / len(ok) if ok else 0.0)
             majority.append(is_correct(result.get("majority_answer"), item.answer))
             synthesis.append(is_correct(result.get("reference_answer"), item.answer))
@@ -153,7 +160,8 @@ def report(prompts: list[DemoPrompt], results: list[dict], config: Config, final
         lines.append(f"  majority vote                      {sum(majority) / n:.2f}")
         lines.append(f"  CaT synthesized reference          {sum(synthesis) / n:.2f}")
     lines.append(f"learner steps {final.learner_steps}, policy versions published {final.policy_version}, "
-                 f"prompts done {final.done}/{final.total} in {final.elapsed_s:.0f}s")
+                 f"prompts done {final.done}/{final.total} ({final.failed} dead-lettered) "
+                 f"in {final.elapsed_s:.0f}s")
     return "\n".join(lines)
 
 
@@ -161,6 +169,9 @@ def open_report(prompts: list[DemoPrompt], results: list[dict]) -> list[str]:
     lines = []
     for item, result in zip(prompts, results):
         if item.task != "open":
+            continue
+        if result.get("status") == "dead":
+            lines.append(f"open: {item.text[:60]}  failed: {str(result.get('error'))[:120]}")
             continue
         rubric = result.get("rubric") or []
         reward = result.get("reward_mean")
@@ -190,7 +201,7 @@ async def run_demo(config: Config, config_path: Path, out, timeout_s: float = 78
             out.write("stopping the stack...\n")
     out.write("\n" + report(prompts, results, config, final) + "\n")
     out.write(f"\ninspect the run: catq tail scored --run {config.run}; catq status --run {config.run}\n")
-    return 0 if final.done == final.total else 1
+    return 0 if final.done + final.failed == final.total else 1
 
 
 def demo_command(args, config: Config) -> int:

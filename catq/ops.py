@@ -22,7 +22,8 @@ from catq.messages import MessageDecodeError, decode, describe
 
 CLI_RECONNECT_S = 3.0
 """How long a CLI command retries an unreachable Redis before giving up."""
-DONE_STATUSES = ("scored", "trained")
+DONE_STATUSES = ("scored", "trained", "dead")
+"""Statuses after which a prompt's result no longer changes ("dead": dead-lettered, see error)."""
 """``submit --wait`` stops waiting at these statuses."""
 LIST_PREVIEW = 8
 STR_PREVIEW = 300
@@ -112,20 +113,21 @@ async def _submit(config: Config, prompts: list, wait: bool, timeout: float) -> 
 
 async def _wait_results(results, ids: list[str], timeout: float) -> int:
     deadline = time.monotonic() + timeout
-    waiting = list(ids)
+    waiting, dead = list(ids), 0
     while waiting:
         for prompt_id in list(waiting):
             result = await results.get(prompt_id)
             if result and result.get("status") in DONE_STATUSES:
                 print(json.dumps(result, ensure_ascii=False), flush=True)
                 waiting.remove(prompt_id)
+                dead += result["status"] == "dead"
         if waiting and time.monotonic() > deadline:
             for prompt_id in waiting:
                 print(json.dumps(await results.get(prompt_id), ensure_ascii=False), flush=True)
             return _fail(f"timed out after {timeout:g}s waiting for {len(waiting)} result(s)")
         if waiting:
             await asyncio.sleep(0.5)
-    return 0
+    return _fail(f"{dead} prompt(s) dead-lettered: see their error") if dead else 0
 
 
 # -- tail -----------------------------------------------------------------------------------------

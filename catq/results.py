@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from catq.bus import Bus
+from catq.messages import DeadLetter, MessageDecodeError, decode, prompt_id_of
 
 
 class ResultStore:
@@ -35,6 +36,16 @@ class ResultStore:
             await pipe.execute()
 
         await self.bus.retrying(write, "update result")
+
+    async def record_dead_letter(self, letter: DeadLetter) -> None:
+        """Mark the prompt behind a dead-lettered entry as "dead", with the reason, so a client
+        waiting on it learns it failed instead of waiting forever."""
+        try:
+            prompt_id = prompt_id_of(decode(letter.payload))
+        except MessageDecodeError:
+            return  # garbage: no prompt to tell
+        if prompt_id is not None:
+            await self.update(prompt_id, status="dead", error=letter.error, dead_stream=letter.stream)
 
     async def get(self, prompt_id: str) -> dict[str, Any] | None:
         """The prompt's result with its ``prompt_id``; None for an unknown (or expired) id."""

@@ -112,6 +112,7 @@ async def run_worker(
         install_stop_signals(stop)
     bus = Bus(config.redis_url, config.run, config.bus)
     ctx = WorkerContext(config, bus, ResultStore(bus, config.bus.result_ttl_s), worker_id, log)
+    bus.on_dead_letter = ctx.results.record_dead_letter
     handler = None
     try:
         handler = await build(ctx)

@@ -15,6 +15,7 @@ import structlog
 from catq.bus import Bus, Output
 from catq.config import BusConfig
 from catq.messages import ChatMessage, DeadLetter, Prompt, decode
+from catq.results import ResultStore
 from catq.runtime import run_worker
 from tests.conftest import make_config
 
@@ -80,6 +81,11 @@ async def test_poison_and_failing_entries_are_dead_lettered_and_worker_goes_on(b
     assert sorted(t for _, t in await echoed(bus)) == ["ok1", "ok2", "ok3"]
     assert proc.poll() is None
     assert await pending_ids(bus) == []
+    results = ResultStore(bus, 60)
+    poisoned, failed = await results.get("poison"), await results.get("fail")
+    assert poisoned["status"] == "dead" and poisoned["error"] == "poison prompt"
+    assert failed["status"] == "dead" and "not completed after 2 deliveries" in failed["error"]
+    assert await results.get("ok1") is None  # only dead letters write results here
 
 
 async def _dead(bus: Bus, n: int) -> list[DeadLetter] | None:
