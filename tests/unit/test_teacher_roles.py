@@ -206,3 +206,23 @@ async def test_anchor_starts_its_replies_in_format():
     group = await RolloutHandler(ctx, [FakeEngine(["a"] * 8)], FakeTokenizer()).roll_out(prompt("open"))
     await AnchorHandler(ctx, Recorder(["Unified response: s", RUBRIC])).handle(group)
     assert seen == [SYNTHESIS_PREFIX, RUBRIC_PREFIX]
+
+
+async def test_rollout_dead_letters_a_prompt_the_engine_refuses():
+    from catq.engines.client import EngineError
+
+    class Refusing(FakeEngine):
+        async def generate(self, ids, **kwargs):
+            raise EngineError("prompt too long", 400)
+
+    ctx = make_ctx()
+    with pytest.raises(DeadLetterError, match="prompt too long"):
+        await RolloutHandler(ctx, [Refusing([])], FakeTokenizer()).handle(prompt())
+    assert ctx.results.fields["p1"]["status"] == "dead"
+
+    class Failing(FakeEngine):
+        async def generate(self, ids, **kwargs):
+            raise EngineError("overloaded", 503)
+
+    with pytest.raises(EngineError):  # left pending for a retry, not dead-lettered
+        await RolloutHandler(ctx, [Failing([])], FakeTokenizer()).handle(prompt())
