@@ -61,6 +61,8 @@ class Syncer:
     refused_versions: set = field(default_factory=set)
     """Versions an engine rejected (4xx): never retried."""
     last_id: str = "0"
+    target_id: str = ""
+    """Stream entry id of the target message."""
 
     async def start(self) -> None:
         """Sync to the newest version published before we started."""
@@ -80,7 +82,7 @@ class Syncer:
             await self.dead_letter(entry_id, message, error)
             return
         if self.target is None or message.policy_version > self.target.policy_version:
-            self.target = message
+            self.target, self.target_id = message, entry_id
 
     async def dead_letter(self, entry_id: str, message: WeightsPublished, error: str) -> None:
         self.log.error("weights refused", entry_id=entry_id, version=message.policy_version, error=error)
@@ -123,7 +125,7 @@ class Syncer:
         except EngineError as exc:
             if exc.status is not None and 400 <= exc.status < 500:
                 self.refused_versions.add(target.policy_version)
-                await self.dead_letter("-", target, f"engine {url} refused the update: {exc}")
+                await self.dead_letter(self.target_id, target, f"engine {url} refused the update: {exc}")
             else:
                 log.warning("engine update failed; will retry", error=str(exc))
             return

@@ -70,7 +70,12 @@ class Trainer:
 
     @property
     def trained_id_set(self) -> set[str]:
-        return set(self.state.trained_ids)
+        """Entry ids already in these weights (cached per step)."""
+        cached = getattr(self, "_trained_cache", None)
+        if cached is None or cached[0] != self.state.step:
+            cached = (self.state.step, set(self.state.trained_ids))
+            self._trained_cache = cached
+        return cached[1]
 
     def train(self, groups: list[ScoredGroup], entry_ids: list[str]) -> dict:
         """One optimizer step on ``groups``; records them as trained. Returns the step's metrics."""

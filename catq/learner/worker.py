@@ -133,7 +133,7 @@ class LearnerLoop:
         batch, self.buffer = self.buffer[: cfg.batch_groups], self.buffer[cfg.batch_groups :]
         self.buffer_since = time.monotonic() if self.buffer else None
         fresh = [d for d in batch if self.staleness(d.message) <= cfg.max_staleness]
-        stale = [d for d in batch if d not in fresh]
+        stale = [d for d in batch if self.staleness(d.message) > cfg.max_staleness]
         if stale:  # the policy moved on while they waited in the buffer
             self.counts.dropped_stale += len(stale)
             await self.bus.ack(stale, GROUP)
