@@ -106,6 +106,8 @@ class LearnerLoop:
             elif self.staleness(message) > self.config.learner.max_staleness:
                 self.counts.dropped_stale += 1
                 done_now.append(delivery)
+            elif (problem := malformed(message)) is not None:
+                await self.bus.dead_letter(delivery, GROUP, problem)
             elif group_advantages(message.rewards) is None:
                 self.counts.skipped_zero_variance += 1
                 done_now.append(delivery)
@@ -169,8 +171,8 @@ class LearnerLoop:
         )
 
     async def commit(self, publish: bool = False) -> None:
-        """Checkpoint (publishing first bumps the version), then ack held entries and write the
-        metrics lines of the steps the checkpoint covers, then announce the new weights."""
+        """Checkpoint (publishing first bumps the version), then ack the held entries the
+        checkpoint covers, then write and announce the new weights."""
         if publish:
             self.trainer.state.policy_version += 1
         await asyncio.to_thread(self.trainer.save_checkpoint)
@@ -304,3 +306,16 @@ def _step_of(line: str) -> int:
         return int(json.loads(line).get("step", 0))
     except (ValueError, AttributeError):
         return 0
+
+
+def malformed(message: ScoredGroup) -> str | None:
+    """Why a scored group cannot be trained on (it is dead-lettered), or None."""
+    from catq.learner.grpo import prepare_batch
+
+    try:
+        prepare_batch([message])
+    except ValueError as exc:
+        return f"malformed scored group: {exc}"
+    if not message.group.prompt_token_ids:
+        return "malformed scored group: no prompt_token_ids"
+    return None

@@ -20,6 +20,7 @@ class FakeBus:
     acked: list[str] = field(default_factory=list)
     published: list = field(default_factory=list)
     version: int = 0
+    dead: list = field(default_factory=list)
 
     async def ack(self, deliveries, group):
         self.acked += [d.entry_id for d in deliveries]
@@ -33,6 +34,9 @@ class FakeBus:
 
     async def last(self, stream, message_type):
         return None
+
+    async def dead_letter(self, delivery, group, error):
+        self.dead.append((delivery.entry_id, error))
 
 
 @dataclass
@@ -81,8 +85,13 @@ async def test_intake_drops_stale_skips_zero_variance_and_already_trained(tmp_pa
         delivery("3-0", [1.0, 1.0], 5),   # zero variance
         delivery("4-0", [1.0, 0.0], 3),   # 2 versions old: kept
         delivery("4-0", [1.0, 0.0], 3),   # redelivery of something held: ignored
+        delivery("5-0", [1.0, 0.0, 0.5], 5),  # fine
     ])
-    assert [d.entry_id for d in lp.buffer] == ["4-0"]
+    bad = delivery("6-0", [1.0, 0.0], 5)
+    bad.message.group.rollouts[0].logprobs.pop()
+    await lp.intake([bad])
+    assert [e for e, _ in lp.bus.dead] == ["6-0"] and "log-probs" in lp.bus.dead[0][1]
+    assert [d.entry_id for d in lp.buffer] == ["4-0", "5-0"]
     assert sorted(lp.bus.acked) == ["1-0", "2-0", "3-0"]
     assert (lp.counts.skipped_trained, lp.counts.dropped_stale, lp.counts.skipped_zero_variance) == (1, 1, 1)
 
