@@ -23,6 +23,8 @@ _TAG = re.compile(r"<(/?)criterion\b[^<>]{0,200}>", re.IGNORECASE)
 _DECLARATION = re.compile(r"<!\s*(?:DOCTYPE|ENTITY)", re.IGNORECASE)
 _INNER_TAG = re.compile(r"<[^<>]{0,200}>")
 _ENTITY = re.compile(r"&(#x[0-9a-fA-F]{1,6}|#[0-9]{1,7}|lt|gt|amp|quot|apos);")
+_PLACEHOLDER = re.compile(r"(?:the response)?\s*(?:\.\.\.|…)?", re.IGNORECASE)
+"""An echo of the prompt's format example ("The response ...") is not a criterion."""
 _PREDEFINED = {"lt": "<", "gt": ">", "amp": "&", "quot": '"', "apos": "'"}
 
 
@@ -41,10 +43,12 @@ def parse_rubric(text: str, min_criteria: int = 5) -> list[str]:
     criteria: list[str] = []
     for raw in _criterion_bodies(text):
         criterion = _clean(raw)
-        if criterion and len(criterion) <= MAX_CRITERION_CHARS and criterion not in criteria:
+        if _PLACEHOLDER.fullmatch(criterion) or len(criterion) > MAX_CRITERION_CHARS:
+            continue
+        if criterion not in criteria:
             criteria.append(criterion)
     if len(criteria) < min_criteria:
-        found = f"{len(criteria)} usable criteria" if criteria else "no <criterion> elements"
+        found = f"{len(criteria)} usable criteria" if criteria else "no usable <criterion> elements"
         raise RubricParseError(f"rubric has {found}, need at least {min_criteria}")
     return criteria[:MAX_CRITERIA]
 

@@ -1,8 +1,10 @@
 """Every teacher prompt, rendered (catq.teacher.prompts)."""
 
+import pytest
+
 from catq.teacher import prompts
 from catq.teacher.estimators import parse_unified_response
-from catq.teacher.rubric import parse_rubric
+from catq.teacher.rubric import RubricParseError, parse_rubric
 
 ROLLOUTS = ["It is \\boxed{4}.", "2+2 = \\boxed{5}", "four"]
 
@@ -45,9 +47,10 @@ def test_rubric_prompt():
 
 
 def test_rubric_prompt_example_is_not_itself_a_valid_rubric():
-    # The two placeholder criteria in the instructions must never pass as a rubric by echo.
+    # The placeholder criteria in the instructions must never pass as a rubric by echo.
     text = text_of(prompts.rubric_messages("Drink water.", 5))
-    assert len(parse_rubric(text, min_criteria=1)) < 5
+    with pytest.raises(RubricParseError, match="no usable <criterion> elements"):
+        parse_rubric(prompts.RUBRIC_PREFIX + text, min_criteria=1)
 
 
 def test_judge_prompts():

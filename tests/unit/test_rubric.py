@@ -57,7 +57,7 @@ def test_unclosed_criterion_followed_by_another_is_dropped():
 def test_too_few_criteria_says_why():
     with pytest.raises(RubricParseError, match="3 usable criteria, need at least 5"):
         parse_rubric(xml(CRITERIA[:3]))
-    with pytest.raises(RubricParseError, match="no <criterion> elements"):
+    with pytest.raises(RubricParseError, match="no usable <criterion> elements"):
         parse_rubric("1. be nice\n2. be short")
     assert parse_rubric(xml(CRITERIA[:3]), min_criteria=3) == CRITERIA[:3]
 
@@ -104,3 +104,8 @@ def test_criteria_count_and_length_are_bounded():
 
 def test_cdata_content_is_kept_without_stray_brackets():
     assert parse_rubric(xml(CRITERIA[:4] + ["<![CDATA[Says a < b]]>"]))[-1] == "Says a b"
+
+
+def test_echoed_format_example_is_not_a_criterion():
+    with pytest.raises(RubricParseError, match="4 usable"):
+        parse_rubric(xml(CRITERIA[:4] + ["The response ...", "...", "The response"]))
