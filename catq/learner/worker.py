@@ -25,7 +25,10 @@ Held entries must not be reclaimed from under the learner: a batch can take minu
 longer than the bus's claim idle time, and a self-reclaim would count as a failed delivery. So
 the learner uses a fixed consumer name and its own bus settings with a very long claim idle time,
 and on start reclaims its previous incarnation's pending entries at once (the one moment a
-short idle time is right: no other learner can be holding them).
+short idle time is right: no other learner can be holding them). Each restart counts as a
+delivery, so an entry held through more than ``bus.max_attempts`` learner crashes is
+dead-lettered by the bus — which also ends a crash loop on a group that kills the learner.
+Groups that cannot be trained on (mismatched lengths) are dead-lettered at intake.
 """
 
 from __future__ import annotations
