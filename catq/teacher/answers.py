@@ -97,9 +97,18 @@ def _stated_answer(text: str) -> str | None:
         rest = text[match.end() :].split("\n", 1)[0]
         rest = re.split(r"\.(?:\s|$)", rest, maxsplit=1)[0]  # "3.5." -> "3.5"
         answer = _clean(rest)
-        if answer:
+        if answer and _looks_like_an_answer(answer):
             return answer
     return None
+
+
+def _looks_like_an_answer(answer: str) -> bool:
+    """Short, and no prose: "The answer is often written as ..." states no answer, and neither
+    does an empty box. At most three words of two or more letters ("no solution" passes)."""
+    if len(answer) > MAX_ANSWER_CHARS or "\\boxed" in answer or "\\fbox" in answer:
+        return False
+    words = re.findall(r"(?<![\\a-zA-Z])[a-zA-Z]{2,}", answer)
+    return len(words) <= 3
 
 
 def _trailing_equation(text: str) -> str | None:
@@ -108,7 +117,7 @@ def _trailing_equation(text: str) -> str | None:
     if "=" not in last_line:
         return None
     answer = _clean(last_line.rsplit("=", 1)[1])
-    return answer if answer and len(answer) <= MAX_ANSWER_CHARS else None
+    return answer if answer and _looks_like_an_answer(answer) else None
 
 
 def _last_number(text: str) -> str | None:

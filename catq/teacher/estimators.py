@@ -64,13 +64,13 @@ _UNIFIED_CLOSE = re.compile(r"</unified_response>", re.IGNORECASE)
 def parse_unified_response(output: str) -> tuple[str, bool]:
     """(s, format_fallback): the text after the last "Unified response:" heading at the start of
     a line (markdown decorations and a ``<unified_response>`` tag accepted); the whole output,
-    flagged, when the heading is missing or nothing follows it. Mid-line mentions do not count:
+    flagged, when the heading is missing or nothing but punctuation follows it. Mid-line mentions do not count:
     small models echo the instructions ('under the heading "Unified response:", write ...')."""
     matches = list(_UNIFIED.finditer(output))
     if matches:
         unified = output[matches[-1].end() :]
         unified = _UNIFIED_CLOSE.split(unified, maxsplit=1)[0].strip()
-        if unified:
+        if re.search(r"\w", unified):  # "Unified response: ..." is a copied template, not s
             return unified, False
     return output.strip(), True
 

@@ -5,7 +5,8 @@
   for ablations). It finds common ground, reconciles contradictions, keeps unique correct
   insights, writes a summary, then one unified response; for math the unified response ends
   with ``\\boxed{}``. The two parts carry fixed headings so the estimator can find the unified
-  response (:data:`SUMMARY_HEADING`, :data:`UNIFIED_HEADING`).
+  response (:data:`SUMMARY_HEADING`, :data:`UNIFIED_HEADING`). There is deliberately no
+  "Summary: ... Unified response: ..." template: SmolLM2-135M copied it verbatim, dots included.
 - :func:`rubric_messages` — the anchor turns the reference into >= N binary, checkable criteria,
   as XML (``<rubric><criterion>...</criterion>...</rubric>``).
 - :func:`judge_messages` — one (rollout, criterion) pair, strict yes/no; :func:`judge_retry_messages`
@@ -64,7 +65,6 @@ def synthesis_messages(
     parts.append(_SYNTHESIS_STEPS.format(summary=SUMMARY_HEADING, unified=UNIFIED_HEADING))
     if task == "math":
         parts.append(_MATH_FORMAT.strip())
-    parts.append(f'Answer in this format:\n{SUMMARY_HEADING} ...\n{UNIFIED_HEADING} ...')
     return [
         {"role": "system", "content": _SYNTHESIS_SYSTEM},
         {"role": "user", "content": "\n\n".join(parts)},

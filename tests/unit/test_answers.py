@@ -23,6 +23,10 @@ EXTRACTION = [
     ("I think there are 3 apples and 5 pears", "5"),
     ("It costs 1,000 dollars", "1,000"),
     ("no numbers here at all", None),
+    ("The answer is often denoted by the symbol +, so 7", "7"),
+    ("\\boxed{} 9 is the answer is \\boxed{} 9", "9"),
+    ("The answer is no solution.", "no solution"),
+    ("so the answer is x = 3 and y = 4", "x = 3 and y = 4"),
     ("", None),
     ("\\boxed{}", None),
 ]

@@ -71,6 +71,10 @@ def test_echoed_instructions_are_not_the_format():
     assert parse_unified_response(output) == (output, True)
 
 
+def test_copied_template_falls_back():
+    assert parse_unified_response("Summary: ...\nUnified response: ...") == ("Summary: ...\nUnified response: ...", True)
+
+
 def test_synthesis_with_empty_unified_section_falls_back():
     assert parse_unified_response("Summary: ok\nUnified response:   ") == ("Summary: ok\nUnified response:", True)
 
