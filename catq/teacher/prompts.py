@@ -43,7 +43,9 @@ _SYNTHESIS_STEPS = """Read all of them, then:
 4. Under the heading "{summary}", write a short summary of this analysis.
 5. Under the heading "{unified}", write one complete, self-contained response that combines the best of them. Do not mention the other responses in it."""
 
-_MATH_FORMAT = "\nThe unified response must end with the final answer in \\boxed{}, e.g. \\boxed{42}."
+_MATH_FORMAT = "The unified response must end with its final answer written inside \\boxed{}."
+# No concrete example such as \boxed{42}: a model that echoes the prompt would make it the
+# reference answer of every problem (measured on SmolLM2-135M).
 
 
 def _numbered_responses(rollouts: list[str]) -> str:
@@ -64,7 +66,7 @@ def synthesis_messages(
     parts.append(_numbered_responses(rollouts))
     parts.append(_SYNTHESIS_STEPS.format(summary=SUMMARY_HEADING, unified=UNIFIED_HEADING))
     if task == "math":
-        parts.append(_MATH_FORMAT.strip())
+        parts.append(_MATH_FORMAT)
     return [
         {"role": "system", "content": _SYNTHESIS_SYSTEM},
         {"role": "user", "content": "\n\n".join(parts)},

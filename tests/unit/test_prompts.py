@@ -3,6 +3,7 @@
 import pytest
 
 from catq.teacher import prompts
+from catq.teacher.answers import last_boxed
 from catq.teacher.estimators import parse_unified_response
 from catq.teacher.rubric import RubricParseError, parse_rubric
 
@@ -24,6 +25,7 @@ def test_synthesis_prompt_for_math():
                  prompts.UNIFIED_HEADING, "\\boxed{}"):
         assert step in text
     assert "request was" not in text
+    assert last_boxed(text.replace(ROLLOUTS[0], "").replace(ROLLOUTS[1], "")) is None  # no example answer to echo
 
 
 def test_synthesis_prompt_for_open_has_no_box_and_can_include_the_question():
