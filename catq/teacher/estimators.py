@@ -85,8 +85,15 @@ def reference_final_answer(reference: str, anchor_output: str) -> str | None:
 
 
 def synthesis_reference(output: str, task: str) -> Reference:
+    """s from the anchor's output. Without the format, only a boxed answer counts: the last
+    number of unformatted output (often the anchor echoing its numbered instructions) would be
+    a made-up reference answer; None gives the group no signal instead."""
     reference, fallback = parse_unified_response(output)
-    answer = reference_final_answer(reference, output) if task == "math" else None
+    answer = None
+    if task == "math":
+        boxed = last_boxed(output)
+        answer = reference_final_answer(reference, output) if not fallback else (
+            final_answer("\\boxed{" + boxed + "}") if boxed is not None else None)
     return Reference(reference, "synthesis", output, fallback, reference_answer=answer)
 
 

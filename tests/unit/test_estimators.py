@@ -75,6 +75,11 @@ def test_copied_template_falls_back():
     assert parse_unified_response("Summary: ...\nUnified response: ...") == ("Summary: ...\nUnified response: ...", True)
 
 
+def test_unformatted_output_without_a_box_has_no_reference_answer():
+    ref = synthesis_reference("Summary:\n1. Find the common ground.\n2. Reconcile.\n3. Keep", "math")
+    assert ref.format_fallback and ref.reference_answer is None
+
+
 def test_synthesis_with_empty_unified_section_falls_back():
     assert parse_unified_response("Summary: ok\nUnified response:   ") == ("Summary: ok\nUnified response:", True)
 
