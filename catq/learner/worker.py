@@ -119,6 +119,7 @@ class LearnerLoop:
                 known.add(delivery.entry_id)
         if done_now:
             await self.bus.ack(done_now, GROUP)
+            self.log.info("groups set aside", buffered=len(self.buffer), **self.counts.as_dict())
         if self.buffer and self.buffer_since is None:
             self.buffer_since = time.monotonic()
 
