@@ -15,8 +15,8 @@ number of groups produced but not yet consumed by the learner, measured in learn
 ahead. Rollout stops pulling prompts while that backlog reaches ``max_staleness + 1`` versions
 (the +1 lets a full batch be in flight even with ``max_staleness = 0``). The backlog is the
 unconsumed (lag + pending) entries of the anchor group on ``groups``, the judge group on
-``references`` and the learner group on ``scored``; before the learner has read ``scored`` for
-the first time its part counts as 0. Separately, it stops while the policy engine's weights are
+``references`` and the learner group on ``scored`` (a whole stream while its group does not
+exist yet; ``scored`` not at all when the config runs no learner). Separately, it stops while the policy engine's weights are
 more than ``max_staleness`` versions behind the learner's (its groups would be dropped as stale),
 until the syncer has updated the engine.
 """
@@ -64,14 +64,20 @@ class BackpressureState:
         return None
 
 
-async def pipeline_backlog(bus) -> int:
-    """Groups produced by rollout and not yet consumed by the learner (see module docstring)."""
-    stats = await bus.stats(tuple(stream for stream, _ in PIPELINE_GROUPS))
+async def pipeline_backlog(bus, *, with_learner: bool = True) -> int:
+    """Groups produced by rollout and not yet consumed by the learner (see module docstring).
+    A stage whose consumer group does not exist yet has consumed nothing: its whole stream
+    counts (pipeline streams are not trimmed before their group exists). Without a learner
+    (``with_learner=False``: CaT for inference only) ``scored`` is not a backlog."""
+    stages = PIPELINE_GROUPS if with_learner else PIPELINE_GROUPS[:-1]
+    stats = await bus.stats(tuple(stream for stream, _ in stages))
     total = 0
-    for stream, group in PIPELINE_GROUPS:
-        for info in stats[stream]["groups"]:
-            if info["group"] == group:
-                total += int(info["pending"]) + int(info["lag"] or 0)
+    for stream, group in stages:
+        infos = [g for g in stats[stream]["groups"] if g["group"] == group]
+        if infos:
+            total += int(infos[0]["pending"]) + int(infos[0]["lag"] or 0)
+        else:
+            total += int(stats[stream]["length"])
     return total
 
 
@@ -111,7 +117,8 @@ class Backpressure:
         if learner_version - engine_version > self.max_staleness:  # maybe synced since: ask
             engine_version = min(await self.engine_versions())
             self.last_engine_version = engine_version
-        return BackpressureState(await pipeline_backlog(self.ctx.bus), learner_version, engine_version)
+        backlog = await pipeline_backlog(self.ctx.bus, with_learner=self.ctx.config.roles.learner > 0)
+        return BackpressureState(backlog, learner_version, engine_version)
 
 
 class RolloutHandler:
