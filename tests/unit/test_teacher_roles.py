@@ -226,3 +226,25 @@ async def test_rollout_dead_letters_a_prompt_the_engine_refuses():
 
     with pytest.raises(EngineError):  # left pending for a retry, not dead-lettered
         await RolloutHandler(ctx, [Failing([])], FakeTokenizer()).handle(prompt())
+
+
+async def test_openai_judge_endpoint(monkeypatch):
+    from catq.teacher.chat import OpenAIChat, judge_chat
+
+    monkeypatch.setenv("MY_JUDGE_KEY", "secret")
+    ctx = make_ctx(engines={"judge_api": "openai", "judge_url": "http://judge", "judge_model": "gpt-x",
+                            "judge_api_key_env": "MY_JUDGE_KEY"})
+    chat = judge_chat(ctx.config)
+    assert isinstance(chat, OpenAIChat) and chat.client.model == "gpt-x"
+    assert chat.sampling.temperature == 0.0 and chat.sampling.max_new_tokens == ctx.config.judge.max_new_tokens
+    calls = []
+
+    async def complete(messages, *, max_tokens, temperature, n=1):
+        calls.append((max_tokens, temperature))
+        return ["yes"]
+
+    chat.client.complete = complete
+    assert await chat([{"role": "user", "content": "?"}]) == "yes" and calls == [(8, 0.0)]
+    with pytest.raises(ValueError):
+        await chat([{"role": "user", "content": "?"}], prefix="x")
+    await chat.close()
