@@ -77,6 +77,8 @@ def prepare_default_model(cache_dir: str | None = None, force: bool = False) -> 
     try:
         convert_gguf(gguf, staging)
         _make_readable(staging)
+        if _is_hf_dir(target) and not force:  # another process finished first: keep its copy
+            return target
         if target.exists():
             shutil.rmtree(target)
         try:

@@ -93,6 +93,10 @@ class Scheduler:
                 self._abort(seq, "client disconnected")
             raise
 
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
     def pause(self) -> None:
         self._paused = True
 

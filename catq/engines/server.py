@@ -236,7 +236,7 @@ class Engine:
 
     async def health_generate(self, request: web.Request) -> web.Response:
         stats = self.scheduler.snapshot()
-        if stats["num_running"] or stats["num_waiting"] or self.scheduler._paused:
+        if stats["num_running"] or stats["num_waiting"] or self.scheduler.paused:
             return web.Response(status=200)  # busy or paused on purpose: alive
         seq = Sequence([self.tokenizer.eos_token_id or 0], SamplingParams(max_new_tokens=1, temperature=0))
         self.gen.admit(seq)

@@ -41,13 +41,14 @@ def free_port() -> int:
 
 class EngineProcess:
     def __init__(self, model: str = "default", *, weights_dir: str | Path | None = None,
-                 port: int | None = None, max_batch: int = 64, extra_args: list[str] | None = None,
+                 port: int | None = None, max_batch: int = 64, device: str = "cpu", extra_args: list[str] | None = None,
                  startup_timeout_s: float = 240.0, env: dict[str, str] | None = None):
         self.model = model
         self.weights_dir = Path(weights_dir) if weights_dir else None
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.max_batch = max_batch
+        self.device = device
         self.extra_args = extra_args or []
         self.startup_timeout_s = startup_timeout_s
         self.env = env or {}
@@ -56,7 +57,7 @@ class EngineProcess:
 
     def start(self) -> EngineProcess:
         args = [sys.executable, "-m", "catq", "engine", "--model", self.model, "--port", str(self.port),
-                "--device", "cpu", "--max-batch", str(self.max_batch), *self.extra_args]
+                "--device", self.device, "--max-batch", str(self.max_batch), *self.extra_args]
         if self.weights_dir is not None:
             self.weights_dir.mkdir(parents=True, exist_ok=True)
             args += ["--weights-dir", str(self.weights_dir)]
