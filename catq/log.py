@@ -36,7 +36,9 @@ def setup_logging(role: str, worker_id: str | None = None, level: str | None = N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level_name, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        # No file argument: print to whatever sys.stdout is at write time, so a logger set up
+        # before stdout is swapped (tests capture it) never writes to a closed file.
+        logger_factory=structlog.PrintLoggerFactory(),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()

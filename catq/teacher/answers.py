@@ -81,14 +81,17 @@ def _matching_braces(text: str) -> dict[int, int]:
     return closing
 
 
-def final_answer(text: str) -> str | None:
-    """The final answer of a response, or None when it has none (see the module docstring)."""
+def final_answer(text: str, *, last_number: bool = True) -> str | None:
+    """The final answer of a response, or None when it has none (see the module docstring).
+    ``last_number=False`` drops the weakest fallback, for text that may echo numbered
+    instructions (an unformatted anchor output)."""
     if not text or not text.strip():
         return None
     boxed = last_boxed(text)
     if boxed is not None:
         return _clean(boxed)
-    return _stated_answer(text) or _trailing_equation(text) or _last_number(text)
+    stated = _stated_answer(text) or _trailing_equation(text)
+    return stated or (_last_number(text) if last_number else None)
 
 
 def _stated_answer(text: str) -> str | None:

@@ -85,15 +85,15 @@ def reference_final_answer(reference: str, anchor_output: str) -> str | None:
 
 
 def synthesis_reference(output: str, task: str) -> Reference:
-    """s from the anchor's output. Without the format, only a boxed answer counts: the last
-    number of unformatted output (often the anchor echoing its numbered instructions) would be
-    a made-up reference answer; None gives the group no signal instead."""
+    """s from the anchor's output. Without the format, s is the whole output and its answer is a
+    box, a stated answer ("the answer is 5") or a closing equation ("3 + 2 = 5"), but never just
+    its last number: unformatted output often echoes the numbered instructions, whose last number
+    would be a made-up reference answer; None gives the group no signal instead."""
     reference, fallback = parse_unified_response(output)
     answer = None
     if task == "math":
-        boxed = last_boxed(output)
-        answer = reference_final_answer(reference, output) if not fallback else (
-            final_answer("\\boxed{" + boxed + "}") if boxed is not None else None)
+        answer = (final_answer(output, last_number=False) if fallback
+                  else reference_final_answer(reference, output))
     return Reference(reference, "synthesis", output, fallback, reference_answer=answer)
 
 

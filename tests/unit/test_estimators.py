@@ -80,6 +80,15 @@ def test_unformatted_output_without_a_box_has_no_reference_answer():
     assert ref.format_fallback and ref.reference_answer is None
 
 
+@pytest.mark.parametrize("output, answer", [
+    ("Summary: The answer is 5.", "5"),
+    ("Summary: They all compute it.\n3 + 2 = 5", "5"),
+])
+def test_unformatted_output_with_a_stated_answer_has_that_reference_answer(output, answer):
+    ref = synthesis_reference(output, "math")
+    assert ref.format_fallback and ref.reference_answer == answer
+
+
 def test_synthesis_with_empty_unified_section_falls_back():
     assert parse_unified_response("Summary: ok\nUnified response:   ") == ("Summary: ok\nUnified response:", True)
 
