@@ -108,8 +108,7 @@ def main() -> None:
         "learner step (KL)": lambda: grpo.train_step(policy, optimizer, batch, step_cfg, anchor=anchor),
         "learner step (no KL)": lambda: grpo.train_step(policy, optimizer, batch, no_kl, anchor=None),
     }
-    for fn in phases.values():  # warm-up: allocator, AdamW state
-        fn()
+    phases["learner step (KL)"]()  # warm-up: allocator, AdamW state, anchor
     times: dict[str, list[float]] = {name: [] for name in phases}
     names = list(phases)
     for round_index in range(args.rounds):  # rotate the order so no phase always runs first
