@@ -39,7 +39,8 @@ def _quiet_logging() -> None:
     structlog.configure(
         processors=[structlog.processors.add_log_level, structlog.dev.ConsoleRenderer(colors=False)],
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # sys.stderr looked up per logger, not bound once: tests swap and close it.
+        logger_factory=lambda *_: structlog.PrintLogger(file=sys.stderr),
     )
 
 
