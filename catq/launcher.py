@@ -117,13 +117,20 @@ class Stack:
         for spec in self.config.engines.launch:
             if spec.kind == "external":
                 continue
-            child = Child(f"engine.{spec.name}", self._engine_argv(spec), self._child_env(),
+            child = Child(f"engine.{spec.name}", self._engine_argv(spec), self._engine_env(spec),
                           max_restarts=self.max_restarts)
             self.engines.append(child)
             await self._spawn(child)
         for spec in self.config.engines.launch:
             await wait_until(lambda s=spec: engine_healthy(s.url), self.health_timeout_s,
                              f"engine {spec.name} at {spec.url}", self._engine_died)
+
+    def _engine_env(self, spec: EngineSpec) -> dict[str, str]:
+        env = self._child_env()
+        if spec.kind == "sglang":
+            # Behaviour log-probs of the raw distribution (no temperature), as the learner computes.
+            env["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
+        return env
 
     def _engine_argv(self, spec: EngineSpec) -> list[str]:
         if spec.kind == "sglang":
