@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -189,51 +190,56 @@ def model_info_version(url: str) -> str | None:
         return json.loads(response.read()).get("weight_version")
 
 
-def test_up_runs_every_role_trains_publishes_and_stops_cleanly(tmp_path, redis_url, run_name):
+@dataclass
+class RunningStack:
+    config: Path
+    settings: Config
+    policy_url: str
+    log: Path
+    proc: subprocess.Popen
+    children: dict[int, str]
+    """The supervisor's children when the stack came up (role and engine processes)."""
+
+
+@pytest.fixture
+def stack(tmp_path, redis_url, run_name):
+    """`catq up` on a small config, up and healthy; stopped with SIGTERM afterwards, which must
+    leave no child behind."""
     config, policy_url = write_config(tmp_path, run_name, redis_url)
-    settings = load_config(config)
     log = tmp_path / "up.log"
     proc = start_up(config, log)
     children: dict[int, str] = {}
     try:
         wait_for(lambda: "is up" in log.read_text(), 600, "the stack to be up", proc)
         children = child_pids(proc.pid)
-        roles = " ".join(children.values())
-        for role in ("ingest", "rollout", "anchor", "judge", "learner", "syncer"):
-            assert f"worker {role}" in roles, f"no {role} child in {roles}"
-        ids = submit(config, run_name)
-        wait_for(lambda: len(scored_prompt_ids(settings)) >= len(ids), 400,
-                 "every prompt to be scored", proc)
-        assert sorted(scored_prompt_ids(settings)) == sorted(ids), "each prompt scored exactly once"
-        for prompt_id, result in zip(ids, results_of(settings, ids)):
-            assert result and result.get("cat_answer") is not None, f"no result for {prompt_id}"
-            assert len(result["rewards"]) == 4
-        wait_for(lambda: list(settings.weights_dir.glob("v*")), 300, "a published version", proc)
-        wait_for(lambda: model_info_version(policy_url) not in (None, "default", "0"), 120,
-                 "the policy engine to serve the new version", proc)
-        assert dead_count(settings) == 0
+        yield RunningStack(config, load_config(config), policy_url, log, proc, children)
     finally:
-        children = children or child_pids(proc.pid)
-        stop_up(proc, children)
+        stop_up(proc, {**children, **child_pids(proc.pid)})
 
 
-def test_up_restarts_a_killed_child_and_completes_every_prompt_once(tmp_path, redis_url, run_name):
-    config, _ = write_config(tmp_path, run_name, redis_url)
-    settings = load_config(config)
-    log = tmp_path / "up.log"
-    proc = start_up(config, log)
-    children: dict[int, str] = {}
-    try:
-        wait_for(lambda: "is up" in log.read_text(), 600, "the stack to be up", proc)
-        children = child_pids(proc.pid)
-        ids = submit(config, run_name)
-        anchor_pid = next(pid for pid, cmd in children.items() if "worker anchor" in cmd)
-        os.kill(anchor_pid, signal.SIGKILL)
-        wait_for(lambda: "anchor.0 exited" in log.read_text(), 30, "the death to be reported", proc)
-        wait_for(lambda: len(scored_prompt_ids(settings)) >= len(ids), 400,
-                 "every prompt to be scored", proc)
-        assert sorted(scored_prompt_ids(settings)) == sorted(ids), "each prompt scored exactly once"
-        assert "restarting" in log.read_text()
-    finally:
-        children = child_pids(proc.pid) or children
-        stop_up(proc, children)
+def test_up_runs_every_role_trains_publishes_and_stops_cleanly(stack, run_name):
+    roles = " ".join(stack.children.values())
+    for role in ("ingest", "rollout", "anchor", "judge", "learner", "syncer"):
+        assert f"worker {role}" in roles, f"no {role} child in {roles}"
+    ids = submit(stack.config, run_name)
+    settings, proc = stack.settings, stack.proc
+    wait_for(lambda: len(scored_prompt_ids(settings)) >= len(ids), 400, "every prompt to be scored", proc)
+    assert sorted(scored_prompt_ids(settings)) == sorted(ids), "each prompt scored exactly once"
+    for prompt_id, result in zip(ids, results_of(settings, ids)):
+        assert result and result.get("cat_answer") is not None, f"no result for {prompt_id}"
+        assert len(result["rewards"]) == 4
+    wait_for(lambda: list(settings.weights_dir.glob("v*")), 300, "a published version", proc)
+    wait_for(lambda: model_info_version(stack.policy_url) not in (None, "default", "0"), 120,
+             "the policy engine to serve the new version", proc)
+    assert dead_count(settings) == 0
+
+
+def test_up_restarts_a_killed_child_and_completes_every_prompt_once(stack, run_name):
+    ids = submit(stack.config, run_name)
+    anchor_pid = next(pid for pid, cmd in stack.children.items() if "worker anchor" in cmd)
+    os.kill(anchor_pid, signal.SIGKILL)
+    wait_for(lambda: "anchor.0 exited" in stack.log.read_text(), 30, "the death to be reported", stack.proc)
+    wait_for(lambda: len(scored_prompt_ids(stack.settings)) >= len(ids), 400,
+             "every prompt to be scored", stack.proc)
+    assert sorted(scored_prompt_ids(stack.settings)) == sorted(ids), "each prompt scored exactly once"
+    assert "restarting" in stack.log.read_text()
