@@ -45,8 +45,9 @@ class AnchorHandler:
                 rubric, _ = await propose_rubric(self.anchor, ref.reference, min_criteria=config.rubric_min_criteria,
                                                  attempts=config.rubric_attempts, question=question)
             except RubricParseError as exc:
-                await self.ctx.results.update(prompt.prompt_id, status="dead", error=str(exc),
-                                              cat_answer=ref.reference)
+                # The reference is still an answer worth serving; the runtime marks the result
+                # "dead" with the reason when the group is dead-lettered.
+                await self.ctx.results.update(prompt.prompt_id, cat_answer=ref.reference)
                 raise DeadLetterError(str(exc)) from exc
         referenced = ReferencedGroup(
             group, ref.reference, ref.estimator, ref.anchor_output, format_fallback=ref.format_fallback,

@@ -162,9 +162,7 @@ class RolloutHandler:
             )
         except EngineError as exc:
             if exc.status is not None and 400 <= exc.status < 500:  # this prompt can never work
-                reason = f"policy engine refused the prompt: {exc}"
-                await self.ctx.results.update(prompt.prompt_id, status="dead", error=reason)
-                raise DeadLetterError(reason) from exc
+                raise DeadLetterError(f"policy engine refused the prompt: {exc}") from exc
             raise
         rollouts = [
             Rollout(c.text, list(c.output_ids), list(c.logprobs or []), c.finish_reason) for c in completions

@@ -156,7 +156,7 @@ async def test_anchor_open_rubric_retried_then_dead_lettered():
     assert [t for _, t in anchor.calls] == [None, None, 0.7]  # synthesis, rubric, rubric retry
     with pytest.raises(DeadLetterError, match="no valid rubric after 2 attempts"):
         await AnchorHandler(ctx, FakeChat(["Unified response: x", "nope"])).handle(group)
-    assert ctx.results.fields["p1"]["status"] == "dead"
+    assert ctx.results.fields["p1"]["cat_answer"] == "x"  # the runtime marks it dead
 
 
 async def test_judge_open_and_math():
@@ -218,7 +218,6 @@ async def test_rollout_dead_letters_a_prompt_the_engine_refuses():
     ctx = make_ctx()
     with pytest.raises(DeadLetterError, match="prompt too long"):
         await RolloutHandler(ctx, [Refusing([])], FakeTokenizer()).handle(prompt())
-    assert ctx.results.fields["p1"]["status"] == "dead"
 
     class Failing(FakeEngine):
         async def generate(self, ids, **kwargs):
