@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from tests.helpers.engine_proc import free_port  # noqa: F401  (re-exported for the tests here)
 
 ROOT = Path(__file__).resolve().parents[2]
 BUS_WORKER = Path(__file__).with_name("bus_worker.py")
@@ -48,7 +49,3 @@ async def wait_for(predicate, timeout: float = 15, interval: float = 0.05, what:
         await asyncio.sleep(interval)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

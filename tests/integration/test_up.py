@@ -26,19 +26,12 @@ from catq.bus import Bus
 from catq.config import Config, load_config
 from catq.messages import ScoredGroup
 from catq.results import ResultStore
+from tests.helpers.engine_proc import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PROMPTS = ["What is 2 + 3?", "What is 4 * 2?", "What is 6 + 1?", "What is 3 * 3?",
            "What is 7 + 8?", "What is 6 * 7?"]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(tmp_path: Path, run: str, redis_url: str) -> tuple[Path, str]:
