@@ -105,10 +105,17 @@ def _stated_answer(text: str) -> str | None:
     return None
 
 
+_VERDICT_WORDS = {"correct", "incorrect", "right", "wrong", "valid", "invalid"}
+"""'Your answer is correct' grades an answer; it does not state one."""
+
+
 def _looks_like_an_answer(answer: str) -> bool:
     """Short, and no prose: "The answer is often written as ..." states no answer, and neither
-    does an empty box. At most three words of two or more letters ("no solution" passes)."""
+    does an empty box or a verdict ("the answer is correct"). At most three words of two or
+    more letters ("no solution" passes)."""
     if len(answer) > MAX_ANSWER_CHARS or "\\boxed" in answer or "\\fbox" in answer:
+        return False
+    if answer.lower().strip(" ,;:!.") in _VERDICT_WORDS:
         return False
     words = re.findall(r"(?<![\\a-zA-Z])[a-zA-Z]{2,}", answer)
     return len(words) <= 3

@@ -26,6 +26,7 @@ EXTRACTION = [
     ("The answer is often denoted by the symbol +, so 7", "7"),
     ("\\boxed{} 9 is the answer is \\boxed{} 9", "9"),
     ("The answer is no solution.", "no solution"),
+    ("2 * 8 = 16\n\nYour answer is correct, but check it", "16"),
     ("so the answer is x = 3 and y = 4", "x = 3 and y = 4"),
     ("", None),
     ("\\boxed{}", None),
