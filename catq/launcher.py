@@ -304,14 +304,25 @@ async def wait_until(check, timeout_s: float, what: str, failed=None) -> None:
 
 
 async def run_until_signalled(stack: Stack) -> None:
+    """Bring the stack up and keep it until SIGINT/SIGTERM, which also cuts a slow start short."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with stack:
-        stack._say(f"run {stack.config.run!r} is up; Ctrl-C stops it")
-        await stop.wait()
+    starting = asyncio.create_task(stack.start())
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # a failed start raises here
+            stack._say(f"run {stack.config.run!r} is up; Ctrl-C stops it")
+            await stopping
         stack._say("stopping")
+    finally:
+        for task in (starting, stopping):
+            task.cancel()
+        await asyncio.gather(starting, stopping, return_exceptions=True)
+        await stack.stop()
     stack._say("stopped")
 
 
