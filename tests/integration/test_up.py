@@ -236,3 +236,14 @@ def test_up_restarts_a_killed_child_and_completes_every_prompt_once(stack, run_n
              "every prompt to be scored", stack.proc)
     assert sorted(scored_prompt_ids(stack.settings)) == sorted(ids), "each prompt scored exactly once"
     assert "restarting" in stack.log.read_text()
+
+
+def test_sigterm_during_start_stops_what_was_started(tmp_path, redis_url, run_name):
+    config, _ = write_config(tmp_path, run_name, redis_url)
+    log = tmp_path / "up.log"
+    proc = start_up(config, log)
+    wait_for(lambda: len(child_pids(proc.pid)) >= 2, 60, "the engines to be spawned", proc)
+    children = child_pids(proc.pid)
+    assert "is up" not in log.read_text()  # still loading the model
+    stop_up(proc, children)
+    assert proc.returncode == 0 and "stopped" in log.read_text()
