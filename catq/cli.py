@@ -7,6 +7,7 @@ subcommand runs, so `catq status` never loads torch.
     catq worker ROLE          catq health ROLE
     catq engine --model PATH|default [--host H] [--port P] [--weights-dir DIR]
     catq model prepare        catq up [--config F]        catq demo
+    catq eval --data FILE|NAME [--group-size G] [--estimators ...] [--versions 0,latest] [--out DIR]
 """
 
 from __future__ import annotations
@@ -77,6 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="run engines, Redis and every role on this machine")
     _common(p)
     p.set_defaults(target="catq.launcher:up_command")
+
+    p = sub.add_parser("eval", help="measure references and policy versions against known answers")
+    _common(p)
+    p.add_argument("--data", help="JSONL of problems with answers, or a bundled set: single_digit, "
+                                  "two_digit_add, two_digit_mul, word, demo")
+    p.add_argument("--group-size", type=int, help="G rollouts per prompt (default: the config's)")
+    p.add_argument("--estimators", default="synthesis,majority,self_bon,min_ppl",
+                   help="comma-separated (default: all four)")
+    p.add_argument("--versions", help="policy versions: 0, latest, numbers of the run, or weight "
+                                      "directories, comma-separated (default 0)")
+    p.add_argument("--limit", type=int, help="first N problems only")
+    p.add_argument("--out", help="output directory (default <run_dir>/eval-<time>)")
+    p.add_argument("--concurrency", type=int, default=8, help="prompts in flight (default 8)")
+    p.add_argument("--use-stack", action="store_true",
+                   help="use the engines of a running stack (the config's URLs) instead of starting them")
+    p.add_argument("--plot", action="store_true", help="also draw the run's training curves (metrics.jsonl)")
+    p.set_defaults(target="catq.evaluation.command:eval_command")
 
     p = sub.add_parser("demo", help="the out-of-the-box CPU demo: CaT on bundled prompts")
     _common(p)

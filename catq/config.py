@@ -178,6 +178,9 @@ class LearnerConfig(Section):
     device: str = "auto"
     """"auto" (CUDA when present, else CPU), "cpu" or "cuda"."""
     seed: int = 0
+    tensorboard: bool = False
+    """Also write the step metrics to <run_dir>/tb/ (needs the `tensorboard` extra:
+    pip install -e '.[tensorboard]')."""
 
 
 class RolesConfig(Section):

@@ -280,13 +280,15 @@ def train_step(
     """One GRPO optimizer step over ``batch`` with gradient accumulation over micro-batches of
     ``cfg.micro_batch_rollouts`` rollouts. The loss is the mean over every completion token of
     the batch, so accumulation gives exactly the full-batch gradient. Returns step metrics;
-    takes no step (``"updated": False``) when no sample carries signal."""
+    takes no step (``"updated": False``, with ``kl`` and ``clip_frac`` 0.0 so every step's
+    metrics carry them) when no sample carries signal."""
     started = time.perf_counter()
     metrics = _reward_metrics(batch)
     samples = batch.samples
     total_tokens = sum(len(s.completion_ids) for s in samples)
     if total_tokens == 0:
-        return {**metrics, "updated": False, "tokens": 0, "step_time_s": time.perf_counter() - started}
+        return {**metrics, "updated": False, "kl": 0.0, "clip_frac": 0.0, "tokens": 0,
+                "step_time_s": time.perf_counter() - started}
     device = next(policy.parameters()).device
     policy.train()
     optimizer.zero_grad(set_to_none=True)

@@ -78,14 +78,14 @@ class Trainer:
         return cached[1]
 
     def train(self, groups: list[ScoredGroup], entry_ids: list[str]) -> dict:
-        """One optimizer step on ``groups``; records them as trained. Returns the step's metrics."""
+        """One optimizer step on ``groups``; records them as trained. Returns the step's metrics
+        (the worker adds ``policy_version``: only it knows whether this step publishes)."""
         batch = grpo.prepare_batch(groups)
         metrics = grpo.train_step(self.policy, self.optimizer, batch, self.step_config, anchor=self.anchor)
         self.state.step += 1
         self.state.groups_trained += batch.groups_used
         self.state.add_trained(entry_ids)
-        return {"step": self.state.step, "policy_version": self.state.policy_version,
-                "time": time.time(), **metrics}
+        return {"step": self.state.step, "time": time.time(), **metrics}
 
     def save_checkpoint(self) -> Path:
         return checkpoint.save_checkpoint(

@@ -29,6 +29,28 @@ short idle time is right: no other learner can be holding them). Each restart co
 delivery, so an entry held through more than ``bus.max_attempts`` learner crashes is
 dead-lettered by the bus — which also ends a crash loop on a group that kills the learner.
 Groups that cannot be trained on (mismatched lengths) are dead-lettered at intake.
+
+Each ``metrics.jsonl`` line is one optimizer step; ``catq eval --run RUN --plot`` draws the
+training curves from these keys (with ``learner.tensorboard`` the numeric ones are also written
+to ``<run_dir>/tb/``, :mod:`catq.learner.tensorboard`):
+
+- ``step``: optimizer steps taken, this one included.
+- ``policy_version``: the version the weights carry after this step: the new version when the
+  step publishes, else the last published one (which rollouts sample from; the weights already
+  hold this step's unpublished update).
+- ``time``: unix time the step finished. ``elapsed_s``: seconds since this learner process
+  started (its LearnerLoop was made); a restarted learner counts from 0 again, so use ``time``
+  for a curve across restarts.
+- ``reward_mean``, ``kl``, ``clip_frac`` and the rest of :func:`catq.learner.grpo.train_step`'s
+  metrics; ``kl`` and ``clip_frac`` are 0.0 on a step that took no update.
+- ``signal_frac``: of the groups that reached the learner since the last line (this batch, plus
+  zero-variance groups set aside at intake; stale and already-trained groups not counted), the
+  fraction with signal: ``groups_used / (groups_used + groups_skipped +
+  groups_skipped_zero_variance)``.
+- ``reference_present_frac``: of those same groups, the fraction whose reference had a final
+  answer (:func:`has_reference`).
+- ``staleness`` (histogram: versions behind -> groups), the ``groups_*`` counts of
+  :class:`Counts`, and ``entry_ids``.
 """
 
 from __future__ import annotations
@@ -44,6 +66,7 @@ from pathlib import Path
 import structlog
 
 from catq.config import BusConfig, Config
+from catq.learner.tensorboard import TensorBoardLog
 from catq.log import default_worker_id, setup_logging
 from catq.messages import ScoredGroup
 
@@ -63,6 +86,8 @@ class Counts:
 
     dropped_stale: int = 0
     skipped_zero_variance: int = 0
+    zero_variance_with_reference: int = 0
+    """Of ``skipped_zero_variance``, those whose reference had a final answer."""
     skipped_trained: int = 0
 
     def as_dict(self) -> dict:
@@ -88,6 +113,18 @@ class LearnerLoop:
     """Deliveries trained into the current weights but not yet checkpointed (not acked)."""
     counts: Counts = field(default_factory=Counts)
     buffer_since: float | None = None
+    started: float = field(default_factory=time.monotonic)
+    """Monotonic time this loop was made: ``elapsed_s`` counts from here."""
+    tensorboard: TensorBoardLog | None = None
+    """Mirror of the metrics lines; opened from ``learner.tensorboard`` when not given."""
+
+    def __post_init__(self) -> None:
+        if self.tensorboard is None:
+            self.tensorboard = TensorBoardLog.open(self.config)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     @property
     def known_ids(self) -> set[str]:
@@ -113,6 +150,7 @@ class LearnerLoop:
                 await self.bus.dead_letter(delivery, GROUP, problem)
             elif group_advantages(message.rewards) is None:
                 self.counts.skipped_zero_variance += 1
+                self.counts.zero_variance_with_reference += has_reference(message)
                 done_now.append(delivery)
             else:
                 self.buffer.append(delivery)
@@ -150,15 +188,10 @@ class LearnerLoop:
             self.trainer.train, [d.message for d in fresh], [d.entry_id for d in fresh]
         )
         self.held.extend(fresh)
-        line = {
-            **metrics,
-            "staleness": dict(sorted(histogram.items(), key=lambda kv: int(kv[0]))),
-            **self.counts.as_dict(),
-            "entry_ids": [d.entry_id for d in fresh],
-        }
+        publish = self.trainer.state.step % cfg.publish_every == 0
+        line = self.metrics_line(metrics, fresh, histogram, publish)
         self.counts = Counts()
         self.write_metrics(line)
-        publish = self.trainer.state.step % cfg.publish_every == 0
         if publish or self.trainer.state.step % cfg.checkpoint_every == 0:
             await self.commit(publish=publish)
         self.log.info(
@@ -173,6 +206,19 @@ class LearnerLoop:
             tokens_per_s=round(line.get("tokens_per_s", 0.0), 1),
             step_s=round(line["step_time_s"], 2),
         )
+
+    def metrics_line(self, metrics: dict, fresh: list, histogram: Counter, publish: bool) -> dict:
+        """The step's metrics.jsonl line (keys: see the module docstring)."""
+        messages = [d.message for d in fresh]
+        return {
+            **metrics,
+            "policy_version": self.trainer.state.policy_version + int(publish),
+            "elapsed_s": time.monotonic() - self.started,
+            **group_fractions(metrics, messages, self.counts),
+            "staleness": dict(sorted(histogram.items(), key=lambda kv: int(kv[0]))),
+            **self.counts.as_dict(),
+            "entry_ids": [d.entry_id for d in fresh],
+        }
 
     async def commit(self, publish: bool = False) -> None:
         """Checkpoint (publishing first bumps the version), then ack the held entries the
@@ -217,6 +263,8 @@ class LearnerLoop:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as fh:
             fh.write(json.dumps(line, sort_keys=True) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(line)
 
     def forget_lost_steps(self) -> int:
         """Drop metrics lines of steps newer than the restored checkpoint: those updates died
@@ -265,19 +313,23 @@ class LearnerLoop:
         return self.config.bus.model_copy(update={"claim_idle_ms": claim_idle_ms})
 
     async def run(self, stop: asyncio.Event) -> None:
-        dropped = self.forget_lost_steps()
-        if dropped:
-            self.log.info("metrics of uncheckpointed steps dropped; they will be redone", lines=dropped)
-        await self.ensure_announced()
-        await self.reclaim_previous()
-        max_steps = self.config.learner.max_steps
-        while not stop.is_set() and self.trainer.state.step < max_steps:
-            if self.batch_ready():
-                await self.step()
-                continue
-            await self.intake(await self.read(self.bus))
-        if self.held:
-            await self.commit(publish=False)
+        try:
+            dropped = self.forget_lost_steps()
+            if dropped:
+                self.log.info("metrics of uncheckpointed steps dropped; they will be redone",
+                              lines=dropped)
+            await self.ensure_announced()
+            await self.reclaim_previous()
+            max_steps = self.config.learner.max_steps
+            while not stop.is_set() and self.trainer.state.step < max_steps:
+                if self.batch_ready():
+                    await self.step()
+                    continue
+                await self.intake(await self.read(self.bus))
+            if self.held:
+                await self.commit(publish=False)
+        finally:
+            self.close()
 
 
 async def run(config: Config) -> None:
@@ -294,10 +346,11 @@ async def run(config: Config) -> None:
     bus = Bus(config.redis_url, config.run, bus_config)
     heartbeat = asyncio.create_task(heartbeat_loop(bus, ROLE, worker_id, config.worker.heartbeat_s))
     try:
+        tensorboard = TensorBoardLog.open(config)  # before the model load: a missing extra fails fast
         trainer = await asyncio.to_thread(Trainer.from_config, config)
         log.info("learner ready", step=trainer.state.step, version=trainer.state.policy_version,
                  device=str(trainer.device))
-        await LearnerLoop(config, bus, trainer, log).run(stop)
+        await LearnerLoop(config, bus, trainer, log, tensorboard=tensorboard).run(stop)
         log.info("learner stopped", step=trainer.state.step, version=trainer.state.policy_version)
     finally:
         heartbeat.cancel()
@@ -310,6 +363,27 @@ def _step_of(line: str) -> int:
         return int(json.loads(line).get("step", 0))
     except (ValueError, AttributeError):
         return 0
+
+
+def has_reference(message: ScoredGroup) -> bool:
+    """Whether the group's reference had a final answer: math, an extracted ``reference_answer``;
+    open, a non-empty rubric."""
+    referenced = message.referenced
+    if message.group.prompt.task == "math":
+        return referenced.reference_answer is not None
+    return bool(referenced.rubric)
+
+
+def group_fractions(metrics: dict, messages: list[ScoredGroup], counts: Counts) -> dict:
+    """``signal_frac`` and ``reference_present_frac`` over this batch's groups (``messages``,
+    used or skipped by the step) plus the zero-variance groups set aside at intake (``counts``)."""
+    used = metrics.get("groups_used", 0)
+    seen = used + metrics.get("groups_skipped", 0) + counts.skipped_zero_variance
+    with_reference = sum(map(has_reference, messages)) + counts.zero_variance_with_reference
+    return {
+        "signal_frac": used / seen if seen else 0.0,
+        "reference_present_frac": with_reference / seen if seen else 0.0,
+    }
 
 
 def malformed(message: ScoredGroup) -> str | None:

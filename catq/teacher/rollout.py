@@ -121,6 +121,23 @@ class Backpressure:
         return BackpressureState(backlog, learner_version, engine_version)
 
 
+async def sample_group(client, tokenizer, prompt: Prompt, config: Config) -> RolloutGroup:
+    """G rollouts of ``prompt`` from one policy engine with the run's sampling settings for its
+    task; `catq eval` samples through this too, so it measures what the pipeline trains on.
+    Raises EngineError."""
+    sampling = config.rollout.math if prompt.task == "math" else config.rollout.open
+    prompt_ids = tokenizer.encode_chat(prompt.messages)
+    completions = await client.generate(
+        prompt_ids, n=config.rollout.group_size, max_new_tokens=sampling.max_new_tokens,
+        temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+        return_logprob=True,
+    )
+    rollouts = [
+        Rollout(c.text, list(c.output_ids), list(c.logprobs or []), c.finish_reason) for c in completions
+    ]
+    return RolloutGroup(prompt, prompt_ids, rollouts, parse_version(completions[0].weight_version))
+
+
 class RolloutHandler:
     input_stream = "prompts"
     input_type = Prompt
@@ -150,24 +167,13 @@ class RolloutHandler:
     async def roll_out(self, prompt: Prompt) -> RolloutGroup:
         from catq.engines.client import EngineError
 
-        config = self.ctx.config
-        sampling = config.rollout.math if prompt.task == "math" else config.rollout.open
-        prompt_ids = self.tokenizer.encode_chat(prompt.messages)
         client = self.clients[next(self._next_client)]
         try:
-            completions = await client.generate(
-                prompt_ids, n=config.rollout.group_size, max_new_tokens=sampling.max_new_tokens,
-                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                return_logprob=True,
-            )
+            return await sample_group(client, self.tokenizer, prompt, self.ctx.config)
         except EngineError as exc:
             if exc.status is not None and 400 <= exc.status < 500:  # this prompt can never work
                 raise DeadLetterError(f"policy engine refused the prompt: {exc}") from exc
             raise
-        rollouts = [
-            Rollout(c.text, list(c.output_ids), list(c.logprobs or []), c.finish_reason) for c in completions
-        ]
-        return RolloutGroup(prompt, prompt_ids, rollouts, parse_version(completions[0].weight_version))
 
     async def close(self) -> None:
         for client in self.clients:

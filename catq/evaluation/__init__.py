@@ -1,0 +1,1 @@
+"""Offline evaluation of policy versions: ``catq eval`` scoring, results and plots."""

@@ -1,0 +1,282 @@
+"""`catq eval`: how good are the references, and did training make the policy better?
+
+    catq eval --data single_digit --group-size 8 --versions 0,latest --run RUN
+    catq eval --data problems.jsonl --estimators synthesis,majority --limit 20 --out DIR
+    catq eval --data word --use-stack --config configs/demo.toml     (a running `catq up`)
+    catq eval --run RUN --plot                                       (training curves only)
+
+By default it starts the engines it needs (a policy engine that loads each version in turn, and
+a frozen anchor engine, both catq's own, models from the config), like the demo does; with
+``--use-stack`` it uses the config's engine URLs and evaluates the version they serve.
+Writes ``results.json`` (every per-prompt record), ``report.md`` and PNG plots to ``--out``
+(default ``<run_dir>/eval-<time>``) and prints the tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+from catq.config import Config
+from catq.evaluation.records import PromptRecord, scaling_sizes, summarize
+from catq.evaluation.runner import EvalError, EvalModels, PolicyVersion, evaluate_version, load_version
+from catq.evaluation.stats import paired_difference
+
+
+def eval_command(args, config: Config) -> int:
+    from catq.evaluation.datasets import DatasetError
+    from catq.launcher import LaunchError
+
+    try:
+        return asyncio.run(run_eval(args, config, sys.stdout))
+    except (EvalError, DatasetError) as exc:
+        print(f"catq eval: {exc}", file=sys.stderr)
+        return 2
+    except LaunchError as exc:
+        print(f"catq eval: {exc}", file=sys.stderr)
+        return 1
+
+
+async def run_eval(args, config: Config, out) -> int:
+    out_dir = Path(args.out) if args.out else config.run_path / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not args.data:
+        if not args.plot:
+            raise EvalError("--data is required (or --plot with --run to draw a run's training curves)")
+        paths = plot_training_only(config, out_dir)
+        out.write("".join(f"wrote {p}\n" for p in paths))
+        return 0
+    results = await evaluate(args, config, out_dir)
+    out.write(write_outputs(results, config, out_dir, with_training=args.plot))
+    return 0
+
+
+async def evaluate(args, config: Config, out_dir: Path) -> dict:
+    from catq.evaluation.datasets import load_problems
+
+    started = time.monotonic()
+    problems = load_problems(args.data, args.limit)
+    if not problems:
+        raise EvalError(f"{args.data}: no problems to evaluate")
+    if any(p.task != "math" for p in problems):
+        raise EvalError("catq eval measures math prompts (final answers compared with the known answer)")
+    estimators = parse_estimators(args.estimators)
+    config = with_group_size(config, args.group_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.use_stack:
+        if args.versions not in (None, "", "current"):
+            raise EvalError("--use-stack evaluates the version the running engines serve; drop --versions")
+        versions = await evaluate_on_engines(problems, config, estimators, args, None,
+                                             config.engines.policy_urls[0], config.engines.anchor_url)
+    else:
+        from catq.evaluation.runner import resolve_versions
+
+        chosen = resolve_versions(args.versions or "0", config)
+        async with OwnEngines(config, out_dir / "engines.log", chosen) as engines:
+            versions = await evaluate_on_engines(problems, config, estimators, args, chosen,
+                                                 engines.policy_url, engines.anchor_url)
+    return {"meta": meta(args, config, problems, estimators, time.monotonic() - started),
+            "versions": versions, "differences": differences(versions)}
+
+
+def parse_estimators(text: str) -> list[str]:
+    from catq.teacher.estimators import ESTIMATORS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ESTIMATORS]
+    if unknown or not names:
+        raise EvalError(f"--estimators: unknown {unknown or names}; known: {', '.join(ESTIMATORS)}")
+    return names
+
+
+def with_group_size(config: Config, group_size: int | None) -> Config:
+    if not group_size:
+        return config
+    if group_size < 1:
+        raise EvalError("--group-size must be at least 1")
+    return config.model_copy(update={"rollout": config.rollout.model_copy(update={"group_size": group_size})})
+
+
+async def evaluate_on_engines(problems, config: Config, estimators: list[str], args,
+                              versions: list[PolicyVersion] | None, policy_url: str, anchor_url: str) -> list[dict]:
+    """Every version on the same prompts; ``versions`` None: whatever the engine serves."""
+    models = build_models(config, policy_url, anchor_url, "self_bon" in estimators)
+    try:
+        load = versions is not None
+        if versions is None:
+            from catq.teacher.rollout import parse_version
+
+            number = parse_version(await models.policy.weight_version())
+            versions = [PolicyVersion(f"v{number}", None, number)]
+        return await evaluate_versions(problems, models, config, estimators, versions, load=load,
+                                       concurrency=args.concurrency, progress=progress_bar)
+    finally:
+        for model in (models.policy, models.anchor, models.selector):
+            if model is not None:
+                await model.close()
+
+
+async def evaluate_versions(problems, models: EvalModels, config: Config, estimators: list[str],
+                            versions: list[PolicyVersion], *, load: bool = True, concurrency: int = 8,
+                            progress=None) -> list[dict]:
+    """One result per version, in order; with ``load`` the policy engine is moved to each
+    version first. ``progress(total, label)`` makes a tqdm-like bar (or None)."""
+    sizes = scaling_sizes(config.rollout.group_size)
+    results = []
+    for i, version in enumerate(versions):
+        if load:
+            await load_version(models.policy, version, first=i == 0)
+        bar = progress(len(problems), version.label) if progress else None
+        try:
+            records = await evaluate_version(problems, models, config, estimators, sizes,
+                                             concurrency=concurrency, progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        results.append(version_result(version, records, estimators))
+    return results
+
+
+def progress_bar(total: int, label: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"eval {label}", unit="prompt", file=sys.stderr,
+                mininterval=1.0 if sys.stderr.isatty() else 10.0)
+
+
+def build_models(config: Config, policy_url: str, anchor_url: str, with_selector: bool) -> EvalModels:
+    from catq.engines.client import EngineClient
+    from catq.engines.tokenizer import ChatTokenizer
+    from catq.teacher.anchor import SELECTION_SAMPLING
+    from catq.teacher.chat import engine_chat
+
+    engines = config.engines
+    policy = EngineClient(policy_url, timeout_s=engines.request_timeout_s, max_attempts=engines.max_attempts)
+    tokenizer = ChatTokenizer(config.model.policy, config.model.cache_dir or None)
+    anchor = engine_chat(config, anchor_url, config.model.anchor, config.anchor.sampling)
+    selector = (engine_chat(config, policy_url, config.model.policy, SELECTION_SAMPLING)
+                if with_selector else None)
+    return EvalModels(policy, tokenizer, anchor, selector)
+
+
+def version_result(version: PolicyVersion, records: list[PromptRecord], estimators: list[str]) -> dict:
+    return {"label": version.label, "policy_version": version.policy_version, "step": version.step,
+            "weights": str(version.path) if version.path else None,
+            "by_g": summarize(records, estimators), "prompts": [r.as_dict() for r in records]}
+
+
+def differences(versions: list[dict]) -> list[dict]:
+    """Single-sample accuracy of each later version against the first, paired by prompt."""
+    if len(versions) < 2:
+        return []
+    first = versions[0]
+    before = [single_of(p) for p in first["prompts"]]
+    return [{"from": first["label"], "to": v["label"],
+             "single_from": first["by_g"][-1]["single"], "single_to": v["by_g"][-1]["single"],
+             "difference": paired_difference([single_of(p) for p in v["prompts"]], before)}
+            for v in versions[1:]]
+
+
+def single_of(prompt: dict) -> float:
+    correct = prompt["rollout_correct"]
+    return sum(correct) / len(correct) if correct else 0.0
+
+
+def meta(args, config: Config, problems, estimators: list[str], wall_time_s: float) -> dict:
+    return {"data": args.data, "prompts": len(problems), "group_size": config.rollout.group_size,
+            "estimators": estimators, "policy": config.model.policy, "anchor": config.model.anchor,
+            "anchor_estimator_prompt_sampling": config.anchor.sampling.model_dump(),
+            "rollout_math_sampling": config.rollout.math.model_dump(),
+            "run": config.run, "wall_time_s": wall_time_s, "finished_at": time.time()}
+
+
+def write_outputs(results: dict, config: Config, out_dir: Path, with_training: bool) -> str:
+    """results.json, report.md and the plots; returns the text report with the paths written."""
+    from catq.evaluation.plots import plot_all
+    from catq.evaluation.report import render, render_markdown
+
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "report.md").write_text(render_markdown(results))
+    metrics = read_metrics(config) if with_training else None
+    paths = plot_all(results, out_dir, metrics or None)
+    written = [out_dir / "results.json", out_dir / "report.md", *paths]
+    return render(results) + "\n" + "".join(f"wrote {p}\n" for p in written)
+
+
+def plot_training_only(config: Config, out_dir: Path) -> list[Path]:
+    from catq.evaluation.plots import plot_training
+
+    metrics = read_metrics(config)
+    if not metrics:
+        raise EvalError(f"no learner steps in {config.run_path / 'metrics.jsonl'} (is --run right?)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [plot_training(metrics, out_dir / "training.png")]
+
+
+def read_metrics(config: Config) -> list[dict]:
+    path = config.run_path / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class OwnEngines:
+    """A policy engine (starting on the initial policy, allowed to load the chosen versions) and
+    a frozen anchor engine, catq's own, on free local ports; their output goes to ``log_path``."""
+
+    def __init__(self, config: Config, log_path: Path, versions: list[PolicyVersion]):
+        self.config = config
+        self.log_path = log_path
+        self.weights_root = common_parent([v.path for v in versions if v.path is not None])
+        self.policy_url = self.anchor_url = ""
+        self.children = []
+
+    async def __aenter__(self) -> OwnEngines:
+        from catq.launcher import Child, engine_healthy, wait_until
+
+        self.log = open(self.log_path, "a")
+        policy_port, anchor_port = free_port(), free_port()
+        self.policy_url, self.anchor_url = (f"http://127.0.0.1:{p}" for p in (policy_port, anchor_port))
+        extra = ["--weights-dir", str(self.weights_root)] if self.weights_root else []
+        for name, model, port, args in (("policy", self.config.model.policy, policy_port, extra),
+                                        ("anchor", self.config.model.anchor, anchor_port, [])):
+            argv = [sys.executable, "-m", "catq", "engine", "--model", model, "--port", str(port), *args]
+            child = Child(f"engine.{name}", argv, {})
+            child.process = await asyncio.create_subprocess_exec(*argv, stdout=self.log, stderr=self.log)
+            self.children.append(child)
+        try:
+            for url in (self.policy_url, self.anchor_url):
+                await wait_until(lambda u=url: engine_healthy(u), 600.0, f"engine at {url}", self.died)
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    def died(self) -> str | None:
+        return next((f"{c.name} exited with {c.process.returncode}; see {self.log_path}"
+                     for c in self.children if c.process.returncode is not None), None)
+
+    async def __aexit__(self, *exc) -> None:
+        from catq.launcher import stop_child
+
+        await asyncio.gather(*(stop_child(c, 30.0) for c in self.children))
+        self.log.close()
+
+
+def common_parent(paths: list[Path]) -> Path | None:
+    if not paths:
+        return None
+    parents = [p.resolve().parent for p in paths]
+    root = parents[0]
+    while not all(p.is_relative_to(root) for p in parents):
+        root = root.parent
+    return root

@@ -1,0 +1,114 @@
+"""Per-prompt eval records and their summary: the one place accuracy figures are computed, so
+`catq eval` and `catq demo` can never disagree.
+
+A :class:`PromptRecord` holds what one policy version did on one prompt: the G rollouts' final
+answers, whether each is right, and for each subset size g (the first g rollouts) each
+estimator's reference. Known answers enter only here, after every reference is built.
+
+Scaling in G follows the CaT paper's compute-scaling figure without extra sampling: the
+estimators at g see the first g of the same G rollouts. Single-sample accuracy is the mean over
+all G rollouts at every g (it does not depend on g; using all G only narrows its interval), and
+pass@g is the unbiased estimate from all G.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from catq.evaluation.stats import mean_interval, pass_at_k
+
+
+@dataclass
+class Outcome:
+    """One estimator's reference for one prompt at one g, judged against the known answer."""
+
+    answer: str | None
+    """The reference's final answer (None: none could be read)."""
+    correct: bool
+    agrees_majority: bool
+    """Its answer is equivalent to the majority answer of the same g rollouts."""
+    rewards: list[float]
+    """The rewards the pipeline's reward code gives the g rollouts against this reference."""
+    reference: str = ""
+    format_fallback: bool = False
+
+    @property
+    def present(self) -> bool:
+        return self.answer is not None
+
+    @property
+    def signal(self) -> bool:
+        """GRPO learns only from groups whose rewards differ."""
+        return len(set(self.rewards)) > 1
+
+
+@dataclass
+class PromptRecord:
+    question: str
+    known: str
+    rollouts: list[str]
+    rollout_answers: list[str | None]
+    rollout_correct: list[bool]
+    references: dict[int, dict[str, Outcome]] = field(default_factory=dict)
+    """g -> estimator -> outcome."""
+
+    @property
+    def single(self) -> float:
+        return sum(self.rollout_correct) / len(self.rollout_correct) if self.rollout_correct else 0.0
+
+    def pass_at(self, g: int) -> float:
+        return pass_at_k(len(self.rollout_correct), sum(self.rollout_correct), g)
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["references"] = {str(g): refs for g, refs in data["references"].items()}
+        return data
+
+
+def is_correct(answer: str | None, known: str) -> bool:
+    from catq.teacher.answers import answers_equivalent
+
+    return answer is not None and answers_equivalent(answer, known)
+
+
+def judge_outcome(answer: str | None, known: str, majority: str | None, rewards: list[float],
+                  reference: str = "", format_fallback: bool = False) -> Outcome:
+    from catq.teacher.answers import answers_equivalent
+
+    agrees = answer is not None and majority is not None and answers_equivalent(answer, majority)
+    return Outcome(answer, is_correct(answer, known), agrees, rewards, reference, format_fallback)
+
+
+def summarize_g(records: list[PromptRecord], g: int, estimators: list[str]) -> dict:
+    """The figures at one g: single, pass@g and, per estimator, accuracy, present rate,
+    agreement with the majority and the share of groups with signal, each with its interval."""
+    row = {"g": g, "single": mean_interval([r.single for r in records]),
+           "pass_at_g": mean_interval([r.pass_at(g) for r in records]), "estimators": {}}
+    for name in estimators:
+        outcomes = [r.references[g][name] for r in records if name in r.references.get(g, {})]
+        if not outcomes:
+            continue
+        rewards = [sum(o.rewards) / len(o.rewards) for o in outcomes if o.rewards]
+        row["estimators"][name] = {
+            "accuracy": mean_interval([float(o.correct) for o in outcomes]),
+            "present": mean_interval([float(o.present) for o in outcomes]),
+            "agree_majority": mean_interval([float(o.agrees_majority) for o in outcomes]),
+            "signal": mean_interval([float(o.signal) for o in outcomes]),
+            "reward_mean": sum(rewards) / len(rewards) if rewards else 0.0,
+        }
+    return row
+
+
+def summarize(records: list[PromptRecord], estimators: list[str]) -> list[dict]:
+    """One row per g present in the records, ascending (the "by_g" list of results.json)."""
+    gs = sorted({g for r in records for g in r.references})
+    return [summarize_g(records, g, estimators) for g in gs]
+
+
+def scaling_sizes(group_size: int) -> list[int]:
+    """1, 2, 4, ... up to and always including G."""
+    sizes, g = [], 1
+    while g < group_size:
+        sizes.append(g)
+        g *= 2
+    return sizes + [group_size]

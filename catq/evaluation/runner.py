@@ -1,0 +1,155 @@
+"""Sampling and estimating for `catq eval`, through the pipeline's own code.
+
+For each policy version and each prompt: G rollouts with the rollout role's sampling
+(:func:`catq.teacher.rollout.sample_group`), each estimator's reference for the first g of
+them through :func:`catq.teacher.estimators.estimate_reference` on the anchor engine, and the
+judge's math rewards (:func:`catq.teacher.judging.score_math`). The estimators get a
+:class:`~catq.messages.Prompt` built from the question alone; the known answer is compared only
+afterwards (:mod:`catq.evaluation.records`).
+
+Policy versions are served one after another by one policy engine: it starts on the initial
+weights (version 0) and loads each later version with ``/update_weights_from_disk``, the path
+the syncer takes in a run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from catq.config import Config
+from catq.evaluation.datasets import EvalProblem
+from catq.evaluation.records import PromptRecord, is_correct, judge_outcome
+from catq.messages import Prompt, RolloutGroup, new_prompt_id
+
+
+class EvalError(ValueError):
+    """A request `catq eval` cannot carry out (unknown version, nothing to evaluate...)."""
+
+
+@dataclass
+class PolicyVersion:
+    label: str
+    """"v0", "v12" or a weight directory's name."""
+    path: Path | None
+    """Weights to load; None for the initial policy (what the engine starts with)."""
+    policy_version: int | None = None
+    step: int | None = None
+    """The learner step that published it (0 for the initial policy), from metrics.jsonl."""
+
+
+@dataclass
+class EvalModels:
+    """What one evaluation talks to: the policy engine (client + tokenizer) for rollouts, the
+    anchor as a chat model for synthesis, the policy as a chat model for self best-of-N."""
+
+    policy: object
+    tokenizer: object
+    anchor: object
+    selector: object | None = None
+
+
+EstimateFn = Callable[..., Awaitable]
+
+
+def resolve_versions(spec: str, config: Config) -> list[PolicyVersion]:
+    """``"0,latest"``, explicit numbers (weights/v<N> of the run) or weight directories;
+    the initial policy first, the rest in the order given, duplicates dropped."""
+    from catq.learner.publish import published_versions, version_dir
+
+    versions: list[PolicyVersion] = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        if item in ("0", "v0", "initial"):
+            versions.append(PolicyVersion("v0", None, 0, 0))
+            continue
+        if item == "latest":
+            published = published_versions(config.weights_dir)
+            if not published:
+                raise EvalError(f"--versions latest: no published version in {config.weights_dir}")
+            item = str(published[-1])
+        if re.fullmatch(r"v?\d+", item):
+            number = int(item.removeprefix("v"))
+            path = version_dir(config.weights_dir, number)
+            if not path.is_dir():
+                raise EvalError(f"version {number}: {path} does not exist (pruned, or another run?)")
+            versions.append(PolicyVersion(f"v{number}", path, number, step_of_version(config, number)))
+        elif Path(item).is_dir():
+            versions.append(PolicyVersion(Path(item).name, Path(item).resolve()))
+        else:
+            raise EvalError(f"--versions: {item!r} is neither 0, latest, a version number nor a directory")
+    unique = list({v.label: v for v in versions}.values())
+    return sorted(unique, key=lambda v: v.path is not None)  # stable: the initial policy first
+
+
+def step_of_version(config: Config, version: int) -> int | None:
+    """The learner step after which ``version`` was published, read from metrics.jsonl."""
+    path = config.run_path / "metrics.jsonl"
+    if not path.exists():
+        return None
+    steps = [line["step"] for line in map(json.loads, filter(str.strip, path.read_text().splitlines()))
+             if line.get("policy_version") == version]
+    return min(steps) if steps else None
+
+
+async def evaluate_problem(problem: EvalProblem, models: EvalModels, config: Config, estimators: list[str],
+                           sizes: list[int], estimate: EstimateFn) -> PromptRecord:
+    from catq.teacher.answers import final_answer
+    from catq.teacher.rollout import sample_group
+
+    prompt = Prompt(prompt_id=new_prompt_id(), task=problem.task, messages=list(problem.messages))
+    group = await sample_group(models.policy, models.tokenizer, prompt, config)
+    answers = [final_answer(r.text) for r in group.rollouts]
+    record = PromptRecord(problem.text, problem.answer, [r.text for r in group.rollouts], answers,
+                          [is_correct(a, problem.answer) for a in answers])
+    jobs = [(g, name) for g in sizes for name in estimators]
+    outcomes = await asyncio.gather(*(
+        reference_outcome(dataclasses.replace(group, rollouts=group.rollouts[:g]), name, problem.answer,
+                          models, estimate)
+        for g, name in jobs))
+    for (g, name), outcome in zip(jobs, outcomes):
+        record.references.setdefault(g, {})[name] = outcome
+    return record
+
+
+async def reference_outcome(group: RolloutGroup, estimator: str, known: str, models: EvalModels,
+                            estimate: EstimateFn):
+    from catq.teacher.judging import score_math
+
+    ref = await estimate(group, estimator, anchor=models.anchor, policy=models.selector)
+    rewards, _ = score_math(group.rollouts, ref.reference_answer)
+    return judge_outcome(ref.reference_answer, known, ref.majority_answer, rewards,
+                         ref.reference, ref.format_fallback)
+
+
+async def evaluate_version(problems: list[EvalProblem], models: EvalModels, config: Config,
+                           estimators: list[str], sizes: list[int], *, estimate: EstimateFn | None = None,
+                           concurrency: int = 8, progress=None) -> list[PromptRecord]:
+    """Records in the order of ``problems``; up to ``concurrency`` prompts in flight, so the
+    engines batch them. ``progress`` (a tqdm-like object) is updated once per prompt."""
+    if estimate is None:
+        from catq.teacher.estimators import estimate_reference as estimate
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(problem: EvalProblem) -> PromptRecord:
+        async with slots:
+            record = await evaluate_problem(problem, models, config, estimators, sizes, estimate)
+        if progress is not None:
+            progress.update(1)
+        return record
+
+    return list(await asyncio.gather(*(one(p) for p in problems)))
+
+
+async def load_version(client, version: PolicyVersion, first: bool) -> None:
+    """Make the policy engine serve ``version``. The initial policy is what the engine was
+    started with, so it can only come first."""
+    if version.path is None:
+        if not first:
+            raise EvalError("the initial policy must be evaluated first (the engine starts on it)")
+        return
+    await client.update_weights_from_disk(str(version.path), weight_version=version.label)

@@ -1,0 +1,270 @@
+"""`catq eval` logic without engines: interval math, G-subset scaling, versions side by side,
+every estimator reported, and labels that never reach an estimator."""
+
+import math
+
+import pytest
+
+from catq.config import load_config
+from catq.engines.client import Completion
+from catq.evaluation.command import differences, evaluate_versions, parse_estimators, version_result
+from catq.evaluation.datasets import EvalProblem
+from catq.evaluation.records import scaling_sizes, summarize
+from catq.evaluation.report import render
+from catq.evaluation.runner import EvalError, EvalModels, PolicyVersion, evaluate_version, resolve_versions
+from catq.evaluation.stats import bootstrap_mean, mean_interval, paired_difference, pass_at_k, wilson
+from catq.messages import ChatMessage
+
+# -- interval math -------------------------------------------------------------------------------
+
+
+def test_wilson_matches_the_textbook_values():
+    iv = wilson(8, 10)
+    assert iv["value"] == 0.8 and iv["n"] == 10
+    assert iv["low"] == pytest.approx(0.4902, abs=1e-4)
+    assert iv["high"] == pytest.approx(0.9433, abs=1e-4)
+
+
+def test_wilson_stays_inside_zero_one_at_the_extremes():
+    assert wilson(0, 5)["low"] == 0.0 and 0 < wilson(0, 5)["high"] < 0.5
+    assert wilson(5, 5)["high"] == 1.0 and 0.5 < wilson(5, 5)["low"] < 1
+    assert math.isnan(wilson(0, 0)["value"])
+
+
+def test_bootstrap_is_seeded_and_brackets_the_mean():
+    values = [0.0, 0.25, 0.5, 0.75, 1.0, 0.5, 0.125, 0.875]
+    a, b = bootstrap_mean(values, seed=3), bootstrap_mean(values, seed=3)
+    assert a == b
+    assert a["value"] == pytest.approx(0.5)
+    assert a["low"] < a["value"] < a["high"]
+    assert 0.0 <= a["low"] and a["high"] <= 1.0
+
+
+def test_mean_interval_uses_wilson_for_rates_and_bootstrap_for_fractions():
+    assert mean_interval([1.0, 0.0, 1.0, 1.0]) == wilson(3, 4)
+    assert mean_interval([0.5, 1.0]) == bootstrap_mean([0.5, 1.0])
+
+
+def test_pass_at_k_is_the_unbiased_estimate():
+    assert pass_at_k(8, 0, 4) == 0.0
+    assert pass_at_k(8, 5, 4) == 1.0  # only 3 wrong: any 4 include a right one
+    assert pass_at_k(8, 1, 1) == pytest.approx(1 / 8)
+    assert pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)
+    with pytest.raises(ValueError):
+        pass_at_k(2, 1, 4)
+
+
+def test_paired_difference_of_a_constant_gain_is_exact():
+    diff = paired_difference([0.75, 0.5, 1.0], [0.5, 0.25, 0.75])
+    assert diff["value"] == pytest.approx(0.25)
+    assert diff["low"] == pytest.approx(0.25) and diff["high"] == pytest.approx(0.25)
+
+
+def test_scaling_sizes_are_powers_of_two_up_to_g():
+    assert scaling_sizes(8) == [1, 2, 4, 8]
+    assert scaling_sizes(6) == [1, 2, 4, 6]
+    assert scaling_sizes(1) == [1]
+
+
+# -- fakes ----------------------------------------------------------------------------------------
+
+
+class FakeTokenizer:
+    def encode_chat(self, messages):
+        return [1, 2, 3]
+
+    def encode(self, text):
+        return [4]
+
+
+class FakePolicy:
+    """A policy engine whose rollouts are scripted per question and per loaded version."""
+
+    def __init__(self, scripts: dict[str, dict[str, list[str]]]):
+        self.scripts = scripts  # version label -> question -> rollout texts
+        self.version = "v0"
+        self.loaded = []
+
+    async def generate(self, prompt_ids, *, n, **sampling):
+        raise AssertionError("eval samples through sample_group with a tokenizer; use generate_for")
+
+    async def update_weights_from_disk(self, path, weight_version=None):
+        self.loaded.append(path)
+        self.version = weight_version
+
+    async def weight_version(self):
+        return self.version
+
+    async def close(self):
+        pass
+
+
+class ScriptedPolicy(FakePolicy):
+    """generate() answers the question whose ids were last encoded (one question per test)."""
+
+    def __init__(self, scripts, question):
+        super().__init__(scripts)
+        self.question = question
+
+    async def generate(self, prompt_ids, *, n, **sampling):
+        texts = self.scripts[self.version][self.question][:n]
+        return [Completion(t, [5, 6], [-0.5 - 0.1 * i, -0.5], "stop", 3, 2, self.version)
+                for i, t in enumerate(texts)]
+
+
+class FakeChat:
+    def __init__(self, reply):
+        self.reply = reply
+        self.messages = []
+
+    async def __call__(self, messages, *, temperature=None, prefix=""):
+        self.messages.append(messages)
+        return self.reply
+
+    async def close(self):
+        pass
+
+
+def problem(question="What is 2 + 3?", answer="5"):
+    return EvalProblem([ChatMessage("user", question)], "math", answer, question)
+
+
+def config_with_g(g):
+    config = load_config(None)
+    config.rollout.group_size = g
+    return config
+
+
+ROLLOUTS = ["\\boxed{5}", "\\boxed{6}", "\\boxed{6}", "\\boxed{5}",
+            "\\boxed{5}", "\\boxed{7}", "\\boxed{5}", "\\boxed{5}"]
+
+
+# -- G-subset scaling and estimators ---------------------------------------------------------------
+
+
+async def test_scaling_uses_the_first_g_of_the_same_rollouts():
+    policy = ScriptedPolicy({"v0": {"What is 2 + 3?": ROLLOUTS}}, "What is 2 + 3?")
+    models = EvalModels(policy, FakeTokenizer(), FakeChat("Unified response: \\boxed{6}"),
+                        FakeChat("Response 2"))
+    config = config_with_g(8)
+    records = await evaluate_version([problem()], models, config, ["synthesis", "majority", "self_bon", "min_ppl"],
+                                     scaling_sizes(8))
+    rows = summarize(records, ["synthesis", "majority", "self_bon", "min_ppl"])
+    assert [r["g"] for r in rows] == [1, 2, 4, 8]
+    by_g = {r["g"]: r for r in rows}
+    # single sample does not depend on g: 5 of 8 right
+    assert all(r["single"]["value"] == pytest.approx(5 / 8) for r in rows)
+    # majority: g=1 -> 5 (right); g=2 -> tie 5 vs 6, first wins -> 5; g=4 -> 5,6,6,5 tie -> 5; g=8 -> 5
+    assert [by_g[g]["estimators"]["majority"]["accuracy"]["value"] for g in (1, 2, 4, 8)] == [1, 1, 1, 1]
+    # the anchor always says 6: wrong everywhere, present everywhere, disagreeing with the vote
+    synthesis = by_g[8]["estimators"]["synthesis"]
+    assert synthesis["accuracy"]["value"] == 0 and synthesis["present"]["value"] == 1
+    assert synthesis["agree_majority"]["value"] == 0
+    assert synthesis["reward_mean"] == pytest.approx(2 / 8)  # two rollouts said 6
+    # self_bon names response 2 (a 6) at every g >= 2; at g=1 "2" is out of range -> rollout 1
+    assert by_g[1]["estimators"]["self_bon"]["accuracy"]["value"] == 1
+    assert by_g[8]["estimators"]["self_bon"]["accuracy"]["value"] == 0
+    # min_ppl: rollout 1 has the highest log-probs
+    assert by_g[8]["estimators"]["min_ppl"]["accuracy"]["value"] == 1
+    # pass@g from all 8: 3 wrong, so any 4 contain a right one
+    assert by_g[4]["pass_at_g"]["value"] == 1.0
+    assert by_g[1]["pass_at_g"]["value"] == pytest.approx(5 / 8)
+    # g=1 groups carry no signal (one reward); g=8 majority does
+    assert by_g[1]["estimators"]["majority"]["signal"]["value"] == 0
+    assert by_g[8]["estimators"]["majority"]["signal"]["value"] == 1
+
+
+async def test_every_estimator_is_reported_in_the_tables():
+    policy = ScriptedPolicy({"v0": {"What is 2 + 3?": ROLLOUTS[:4]}}, "What is 2 + 3?")
+    models = EvalModels(policy, FakeTokenizer(), FakeChat("\\boxed{5}"), FakeChat("1"))
+    names = ["synthesis", "majority", "self_bon", "min_ppl"]
+    versions = await evaluate_versions([problem()], models, config_with_g(4), names,
+                                       [PolicyVersion("v0", None, 0, 0)])
+    assert list(versions[0]["by_g"][-1]["estimators"]) == names
+    text = render({"meta": {"data": "x", "prompts": 1, "group_size": 4, "policy": "p", "anchor": "a",
+                            "wall_time_s": 1.0}, "versions": versions, "differences": []})
+    for name in [*names, "single sample", "pass@4"]:
+        assert name in text
+
+
+async def test_no_label_reaches_an_estimator():
+    label = "8675309"
+    question = "What is 8675308 + 1?"
+    seen = []
+
+    async def guarded_estimate(group, estimator, *, anchor, policy):
+        from catq.teacher.estimators import estimate_reference
+
+        seen.append(repr(group))
+        assert label not in repr(group), "the known answer reached an estimator"
+        return await estimate_reference(group, estimator, anchor=anchor, policy=policy)
+
+    policy = ScriptedPolicy({"v0": {question: ["\\boxed{12}", "\\boxed{13}"]}}, question)
+    anchor = FakeChat("\\boxed{12}")
+    models = EvalModels(policy, FakeTokenizer(), anchor, FakeChat("1"))
+    records = await evaluate_version([problem(question, label)], models, config_with_g(2),
+                                     ["synthesis", "majority", "self_bon", "min_ppl"], [1, 2],
+                                     estimate=guarded_estimate)
+    assert len(seen) == 8
+    assert label not in repr(anchor.messages)
+    assert records[0].known == label  # compared only afterwards
+
+
+# -- versions ------------------------------------------------------------------------------------
+
+
+async def test_versions_are_compared_on_the_same_prompts(tmp_path):
+    question = "What is 2 + 3?"
+    scripts = {"v0": {question: ["\\boxed{4}", "\\boxed{5}", "\\boxed{4}", "\\boxed{4}"]},
+               "v3": {question: ["\\boxed{5}", "\\boxed{5}", "\\boxed{5}", "\\boxed{4}"]}}
+    policy = ScriptedPolicy(scripts, question)
+    models = EvalModels(policy, FakeTokenizer(), FakeChat("\\boxed{5}"))
+    versions = [PolicyVersion("v0", None, 0, 0), PolicyVersion("v3", tmp_path / "v3", 3, 6)]
+    results = await evaluate_versions([problem()], models, config_with_g(4), ["majority"], versions)
+    assert policy.loaded == [str(tmp_path / "v3")]
+    assert [v["label"] for v in results] == ["v0", "v3"]
+    assert results[0]["by_g"][-1]["single"]["value"] == pytest.approx(0.25)
+    assert results[1]["by_g"][-1]["single"]["value"] == pytest.approx(0.75)
+    assert results[1]["step"] == 6
+    (diff,) = differences(results)
+    assert (diff["from"], diff["to"]) == ("v0", "v3")
+    assert diff["difference"]["value"] == pytest.approx(0.5)
+
+
+async def test_the_initial_policy_cannot_follow_a_loaded_version(tmp_path):
+    policy = ScriptedPolicy({"v1": {"What is 2 + 3?": ["\\boxed{5}"]}}, "What is 2 + 3?")
+    models = EvalModels(policy, FakeTokenizer(), FakeChat("\\boxed{5}"))
+    versions = [PolicyVersion("v1", tmp_path, 1), PolicyVersion("v0", None, 0)]
+    with pytest.raises(EvalError, match="initial policy"):
+        await evaluate_versions([problem()], models, config_with_g(1), ["majority"], versions)
+
+
+def test_versions_resolve_from_the_run_directory(tmp_path):
+    config = load_config(None, run="r")
+    config.run_dir = str(tmp_path / "{run}")
+    for n in (2, 5):
+        (config.weights_dir / f"v{n}").mkdir(parents=True)
+    (config.run_path / "metrics.jsonl").write_text(
+        '{"step": 9, "policy_version": 4}\n{"step": 10, "policy_version": 5}\n{"step": 11, "policy_version": 5}\n')
+    versions = resolve_versions("latest,0,2,latest", config)
+    assert [(v.label, v.policy_version, v.step) for v in versions] == [("v0", 0, 0), ("v5", 5, 10), ("v2", 2, None)]
+    with pytest.raises(EvalError, match="does not exist"):
+        resolve_versions("3", config)
+    with pytest.raises(EvalError, match="neither"):
+        resolve_versions("newest", config)
+
+
+def test_unknown_estimators_are_refused():
+    assert parse_estimators("majority, synthesis") == ["majority", "synthesis"]
+    with pytest.raises(EvalError, match="known"):
+        parse_estimators("majority,vote")
+
+
+def test_version_result_keeps_every_prompt_record():
+    from catq.evaluation.records import PromptRecord, judge_outcome
+
+    record = PromptRecord("q", "5", ["\\boxed{5}"], ["5"], [True],
+                          {1: {"majority": judge_outcome("5", "5", "5", [1.0])}})
+    result = version_result(PolicyVersion("v0", None, 0, 0), [record], ["majority"])
+    assert result["prompts"][0]["references"]["1"]["majority"]["correct"] is True
+    assert result["by_g"][0]["estimators"]["majority"]["accuracy"]["n"] == 1
