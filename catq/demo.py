@@ -20,6 +20,8 @@ from importlib import resources
 from pathlib import Path
 
 from catq.config import Config, load_config
+from catq.evaluation.records import PromptRecord, is_correct, judge_outcome, rewards_against, summarize
+from catq.evaluation.report import ACCURACY_HEADER, accuracy_rows, text_table
 from catq.launcher import LaunchError, Stack
 from catq.messages import ChatMessage, Prompt, new_prompt_id
 
@@ -129,36 +131,47 @@ async def watch(config: Config, prompts: list[DemoPrompt], timeout_s: float, out
             return state
 
 
-def is_correct(answer: str | None, known: str) -> bool:
-    from catq.teacher.answers import answers_equivalent
-
-    return answer is not None and answers_equivalent(answer, known)
+def demo_records(prompts: list[DemoPrompt], results: list[dict]) -> tuple[list[PromptRecord], list[str]]:
+    """The finished math prompts as eval records (the pipeline's reference under the estimator it
+    used, and the majority vote beside it), so the closing table is `catq eval`'s."""
+    records, estimators = [], []
+    for item, result in zip(prompts, results):
+        if item.task != "math" or result.get("status") not in FINISHED:
+            continue
+        answers = result.get("rollout_answers") or []
+        record = PromptRecord(item.text, item.answer, result.get("rollouts") or [], answers,
+                              [is_correct(a, item.answer) for a in answers])
+        majority = result.get("majority_answer")
+        estimator = result.get("estimator") or "synthesis"
+        refs = {estimator: judge_outcome(result.get("reference_answer"), item.answer, majority,
+                                         result.get("rewards") or [], result.get("cat_answer") or "",
+                                         bool(result.get("format_fallback")))}
+        refs.setdefault("majority", judge_outcome(majority, item.answer, majority, rewards_against(majority, answers)))
+        record.references[len(answers)] = refs
+        records.append(record)
+        estimators += [name for name in refs if name not in estimators]
+    return records, estimators
 
 
 def report(prompts: list[DemoPrompt], results: list[dict], config: Config, final: Progress) -> str:
     lines = [f"{'prompt':<44} {'known':>6} {'CaT answer':>12} {'majority':>9} {'samples ok':>11}"]
-    single, majority, synthesis = [], [], []
     for item, result in zip(prompts, results):
         if item.task != "math":
             continue
         answers = result.get("rollout_answers") or []
         ok = [is_correct(a, item.answer) for a in answers]
-        if result.get("status") in FINISHED:
-            single.append(sum(ok) / len(ok) if ok else 0.0)
-            majority.append(is_correct(result.get("majority_answer"), item.answer))
-            synthesis.append(is_correct(result.get("reference_answer"), item.answer))
         lines.append(f"{item.text[:44]:<44} {item.answer:>6} "
                      f"{str(result.get('reference_answer'))[:12]:>12} "
                      f"{str(result.get('majority_answer'))[:9]:>9} {sum(ok):>5}/{len(answers):<5}")
     lines.append("")
     lines += open_report(prompts, results)
     lines.append("")
-    n = len(single)
-    if n:
-        lines.append(f"math accuracy over {n} prompts (G={config.rollout.group_size}):")
-        lines.append(f"  single sample (mean over rollouts) {sum(single) / n:.2f}")
-        lines.append(f"  majority vote                      {sum(majority) / n:.2f}")
-        lines.append(f"  CaT synthesized reference          {sum(synthesis) / n:.2f}")
+    records, estimators = demo_records(prompts, results)
+    if records:
+        version = {"by_g": summarize(records, estimators)}
+        lines.append(f"math accuracy over {len(records)} prompts (G={config.rollout.group_size}), "
+                     "with 95% intervals (same code as `catq eval`):")
+        lines.append(text_table(ACCURACY_HEADER, accuracy_rows(version)))
     lines.append(f"learner steps {final.learner_steps}, policy versions published {final.policy_version}, "
                  f"prompts done {final.done}/{final.total} ({final.failed} dead-lettered) "
                  f"in {final.elapsed_s:.0f}s")

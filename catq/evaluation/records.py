@@ -71,6 +71,13 @@ def is_correct(answer: str | None, known: str) -> bool:
     return answer is not None and answers_equivalent(answer, known)
 
 
+def rewards_against(answer: str | None, rollout_answers: list[str | None]) -> list[float]:
+    """The math rewards of rollouts whose final answers are given (as the judge computes them)."""
+    from catq.teacher.answers import answers_equivalent
+
+    return [1.0 if answers_equivalent(answer, a) else 0.0 for a in rollout_answers]
+
+
 def judge_outcome(answer: str | None, known: str, majority: str | None, rewards: list[float],
                   reference: str = "", format_fallback: bool = False) -> Outcome:
     from catq.teacher.answers import answers_equivalent

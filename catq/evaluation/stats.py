@@ -34,7 +34,9 @@ def wilson(successes: int, n: int, z: float = Z95) -> dict:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return interval(p, max(0.0, centre - half), min(1.0, centre + half), n)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends: no rounding residue
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return interval(p, low, high, n)
 
 
 def bootstrap_mean(values: Sequence[float], seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES) -> dict:

@@ -26,7 +26,7 @@ def test_wilson_matches_the_textbook_values():
 
 
 def test_wilson_stays_inside_zero_one_at_the_extremes():
-    assert wilson(0, 5)["low"] == 0.0 and 0 < wilson(0, 5)["high"] < 0.5
+    assert wilson(0, 5)["low"] == 0.0 == wilson(0, 5)["value"] and 0 < wilson(0, 5)["high"] < 0.5
     assert wilson(5, 5)["high"] == 1.0 and 0.5 < wilson(5, 5)["low"] < 1
     assert math.isnan(wilson(0, 0)["value"])
 
