@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "directories, comma-separated (default 0)")
     p.add_argument("--limit", type=int, help="first N problems only")
     p.add_argument("--out", help="output directory (default <run_dir>/eval-<time>)")
-    p.add_argument("--concurrency", type=int, default=8, help="prompts in flight (default 8)")
+    p.add_argument("--concurrency", type=int, default=4, help="prompts in flight (default 4)")
     p.add_argument("--use-stack", action="store_true",
                    help="use the engines of a running stack (the config's URLs) instead of starting them")
     p.add_argument("--plot", action="store_true", help="also draw the run's training curves (metrics.jsonl)")

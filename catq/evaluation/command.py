@@ -15,6 +15,7 @@ Writes ``results.json`` (every per-prompt record), ``report.md`` and PNG plots t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import sys
@@ -23,8 +24,12 @@ from pathlib import Path
 
 from catq.config import Config
 from catq.evaluation.records import PromptRecord, scaling_sizes, summarize
-from catq.evaluation.runner import EvalError, EvalModels, PolicyVersion, evaluate_version, load_version
+from catq.evaluation.runner import EvalError, EvalModels, Failure, PolicyVersion, evaluate_version, load_version
 from catq.evaluation.stats import paired_difference
+
+
+EVAL_REQUEST_TIMEOUT_S = 3600.0
+"""Per engine call: an eval queues many calls at once, and on CPU the last may wait long."""
 
 
 def eval_command(args, config: Config) -> int:
@@ -130,13 +135,16 @@ async def evaluate_versions(problems, models: EvalModels, config: Config, estima
         if load:
             await load_version(models.policy, version, first=i == 0)
         bar = progress(len(problems), version.label) if progress else None
+        failures: list[Failure] = []
         try:
             records = await evaluate_version(problems, models, config, estimators, sizes,
-                                             concurrency=concurrency, progress=bar)
+                                             concurrency=concurrency, progress=bar, failures=failures)
         finally:
             if bar is not None:
                 bar.close()
-        results.append(version_result(version, records, estimators))
+        if not records:
+            raise EvalError(f"{version.label}: every prompt failed; first error: {failures[0].error}")
+        results.append(version_result(version, records, estimators, failures))
     return results
 
 
@@ -154,6 +162,10 @@ def build_models(config: Config, policy_url: str, anchor_url: str, with_selector
     from catq.teacher.chat import engine_chat
 
     engines = config.engines
+    if engines.request_timeout_s < EVAL_REQUEST_TIMEOUT_S:
+        config = config.model_copy(update={"engines": engines.model_copy(
+            update={"request_timeout_s": EVAL_REQUEST_TIMEOUT_S})})
+        engines = config.engines
     policy = EngineClient(policy_url, timeout_s=engines.request_timeout_s, max_attempts=engines.max_attempts)
     tokenizer = ChatTokenizer(config.model.policy, config.model.cache_dir or None)
     anchor = engine_chat(config, anchor_url, config.model.anchor, config.anchor.sampling)
@@ -162,10 +174,12 @@ def build_models(config: Config, policy_url: str, anchor_url: str, with_selector
     return EvalModels(policy, tokenizer, anchor, selector)
 
 
-def version_result(version: PolicyVersion, records: list[PromptRecord], estimators: list[str]) -> dict:
+def version_result(version: PolicyVersion, records: list[PromptRecord], estimators: list[str],
+                   failures: list[Failure] = ()) -> dict:
     return {"label": version.label, "policy_version": version.policy_version, "step": version.step,
             "weights": str(version.path) if version.path else None,
-            "by_g": summarize(records, estimators), "prompts": [r.as_dict() for r in records]}
+            "by_g": summarize(records, estimators), "prompts": [r.as_dict() for r in records],
+            "failed": [dataclasses.asdict(f) for f in failures]}
 
 
 def differences(versions: list[dict]) -> list[dict]:
@@ -173,11 +187,16 @@ def differences(versions: list[dict]) -> list[dict]:
     if len(versions) < 2:
         return []
     first = versions[0]
-    before = [single_of(p) for p in first["prompts"]]
-    return [{"from": first["label"], "to": v["label"],
-             "single_from": first["by_g"][-1]["single"], "single_to": v["by_g"][-1]["single"],
-             "difference": paired_difference([single_of(p) for p in v["prompts"]], before)}
-            for v in versions[1:]]
+    return [version_difference(first, v) for v in versions[1:]]
+
+
+def version_difference(before: dict, after: dict) -> dict:
+    """Paired over the prompts both versions finished (a failed prompt drops out of the pair)."""
+    singles = {p["question"]: single_of(p) for p in before["prompts"]}
+    pairs = [(single_of(p), singles[p["question"]]) for p in after["prompts"] if p["question"] in singles]
+    return {"from": before["label"], "to": after["label"],
+            "single_from": before["by_g"][-1]["single"], "single_to": after["by_g"][-1]["single"],
+            "difference": paired_difference([a for a, _ in pairs], [b for _, b in pairs])}
 
 
 def single_of(prompt: dict) -> float:

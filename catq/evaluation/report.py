@@ -72,6 +72,9 @@ def render(results: dict, table=text_table, heading=lambda text: text) -> str:
     for version in results["versions"]:
         parts.append(heading(f"{version['label']}: accuracy at G={version['by_g'][-1]['g']}"))
         parts.append(table(ACCURACY_HEADER, accuracy_rows(version)))
+        if version.get("failed"):
+            parts.append(f"{len(version['failed'])} prompts left out after engine errors "
+                         f"(see results.json), first: {version['failed'][0]['error'][:200]}")
         if len(version["by_g"]) > 1:
             parts.append(heading(f"{version['label']}: accuracy vs G (first g of the same rollouts)"))
             parts.append(table(*scaling_rows(version)))

@@ -126,23 +126,41 @@ async def reference_outcome(group: RolloutGroup, estimator: str, known: str, mod
                          ref.reference, ref.format_fallback)
 
 
+@dataclass
+class Failure:
+    question: str
+    error: str
+
+
 async def evaluate_version(problems: list[EvalProblem], models: EvalModels, config: Config,
                            estimators: list[str], sizes: list[int], *, estimate: EstimateFn | None = None,
-                           concurrency: int = 8, progress=None) -> list[PromptRecord]:
+                           concurrency: int = 4, progress=None, failures: list[Failure] | None = None,
+                           ) -> list[PromptRecord]:
     """Records in the order of ``problems``; up to ``concurrency`` prompts in flight, so the
-    engines batch them. ``progress`` (a tqdm-like object) is updated once per prompt."""
+    engines batch them. A prompt whose engine calls fail is left out and added to ``failures``
+    with the reason (when given; else the error propagates), so one bad request does not
+    throw away an hour of measurement. ``progress`` (tqdm-like) is updated once per prompt."""
+    from catq.engines.client import EngineError
+
     if estimate is None:
         from catq.teacher.estimators import estimate_reference as estimate
     slots = asyncio.Semaphore(concurrency)
 
-    async def one(problem: EvalProblem) -> PromptRecord:
-        async with slots:
-            record = await evaluate_problem(problem, models, config, estimators, sizes, estimate)
-        if progress is not None:
-            progress.update(1)
-        return record
+    async def one(problem: EvalProblem) -> PromptRecord | None:
+        try:
+            async with slots:
+                return await evaluate_problem(problem, models, config, estimators, sizes, estimate)
+        except EngineError as exc:
+            if failures is None:
+                raise
+            failures.append(Failure(problem.text, str(exc)))
+            return None
+        finally:
+            if progress is not None:
+                progress.update(1)
 
-    return list(await asyncio.gather(*(one(p) for p in problems)))
+    records = await asyncio.gather(*(one(p) for p in problems))
+    return [r for r in records if r is not None]
 
 
 async def load_version(client, version: PolicyVersion, first: bool) -> None:

@@ -268,3 +268,42 @@ def test_version_result_keeps_every_prompt_record():
     result = version_result(PolicyVersion("v0", None, 0, 0), [record], ["majority"])
     assert result["prompts"][0]["references"]["1"]["majority"]["correct"] is True
     assert result["by_g"][0]["estimators"]["majority"]["accuracy"]["n"] == 1
+
+
+async def test_a_prompt_whose_engine_fails_is_left_out_with_its_reason():
+    from catq.engines.client import EngineError
+
+    class FlakyPolicy(ScriptedPolicy):
+        async def generate(self, prompt_ids, *, n, **sampling):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 1:
+                raise EngineError("POST /generate failed after retries: TimeoutError")
+            return await super().generate(prompt_ids, n=n, **sampling)
+
+    policy = FlakyPolicy({"v0": {"What is 2 + 3?": ["\\boxed{5}", "\\boxed{4}"]}}, "What is 2 + 3?")
+    models = EvalModels(policy, FakeTokenizer(), FakeChat("\\boxed{5}"))
+    results = await evaluate_versions([problem(), problem()], models, config_with_g(2), ["majority"],
+                                      [PolicyVersion("v0", None, 0, 0)], concurrency=1)
+    (version,) = results
+    assert len(version["prompts"]) == 1
+    assert version["failed"] == [{"question": "What is 2 + 3?", "error": "POST /generate failed after retries: TimeoutError"}]
+    assert version["by_g"][-1]["single"]["n"] == 1
+
+
+async def test_plot_without_data_needs_a_run_with_steps(tmp_path):
+    from types import SimpleNamespace
+
+    from catq.evaluation.command import run_eval
+
+    config = load_config(None, run="r")
+    config.run_dir = str(tmp_path / "{run}")
+    args = SimpleNamespace(data=None, plot=True, out=str(tmp_path / "out"))
+    with pytest.raises(EvalError, match="no learner steps"):
+        await run_eval(args, config, None)
+    config.run_path.mkdir(parents=True)
+    (config.run_path / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.5, "kl": 0.0}\n')
+    import io
+
+    out = io.StringIO()
+    assert await run_eval(args, config, out) == 0
+    assert (tmp_path / "out" / "training.png").exists() and "training.png" in out.getvalue()
