@@ -131,6 +131,18 @@ class AnchorConfig(Section):
     estimator: Literal["synthesis", "majority", "self_bon", "min_ppl"] = "synthesis"
     include_question: bool = False
     """Show the anchor the question (ablation only: the paper omits it on purpose)."""
+    prompt: Literal["paper", "short"] = "paper"
+    """Synthesis prompt: "paper" is CaT's (summary, then a unified response; right for capable
+    anchors); "short" asks only for the one correct final answer (an option for small anchors,
+    chosen by what `catq eval` measures)."""
+    prime_final_answer: bool = True
+    """math: when a synthesis states no final answer, continue the anchor's own context with a
+    primed final-answer line (one short extra generation; a follow-up turn for OpenAI-compatible
+    anchors) and take the answer from it, so every group gets a reference answer."""
+    synthesis_samples: int = Field(1, ge=1)
+    """k syntheses per group: the first with ``sampling``, the rest at ``synthesis_temperature``;
+    the reference answer is the one most of them state (ties: the first), s a synthesis stating it."""
+    synthesis_temperature: float = Field(0.7, ge=0.0)
     sampling: SamplingConfig = SamplingConfig(temperature=0.0, max_new_tokens=512)
     """Sampling for synthesis and rubric writing (greedy by default: one best reference)."""
     rubric_min_criteria: int = Field(5, ge=1)

@@ -31,6 +31,8 @@ class Outcome:
     """The rewards the pipeline's reward code gives the g rollouts against this reference."""
     reference: str = ""
     format_fallback: bool = False
+    answer_primed: bool = False
+    """synthesis: the answer came from the primed final-answer continuation."""
 
     @property
     def present(self) -> bool:
@@ -79,11 +81,11 @@ def rewards_against(answer: str | None, rollout_answers: list[str | None]) -> li
 
 
 def judge_outcome(answer: str | None, known: str, majority: str | None, rewards: list[float],
-                  reference: str = "", format_fallback: bool = False) -> Outcome:
+                  reference: str = "", format_fallback: bool = False, answer_primed: bool = False) -> Outcome:
     from catq.teacher.answers import answers_equivalent
 
     agrees = answer is not None and majority is not None and answers_equivalent(answer, majority)
-    return Outcome(answer, is_correct(answer, known), agrees, rewards, reference, format_fallback)
+    return Outcome(answer, is_correct(answer, known), agrees, rewards, reference, format_fallback, answer_primed)
 
 
 def summarize_g(records: list[PromptRecord], g: int, estimators: list[str]) -> dict:

@@ -109,7 +109,7 @@ async def evaluate_problem(problem: EvalProblem, models: EvalModels, config: Con
     jobs = [(g, name) for g in sizes for name in estimators]
     outcomes = await asyncio.gather(*(
         reference_outcome(dataclasses.replace(group, rollouts=group.rollouts[:g]), name, problem.answer,
-                          models, estimate)
+                          models, estimate, config)
         for g, name in jobs))
     for (g, name), outcome in zip(jobs, outcomes):
         record.references.setdefault(g, {})[name] = outcome
@@ -117,13 +117,14 @@ async def evaluate_problem(problem: EvalProblem, models: EvalModels, config: Con
 
 
 async def reference_outcome(group: RolloutGroup, estimator: str, known: str, models: EvalModels,
-                            estimate: EstimateFn):
+                            estimate: EstimateFn, config: Config):
     from catq.teacher.judging import score_math
 
-    ref = await estimate(group, estimator, anchor=models.anchor, policy=models.selector)
+    ref = await estimate(group, estimator, anchor=models.anchor, policy=models.selector,
+                         include_question=config.anchor.include_question, options=config.anchor)
     rewards, _ = score_math(group.rollouts, ref.reference_answer)
     return judge_outcome(ref.reference_answer, known, ref.majority_answer, rewards,
-                         ref.reference, ref.format_fallback)
+                         ref.reference, ref.format_fallback, ref.answer_primed)
 
 
 @dataclass

@@ -38,7 +38,7 @@ class AnchorHandler:
         prompt = group.prompt
         question = prompt.question if config.include_question else None
         ref = await estimate_reference(group, config.estimator, anchor=self.anchor, policy=self.policy,
-                                       include_question=config.include_question)
+                                       include_question=config.include_question, options=config)
         rubric: list[str] = []
         if prompt.task == "open":
             try:
@@ -61,6 +61,7 @@ class AnchorHandler:
             prompt.prompt_id, status="referenced", cat_answer=ref.reference, reference_answer=ref.reference_answer,
             majority_answer=ref.majority_answer, rubric=rubric, estimator=ref.estimator,
             format_fallback=ref.format_fallback, anchor_version=referenced.anchor_version,
+            answer_primed=ref.answer_primed, synthesis_answers=ref.synthesis_answers,
         )
         return [Output("references", referenced)]
 

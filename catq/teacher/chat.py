@@ -29,13 +29,15 @@ class EngineChat:
         self.tokenizer = tokenizer
         self.sampling = sampling
 
+    supports_prefix = True
+
     async def __call__(self, messages: list[dict[str, str]], *, temperature: float | None = None,
-                       prefix: str = "") -> str:
+                       prefix: str = "", max_new_tokens: int | None = None) -> str:
         ids = self.tokenizer.encode_chat(messages) + (self.tokenizer.encode(prefix) if prefix else [])
         (completion,) = await self.client.generate(
             ids,
             n=1,
-            max_new_tokens=self.sampling.max_new_tokens,
+            max_new_tokens=max_new_tokens or self.sampling.max_new_tokens,
             temperature=self.sampling.temperature if temperature is None else temperature,
             top_p=self.sampling.top_p,
             top_k=self.sampling.top_k,
@@ -52,13 +54,15 @@ class OpenAIChat:
         self.client = client
         self.sampling = sampling
 
+    supports_prefix = False
+
     async def __call__(self, messages: list[dict[str, str]], *, temperature: float | None = None,
-                       prefix: str = "") -> str:
+                       prefix: str = "", max_new_tokens: int | None = None) -> str:
         if prefix:  # chat APIs have no portable way to start the assistant's turn
             raise ValueError("OpenAI-compatible endpoints take no response prefix")
         (text,) = await self.client.complete(
             messages,
-            max_tokens=self.sampling.max_new_tokens,
+            max_tokens=max_new_tokens or self.sampling.max_new_tokens,
             temperature=self.sampling.temperature if temperature is None else temperature,
         )
         return text

@@ -19,14 +19,16 @@ async callables (see :mod:`catq.teacher.chat`), so everything here is testable w
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Protocol
 
+from catq.config import AnchorConfig
 from catq.messages import Rollout, RolloutGroup
 from catq.teacher import prompts
-from catq.teacher.answers import answers_equivalent, final_answer, last_boxed
+from catq.teacher.answers import _matching_braces, answers_equivalent, final_answer, last_boxed
 
 ESTIMATORS = ("synthesis", "majority", "self_bon", "min_ppl")
 
@@ -36,7 +38,7 @@ class ChatFn(Protocol):
     the reply, which then includes it; ``temperature`` overrides the configured one."""
 
     def __call__(self, messages: list[dict[str, str]], *, temperature: float | None = None,
-                 prefix: str = "") -> Awaitable[str]: ...
+                 prefix: str = "", max_new_tokens: int | None = None) -> Awaitable[str]: ...
 
 
 @dataclass
@@ -52,6 +54,10 @@ class Reference:
     """math: the final answer of s."""
     majority_answer: str | None = None
     """math: the majority answer of the rollouts (recorded whatever the estimator)."""
+    answer_primed: bool = False
+    """synthesis: the answer came from a primed final-answer continuation (s stated none)."""
+    synthesis_answers: list[str | None] = field(default_factory=list)
+    """synthesis with k > 1 samples: each sample's final answer, in draw order."""
 
 
 _UNIFIED = re.compile(
@@ -162,6 +168,75 @@ def _rollout_reference(text: str, estimator: str, output: str, fallback: bool, t
     return Reference(text, estimator, output, fallback, reference_answer=answer)
 
 
+FINAL_ANSWER_TOKENS = 16
+"""Enough for any final answer; the primed continuation stops being read at its closing brace."""
+
+
+def short_synthesis_reference(output: str, task: str) -> Reference:
+    """s from the "short" prompt's output: all of it (there are no headings to look for)."""
+    answer = final_answer(output, last_number=False) if task == "math" else None
+    return Reference(output.strip(), "synthesis", output, False, reference_answer=answer)
+
+
+def read_primed_answer(continuation: str) -> str | None:
+    """What the anchor wrote inside the primed ``\\boxed{``: up to the matching brace, or to the
+    end of the line when it never closed it; None when that is empty or too long to be an answer."""
+    text = "\\boxed{" + continuation
+    end = _matching_braces(text).get(len("\\boxed"))
+    content = text[len("\\boxed{"):end] if end is not None else continuation.split("\n", 1)[0]
+    content = content.strip().rstrip(".")
+    if not content or len(content) > 40:
+        return None
+    return final_answer("\\boxed{" + content + "}") if end is not None else final_answer(content)
+
+
+async def primed_final_answer(anchor: ChatFn, messages: list[dict[str, str]], output: str) -> str | None:
+    """The final answer the anchor gives when its synthesis is continued with a final-answer
+    line (engines), or asked for it in a follow-up turn (chat APIs that cannot continue)."""
+    if getattr(anchor, "supports_prefix", True):
+        start = output.rstrip() + prompts.FINAL_ANSWER_PRIME
+        text = await anchor(messages, prefix=start, temperature=0.0, max_new_tokens=FINAL_ANSWER_TOKENS)
+        return read_primed_answer(text[len(start):])
+    follow_up = messages + [{"role": "assistant", "content": output},
+                            {"role": "user", "content": prompts.FINAL_ANSWER_FOLLOW_UP}]
+    return final_answer(await anchor(follow_up, temperature=0.0, max_new_tokens=2 * FINAL_ANSWER_TOKENS))
+
+
+def synthesis_request(texts: list[str], task: str, question: str | None,
+                      prompt: str) -> tuple[list[dict[str, str]], str]:
+    """(messages, reply prefix) of the configured synthesis prompt; "short" is for math only."""
+    if prompt == "short" and task == "math":
+        return prompts.short_synthesis_messages(texts, question), ""
+    return prompts.synthesis_messages(texts, task, question), prompts.SYNTHESIS_PREFIX
+
+
+async def one_synthesis(group: RolloutGroup, anchor: ChatFn, options: AnchorConfig, question: str | None,
+                        temperature: float | None) -> Reference:
+    task = group.prompt.task
+    messages, prefix = synthesis_request([r.text for r in group.rollouts], task, question, options.prompt)
+    output = await anchor(messages, prefix=prefix, temperature=temperature)
+    ref = synthesis_reference(output, task) if prefix else short_synthesis_reference(output, task)
+    if task == "math" and ref.reference_answer is None and options.prime_final_answer:
+        ref.reference_answer = await primed_final_answer(anchor, messages, output)
+        ref.answer_primed = ref.reference_answer is not None
+    return ref
+
+
+async def synthesize(group: RolloutGroup, anchor: ChatFn, options: AnchorConfig,
+                     question: str | None) -> Reference:
+    """CaT synthesis; with ``synthesis_samples = k > 1`` the answer most of the k syntheses
+    state (ties: the first, drawn with the configured sampling) and a synthesis stating it."""
+    temperatures = [None] + [options.synthesis_temperature] * (options.synthesis_samples - 1)
+    refs = list(await asyncio.gather(*(one_synthesis(group, anchor, options, question, t) for t in temperatures)))
+    if len(refs) == 1:
+        return refs[0]
+    answers = [r.reference_answer for r in refs]
+    winners = majority_vote(answers) if group.prompt.task == "math" else []
+    chosen = refs[winners[0]] if winners else refs[0]
+    chosen.synthesis_answers = answers
+    return chosen
+
+
 async def estimate_reference(
     group: RolloutGroup,
     estimator: str,
@@ -169,17 +244,19 @@ async def estimate_reference(
     anchor: ChatFn,
     policy: ChatFn | None = None,
     include_question: bool = False,
+    options: AnchorConfig | None = None,
 ) -> Reference:
     """The reference for a group with the named estimator; for math the majority answer is
-    filled in whatever the estimator (it is part of the per-prompt result)."""
+    filled in whatever the estimator (it is part of the per-prompt result). ``options`` (the
+    run's ``[anchor]`` section) sets the synthesis prompt, priming and self-consistency;
+    None keeps the paper's synthesis with priming."""
     task = group.prompt.task
     texts = [r.text for r in group.rollouts]
     if estimator == "majority" and task != "math":
         estimator = "synthesis"
     if estimator == "synthesis":
         question = group.prompt.question if include_question else None
-        output = await anchor(prompts.synthesis_messages(texts, task, question), prefix=prompts.SYNTHESIS_PREFIX)
-        ref = synthesis_reference(output, task)
+        ref = await synthesize(group, anchor, options or AnchorConfig(), question)
     elif estimator == "majority":
         ref = majority_reference(group)
     elif estimator == "self_bon":

@@ -73,6 +73,31 @@ def synthesis_messages(
     ]
 
 
+_SHORT_SYNTHESIS = """Below are {n} attempts at the same math problem. Some may be wrong.
+
+{responses}
+
+Work out the correct result from them and finish with the final answer inside \\boxed{{}}."""
+
+
+def short_synthesis_messages(rollouts: list[str], question: str | None = None) -> list[dict[str, str]]:
+    """The "short" synthesis prompt (``anchor.prompt = "short"``, math only): no summary and no
+    headings, just the one final answer; small anchors echo the paper prompt's numbered steps
+    instead of following them. Still without the question unless the ablation asks for it."""
+    content = _SHORT_SYNTHESIS.format(n=len(rollouts), responses=_numbered_responses(rollouts))
+    if question is not None:
+        content = f"The problem was:\n<request>\n{question.strip()}\n</request>\n\n" + content
+    return [{"role": "user", "content": content}]
+
+
+FINAL_ANSWER_PRIME = "\n\nFinal answer: \\boxed{"
+"""Appended to a synthesis that stated no final answer; the anchor continues its own text from
+here, so what it writes next is its answer (``anchor.prime_final_answer``)."""
+
+FINAL_ANSWER_FOLLOW_UP = "State only the final answer of your response above, inside \\boxed{}."
+"""The same for chat APIs that cannot continue an assistant turn: a follow-up user turn."""
+
+
 _RUBRIC_INSTRUCTIONS = """Write a rubric of at least {min_criteria} criteria that a response must meet to be as good as this reference. Each criterion must:
 - be a property of the reference response above (what it says, recommends, warns about or gets right),
 - be binary: clearly met or not met, checkable by reading a response alone,

@@ -117,7 +117,7 @@ class FakeChat:
         self.reply = reply
         self.messages = []
 
-    async def __call__(self, messages, *, temperature=None, prefix=""):
+    async def __call__(self, messages, *, temperature=None, prefix="", max_new_tokens=None):
         self.messages.append(messages)
         return self.reply
 
@@ -192,12 +192,12 @@ async def test_no_label_reaches_an_estimator():
     question = "What is 8675308 + 1?"
     seen = []
 
-    async def guarded_estimate(group, estimator, *, anchor, policy):
+    async def guarded_estimate(group, estimator, **models):
         from catq.teacher.estimators import estimate_reference
 
         seen.append(repr(group))
         assert label not in repr(group), "the known answer reached an estimator"
-        return await estimate_reference(group, estimator, anchor=anchor, policy=policy)
+        return await estimate_reference(group, estimator, **models)
 
     policy = ScriptedPolicy({"v0": {question: ["\\boxed{12}", "\\boxed{13}"]}}, question)
     anchor = FakeChat("\\boxed{12}")
