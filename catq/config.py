@@ -146,19 +146,58 @@ class AnchorConfig(Section):
     sampling: SamplingConfig = SamplingConfig(temperature=0.0, max_new_tokens=512)
     """Sampling for synthesis and rubric writing (greedy by default: one best reference)."""
     rubric_min_criteria: int = Field(5, ge=1)
+    """Criteria a rubric should have (paper: 5): drafting stops as soon as the merged drafts
+    reach it. A rubric still below it after ``rubric_drafts`` drafts but with at least one
+    criterion is used as it is and flagged ``rubric_short`` in the prompt's result."""
     rubric_attempts: int = Field(3, ge=1)
-    """Rubric generations tried before a group is dead-lettered for malformed XML."""
+    """Rubric drafts tried while none has given a usable criterion (malformed XML, only the
+    format example echoed) before the group is dead-lettered. Once one has, ``rubric_drafts``
+    bounds the drafting instead; so at most max(rubric_drafts, rubric_attempts) drafts in all."""
+    rubric_drafts: int = Field(4, ge=1)
+    """Rubric drafts whose distinct criteria are merged (in order, first wording kept) while the
+    rubric is short of ``rubric_min_criteria``: the first at ``sampling`` (greedy by default),
+    the rest at ``rubric_temperature`` so they differ. An anchor that writes a full rubric at
+    once is asked once, as in the paper; a small one gets several tries to add criteria."""
+    rubric_temperature: float = Field(0.8, ge=0.0)
+    """Sampling temperature of every rubric draft after the first."""
+    rubric_max_criteria: int = Field(8, ge=1)
+    """The merged rubric keeps its first this many criteria (judge calls per group are
+    G × criteria). At least ``rubric_min_criteria``."""
+
+    @model_validator(mode="after")
+    def _rubric_bounds(self) -> AnchorConfig:
+        if self.rubric_max_criteria < self.rubric_min_criteria:
+            raise ValueError(f"anchor.rubric_max_criteria ({self.rubric_max_criteria}) is below "
+                             f"anchor.rubric_min_criteria ({self.rubric_min_criteria})")
+        return self
 
 
 class JudgeConfig(Section):
     concurrency: int = Field(16, ge=1)
     """Judge calls in flight for one group."""
+    verdict: Literal["logprob", "text"] = "logprob"
+    """How a judge call becomes yes/no. "logprob": one prefill of the judge prompt, then
+    P("yes") and P("no") of the reply's first token (summed over spellings such as " yes" and
+    "Yes"); the likelier one is the verdict, so every call gives one. Engine judges read the
+    probabilities with SGLang's ``token_ids_logprob``; OpenAI-compatible judges with
+    ``logprobs``/``top_logprobs``, and fall back to "text" where the endpoint offers none.
+    "text": generate up to ``max_new_tokens`` and parse the reply strictly, ``attempts`` tries."""
+    soft: bool = False
+    """Reward = mean over criteria of P(yes) / (P(yes) + P(no)) instead of the fraction of
+    criteria judged "yes" (a verdict read from text counts as 1 or 0). Needs verdict = "logprob"."""
     attempts: int = Field(2, ge=1)
-    """Tries for a strict yes/no before the verdict is counted as "no" and recorded."""
+    """Text verdicts: tries for a strict yes/no before the verdict is counted as "no" and recorded."""
     max_new_tokens: int = Field(8, ge=1)
+    """Text verdicts: the longest reply generated."""
     length_penalty_tokens: int = Field(0, ge=0)
     """Reward -1 for a rollout longer than this many tokens; 0 turns the penalty off
     (paper: 750 for health)."""
+
+    @model_validator(mode="after")
+    def _soft_needs_probabilities(self) -> JudgeConfig:
+        if self.soft and self.verdict != "logprob":
+            raise ValueError('judge.soft = true needs judge.verdict = "logprob" (text verdicts have no P(yes))')
+        return self
 
 
 class LearnerConfig(Section):

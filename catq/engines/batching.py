@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from catq.engines.sampling import RowParams, SamplingParams, sample
+from catq.engines.sampling import Alternatives, RowParams, SamplingParams, alternatives, sample
 
 
 @dataclass
@@ -40,6 +40,12 @@ class Sequence:
     {"type": "abort", "message": ...}; None while running."""
     max_new_tokens: int = 0
     """The effective limit: params.max_new_tokens capped by the model's context length."""
+    top_logprobs_num: int = 0
+    """SGLang's ``top_logprobs_num``: also record this many likeliest tokens at each position."""
+    token_ids_logprob: list[int] | None = None
+    """SGLang's ``token_ids_logprob``: also record these tokens' log-probs at each position."""
+    alternatives: list[Alternatives] = field(default_factory=list)
+    """One per output token when either of the two above asks for it, else empty."""
 
     @property
     def finished(self) -> bool:
@@ -56,6 +62,8 @@ class Batch:
     positions: torch.Tensor  # [B]: position of the next input token
     next_tokens: torch.Tensor  # [B]: last sampled token, the next input
     rows: RowParams
+    last_alternatives: list[Alternatives | None] | None = None
+    """Per row, what ``alternatives`` gave at the latest prefill/step; None when no row asked."""
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -102,8 +110,10 @@ class BatchGenerator:
             positions=mask[rows].sum(-1), next_tokens=torch.zeros(len(seqs), dtype=torch.long),
             rows=RowParams.build([s.params for s in seqs], self.vocab_size, self.device),
         )
-        tokens, logprobs = sample(out.logits[:, -1][rows], batch.rows, self.generator)
+        logits = out.logits[:, -1][rows]
+        tokens, logprobs = sample(logits, batch.rows, self.generator)
         batch.next_tokens = tokens
+        batch.last_alternatives = self._alternatives(batch.seqs, logits)
         return batch, tokens, logprobs
 
     @torch.no_grad()
@@ -119,7 +129,12 @@ class BatchGenerator:
         batch.positions = batch.positions + 1
         tokens, logprobs = sample(out.logits[:, -1], batch.rows, self.generator)
         batch.next_tokens = tokens
+        batch.last_alternatives = self._alternatives(batch.seqs, out.logits[:, -1])
         return tokens, logprobs
+
+    @staticmethod
+    def _alternatives(seqs: list[Sequence], logits: torch.Tensor) -> list[Alternatives | None] | None:
+        return alternatives(logits, [s.top_logprobs_num for s in seqs], [s.token_ids_logprob for s in seqs])
 
     def select(self, batch: Batch, keep: list[int]) -> Batch | None:
         """Keep only rows ``keep`` (in order); None when no row is left."""
@@ -170,6 +185,11 @@ class BatchGenerator:
         bad = [t for t in seq.prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        bad = [t for t in seq.token_ids_logprob or [] if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token_ids_logprob out of range [0, {self.vocab_size}): {bad[:5]}")
+        if seq.top_logprobs_num < 0:
+            raise ValueError(f"top_logprobs_num must be >= 0, got {seq.top_logprobs_num}")
         room = self.context_len - len(seq.prompt_ids)
         if room <= 0:
             raise ValueError(
@@ -179,13 +199,18 @@ class BatchGenerator:
         if seq.max_new_tokens == 0:
             seq.finish_reason = {"type": "length", "length": 0}
 
-    def record(self, seqs: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
-        """Append each row's new token and settle finish reasons."""
-        for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True):
+    def record(self, seqs: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor,
+               alternatives: list[Alternatives | None] | None = None) -> None:
+        """Append each row's new token (and the ``alternatives`` it asked for: the batch's
+        ``last_alternatives``) and settle finish reasons."""
+        extras = alternatives or [None] * len(seqs)
+        for seq, token, logprob, extra in zip(seqs, tokens.tolist(), logprobs.tolist(), extras, strict=True):
             if seq.finished:  # aborted while the step ran
                 continue
             seq.output_ids.append(token)
             seq.logprobs.append(logprob)
+            if extra is not None:
+                seq.alternatives.append(extra)
             seq.finish_reason = finish_check(seq, self.eos_ids, self.tokenizer)
 
     def output_text(self, seq: Sequence) -> str:
@@ -207,11 +232,12 @@ class BatchGenerator:
         for start in range(0, len(pending), max_batch):
             chunk = pending[start:start + max_batch]
             batch, tokens, logprobs = self.prefill(chunk)
-            self.record(batch.seqs, tokens, logprobs)
+            self.record(batch.seqs, tokens, logprobs, batch.last_alternatives)
             while batch is not None:
                 batch = self.select(batch, [i for i, s in enumerate(batch.seqs) if not s.finished])
                 if batch is not None:
-                    self.record(batch.seqs, *self.step(batch))
+                    tokens, logprobs = self.step(batch)
+                    self.record(batch.seqs, tokens, logprobs, batch.last_alternatives)
         return seqs
 
 

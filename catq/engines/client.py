@@ -7,6 +7,8 @@ Prompts go in as token ids: the caller applies the chat template (``ChatTokenize
 the learner trains on are exactly those the engine generated from. ``Completion.logprobs`` are
 the behaviour log-probs of the sampled tokens: raw-logit log-softmax on catq's engine (see
 ``catq.engines.sampling``; start SGLang with ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` to match).
+``top_logprobs_num`` / ``token_ids_logprob`` (SGLang's names) ask for other tokens' log-probs at
+each output position: ``Completion.top_logprobs`` / ``Completion.token_ids_logprobs``.
 
 Retries: transport errors (connection refused/reset, timeouts) and HTTP 5xx are retried with
 exponential backoff, stopping at ``max_attempts`` or when ``timeout_s`` (for the whole call,
@@ -47,6 +49,12 @@ class Completion:
     completion_tokens: int
     weight_version: str | None
     """The weights that produced it, as the engine reports them ("default" before any update)."""
+    top_logprobs: list[dict[int, float]] | None = None
+    """Per output position, {token id: logprob} of the likeliest ``top_logprobs_num`` tokens
+    (SGLang's ``output_top_logprobs``); None when not asked for."""
+    token_ids_logprobs: list[dict[int, float]] | None = None
+    """Per output position, {token id: logprob} of the ``token_ids_logprob`` tokens (SGLang's
+    ``output_token_ids_logprobs``); None when not asked for."""
 
 
 def is_retryable_status(status: int) -> bool:
@@ -141,19 +149,23 @@ class EngineClient(HttpJsonClient):
     async def generate(self, input_ids: list[int], *, n: int = 1, max_new_tokens: int = 128,
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1,
                        stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
-                       return_logprob: bool = True) -> list[Completion]:
+                       return_logprob: bool = True, top_logprobs_num: int = 0,
+                       token_ids_logprob: list[int] | None = None) -> list[Completion]:
         """``n`` samples of one prompt."""
         [group] = await self.generate_batch(
             [input_ids], n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, stop=stop, stop_token_ids=stop_token_ids, return_logprob=return_logprob,
+            top_logprobs_num=top_logprobs_num, token_ids_logprob=token_ids_logprob,
         )
         return group
 
     async def generate_batch(self, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int = 128,
                              temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1,
                              stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
-                             return_logprob: bool = True) -> list[list[Completion]]:
-        """``n`` samples of each prompt, grouped by prompt, in one request."""
+                             return_logprob: bool = True, top_logprobs_num: int = 0,
+                             token_ids_logprob: list[int] | None = None) -> list[list[Completion]]:
+        """``n`` samples of each prompt, grouped by prompt, in one request. Asking for
+        ``top_logprobs_num`` or ``token_ids_logprob`` implies ``return_logprob`` (as SGLang needs)."""
         if not prompts:
             return []
         sampling: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature,
@@ -162,13 +174,22 @@ class EngineClient(HttpJsonClient):
             sampling["stop"] = list(stop)
         if stop_token_ids:
             sampling["stop_token_ids"] = list(stop_token_ids)
-        payload = {"input_ids": [list(p) for p in prompts], "sampling_params": sampling,
-                   "return_logprob": return_logprob}
+        return_logprob = return_logprob or top_logprobs_num > 0 or bool(token_ids_logprob)
+        payload: dict[str, Any] = {"input_ids": [list(p) for p in prompts], "sampling_params": sampling,
+                                   "return_logprob": return_logprob}
+        if top_logprobs_num > 0:
+            payload["top_logprobs_num"] = top_logprobs_num
+        if token_ids_logprob:
+            payload["token_ids_logprob"] = list(token_ids_logprob)
         reply = await self.request("POST", "/generate", payload)
         items = reply if isinstance(reply, list) else [reply]
         if len(items) != len(prompts) * n:
             raise EngineError(f"/generate returned {len(items)} items for {len(prompts)} prompts x n={n}")
-        completions = [parse_completion(item, return_logprob) for item in items]
+        completions = [
+            parse_completion(item, return_logprob, top_logprobs=top_logprobs_num > 0,
+                             token_ids_logprobs=bool(token_ids_logprob))
+            for item in items
+        ]
         return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     async def update_weights_from_disk(self, model_path: str, weight_version: str | None = None,
@@ -203,8 +224,10 @@ class EngineClient(HttpJsonClient):
         return status == 200
 
 
-def parse_completion(item: dict, return_logprob: bool) -> Completion:
-    """One /generate item -> Completion; EngineError when a field is missing or mistyped."""
+def parse_completion(item: dict, return_logprob: bool, *, top_logprobs: bool = False,
+                     token_ids_logprobs: bool = False) -> Completion:
+    """One /generate item -> Completion; EngineError when a field is missing or mistyped
+    (including a log-prob field asked for and absent)."""
     try:
         meta = item["meta_info"]
         reason = meta.get("finish_reason") or {}
@@ -221,6 +244,13 @@ def parse_completion(item: dict, return_logprob: bool) -> Completion:
             prompt_tokens=int(meta["prompt_tokens"]),
             completion_tokens=int(meta.get("completion_tokens", len(output_ids))),
             weight_version=None if version is None else str(version),
+            top_logprobs=_per_position(meta["output_top_logprobs"]) if top_logprobs else None,
+            token_ids_logprobs=_per_position(meta["output_token_ids_logprobs"]) if token_ids_logprobs else None,
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise EngineError(f"malformed /generate item ({type(exc).__name__}: {exc}): {str(item)[:300]}") from None
+
+
+def _per_position(positions: list[list[list]]) -> list[dict[int, float]]:
+    """SGLang's per-position lists of [logprob, token_id, text|None] -> {token id: logprob}."""
+    return [{int(entry[1]): float(entry[0]) for entry in position or []} for position in positions]

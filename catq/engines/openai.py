@@ -46,3 +46,23 @@ class ChatClient(HttpJsonClient):
         if len(texts) != n:
             raise EngineError(f"chat completion returned {len(texts)} choices, asked for {n}")
         return texts
+
+    async def first_token_logprobs(self, messages: list[dict], *,
+                                   top_logprobs: int = 5) -> list[tuple[str, float]] | None:
+        """(token, logprob) of the ``top_logprobs`` likeliest first reply tokens (one greedy
+        token with ``logprobs``/``top_logprobs``); None when the endpoint returns none or
+        refuses the fields with a 400."""
+        payload = {"model": self.model, "messages": messages, "max_tokens": 1, "temperature": 0.0,
+                   "logprobs": True, "top_logprobs": top_logprobs}
+        try:
+            reply = await self.request("POST", self.path, payload)
+        except EngineError as exc:
+            if exc.status == 400:
+                return None
+            raise
+        try:
+            content = (reply["choices"][0].get("logprobs") or {}).get("content") or []
+            top = content[0].get("top_logprobs") if content else None
+            return [(str(t["token"]), float(t["logprob"])) for t in top] if top else None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise EngineError(f"malformed chat completion ({exc}): {str(reply)[:300]}") from None

@@ -7,7 +7,8 @@ so the importance ratio πθ/π_behaviour compares like with like. (Temperature 
 decide *which* token is drawn.) SGLang's default differs: it returns log-probs after temperature
 scaling unless started with ``SGLANG_RETURN_ORIGINAL_LOGPROB=1``, so an SGLang policy engine must
 be launched with that variable set for the two engines to agree. Greedy (temperature 0, or
-top_k 1) picks the arg-max of the raw logits.
+top_k 1) picks the arg-max of the raw logits. ``alternatives`` reads the same raw distribution
+for SGLang's ``top_logprobs_num`` and ``token_ids_logprob`` (other tokens' log-probs at a position).
 """
 
 from __future__ import annotations
@@ -111,3 +112,39 @@ def _sample_truncated(
     probs = probs.masked_fill(mass_before >= params.top_p.unsqueeze(-1), 0.0)  # keeps rank 0
     choice = torch.multinomial(probs, num_samples=1, generator=generator)
     return order.gather(-1, choice).squeeze(-1)
+
+
+@dataclass
+class Alternatives:
+    """Log-probs of tokens other than the sampled one at one output position, from the same raw
+    distribution as the sampled token's."""
+
+    top: list[tuple[float, int]]
+    """(logprob, token id) of the ``top_logprobs_num`` likeliest tokens, likeliest first."""
+    requested: list[tuple[float, int]]
+    """(logprob, token id) of every id in ``token_ids_logprob``, in request order."""
+
+
+def alternatives(
+    logits: torch.Tensor, top_nums: list[int], token_ids: list[list[int] | None]
+) -> list[Alternatives | None] | None:
+    """Per row of ``logits`` [B, V]: the ``top_nums[i]`` likeliest tokens and the tokens
+    ``token_ids[i]`` with their raw log-probs; None for rows that ask for neither, and None
+    overall when no row asks (the common case costs nothing)."""
+    wanted = [i for i, (k, ids) in enumerate(zip(top_nums, token_ids, strict=True)) if k > 0 or ids]
+    if not wanted:
+        return None
+    logprobs = torch.log_softmax(logits[wanted].float(), dim=-1)
+    k_max = min(max(top_nums[i] for i in wanted), logprobs.shape[-1])
+    top_values, top_ids = (t.tolist() for t in logprobs.topk(k_max, dim=-1))
+    logprobs = logprobs.cpu()
+    result: list[Alternatives | None] = [None] * len(top_nums)
+    for row, i in enumerate(wanted):
+        k = min(top_nums[i], k_max)
+        ids = token_ids[i] or []
+        requested = logprobs[row, ids].tolist() if ids else []
+        result[i] = Alternatives(
+            top=list(zip(top_values[row][:k], top_ids[row][:k], strict=True)),
+            requested=list(zip(requested, ids, strict=True)),
+        )
+    return result

@@ -187,7 +187,7 @@ class Scheduler:
         self.stats.max_batch_size = max(self.stats.max_batch_size, len(batch))
         live = sum(1 for s in batch.seqs if not s.finished)
         self.stats.generated_tokens += live
-        self.gen.record(batch.seqs, tokens, logprobs)
+        self.gen.record(batch.seqs, tokens, logprobs, batch.last_alternatives)
 
     def _retire_finished(self) -> None:
         if self._running is None:

@@ -7,7 +7,11 @@ Workers cannot tell it from SGLang: the same routes, request fields and response
 (``python/sglang/srt/entrypoints/http_server.py`` and ``managers/io_struct.py`` are the
 reference). What runs behind them is ``scheduler.Scheduler`` (continuous batching over one KV
 cache) and ``sampling.sample``. Returned log-probs are ``log_softmax`` of the raw logits at each
-sampled token — temperature and top-p/top-k NOT applied — see ``catq.engines.sampling``.
+sampled token — temperature and top-p/top-k NOT applied — see ``catq.engines.sampling``. With
+``return_logprob``, ``top_logprobs_num`` adds ``meta_info.output_top_logprobs`` and
+``token_ids_logprob`` adds ``meta_info.output_token_ids_logprobs`` (per output position, lists of
+``[logprob, token_id, text|None]``) from that same raw distribution: one prefill with
+``max_new_tokens: 1`` is how the log-prob judge reads P("yes") and P("no").
 
 Routes: POST /generate, POST /update_weights_from_disk, GET /model_info (and /get_model_info),
 GET /get_weight_version, GET /get_server_info (its ``engine_stats`` counts forward passes and the
@@ -77,6 +81,10 @@ class GenerateIn(BaseModel):
     stream: bool = False
     logprob_start_len: int | list[int] = -1
     top_logprobs_num: int | list[int] = 0
+    """With return_logprob: also return this many likeliest tokens at each output position."""
+    token_ids_logprob: list[int] | list[list[int]] | None = None
+    """With return_logprob: also return these tokens' log-probs at each output position; one
+    list for every prompt, or a list of lists, one per prompt (as SGLang)."""
     return_text_in_logprobs: bool = False
 
 
@@ -99,6 +107,8 @@ class ChatCompletionIn(BaseModel):
     top_k: int = Field(-1, ge=-1)
     stop: str | list[str] | None = None
     logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    """With logprobs: the likeliest tokens at each position (OpenAI allows 0..20)."""
     stream: bool = False
 
 
@@ -129,17 +139,21 @@ class Engine:
         prompts, single = self._prompts(body)
         params = _per_prompt(body.sampling_params, len(prompts), "sampling_params")
         logprob_flags = _per_prompt(body.return_logprob, len(prompts), "return_logprob")
+        top_nums = _per_prompt(body.top_logprobs_num, len(prompts), "top_logprobs_num")
+        id_lists = _token_ids_per_prompt(body.token_ids_logprob, len(prompts))
         groups: list[list[Sequence]] = []
-        for prompt, sp in zip(prompts, params, strict=True):
+        for prompt, sp, flag, top_num, ids in zip(prompts, params, logprob_flags, top_nums, id_lists, strict=True):
             sampling = sp.to_params()
             sampling.validate()
             group = [Sequence(list(prompt), sampling) for _ in range(sampling.n)]
             for seq in group:
+                if flag:  # SGLang returns neither without return_logprob, so compute neither
+                    seq.top_logprobs_num, seq.token_ids_logprob = top_num, ids
                 self.gen.admit(seq)
             groups.append(group)
         await self.scheduler.submit([seq for group in groups for seq in group])
         items = [
-            self._item(seq, flag, started)
+            self._item(seq, flag, started, body.return_text_in_logprobs)
             for group, flag in zip(groups, logprob_flags, strict=True)
             for seq in group
         ]
@@ -158,7 +172,7 @@ class Engine:
             return [ids], True
         return ids, False
 
-    def _item(self, seq: Sequence, return_logprob: bool, started: float) -> dict:
+    def _item(self, seq: Sequence, return_logprob: bool, started: float, with_text: bool = False) -> dict:
         meta = {
             "id": seq.seq_id,
             "finish_reason": seq.finish_reason,
@@ -169,10 +183,18 @@ class Engine:
             "e2e_latency": time.time() - started,
         }
         if return_logprob:
-            meta["output_token_logprobs"] = [
-                [lp, tok, None] for lp, tok in zip(seq.logprobs, seq.output_ids, strict=True)
-            ]
+            meta["output_token_logprobs"] = self._triples(zip(seq.logprobs, seq.output_ids, strict=True), with_text)
+            if seq.top_logprobs_num > 0:
+                meta["output_top_logprobs"] = [self._triples(alt.top, with_text) for alt in seq.alternatives]
+            if seq.token_ids_logprob:
+                meta["output_token_ids_logprobs"] = [
+                    self._triples(alt.requested, with_text) for alt in seq.alternatives
+                ]
         return {"text": self.gen.output_text(seq), "output_ids": list(seq.output_ids), "meta_info": meta}
+
+    def _triples(self, pairs, with_text: bool) -> list[list]:
+        """SGLang's log-prob entries: [logprob, token_id, text] (text None unless asked for)."""
+        return [[lp, tok, self.tokenizer.decode([tok]) if with_text else None] for lp, tok in pairs]
 
     # -- weights ----------------------------------------------------------------------------
 
@@ -278,6 +300,8 @@ class Engine:
         ).to_params()
         seqs = [Sequence(list(prompt), sampling) for _ in range(body.n)]
         for seq in seqs:
+            if body.logprobs:
+                seq.top_logprobs_num = body.top_logprobs or 0
             self.gen.admit(seq)
         await self.scheduler.submit(seqs)
         choices = [self._choice(i, seq, body.logprobs) for i, seq in enumerate(seqs)]
@@ -310,11 +334,16 @@ class Engine:
             "matched_stop": reason.get("matched"),
         }
         if logprobs:
+            alternatives = seq.alternatives or [None] * len(seq.output_ids)
             choice["logprobs"] = {"content": [
-                {"token": self.tokenizer.decode([tok]), "logprob": lp, "bytes": None, "top_logprobs": []}
-                for tok, lp in zip(seq.output_ids, seq.logprobs, strict=True)
+                {**self._openai_logprob(tok, lp),
+                 "top_logprobs": [self._openai_logprob(t, v) for v, t in alt.top] if alt else []}
+                for tok, lp, alt in zip(seq.output_ids, seq.logprobs, alternatives, strict=True)
             ]}
         return choice
+
+    def _openai_logprob(self, token: int, logprob: float) -> dict:
+        return {"token": self.tokenizer.decode([token]), "logprob": logprob, "bytes": None}
 
 
 async def _json(request: web.Request) -> Any:
@@ -330,6 +359,17 @@ def _per_prompt(value, count: int, name: str) -> list:
     if len(value) != count:
         raise BadRequest(f"{name} has {len(value)} entries for {count} prompts")
     return value
+
+
+def _token_ids_per_prompt(value: list[int] | list[list[int]] | None, count: int) -> list[list[int] | None]:
+    """SGLang's normalisation: None or [] for none, a flat list for every prompt, or one list per prompt."""
+    if not value:
+        return [None] * count
+    if isinstance(value[0], int):
+        return [list(value)] * count
+    if len(value) != count:
+        raise BadRequest(f"token_ids_logprob has {len(value)} lists for {count} prompts")
+    return [list(ids) or None for ids in value]
 
 
 def _update_reply(success: bool, message: str, paused: int) -> web.Response:

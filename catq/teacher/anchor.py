@@ -5,8 +5,10 @@
 The frozen anchor π0 (``engines.anchor_url``, tokenizer ``model.anchor``) turns the G rollouts
 into the pseudo-reference s with the configured estimator (see catq.teacher.estimators; CaT
 synthesis by default, which never shows the anchor the question). For ``open`` prompts it then
-proposes a rubric from s; output that never parses after ``anchor.rubric_attempts`` tries
-dead-letters the group with the reason. ``self_bon`` asks the policy (the first policy engine).
+drafts a rubric from s (catq.teacher.rubric.draft_rubric: several drafts merged while short of
+``anchor.rubric_min_criteria``). A short rubric is used and flagged ``rubric_short`` in the
+prompt's result; a group whose drafts give no usable criterion is dead-lettered with the reason.
+``self_bon`` asks the policy (the first policy engine).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from catq.messages import ReferencedGroup, RolloutGroup
 from catq.runtime import DeadLetterError, WorkerContext, run_worker
 from catq.teacher.estimators import estimate_reference
 from catq.teacher.rollout import parse_version
-from catq.teacher.rubric import RubricParseError, propose_rubric
+from catq.teacher.rubric import RubricParseError, draft_rubric
 
 SELECTION_SAMPLING = SamplingConfig(temperature=0.0, top_p=1.0, top_k=-1, max_new_tokens=16)
 """Self best-of-N: the policy only has to name a number."""
@@ -40,15 +42,9 @@ class AnchorHandler:
         ref = await estimate_reference(group, config.estimator, anchor=self.anchor, policy=self.policy,
                                        include_question=config.include_question, options=config)
         rubric: list[str] = []
+        rubric_fields: dict[str, object] = {}
         if prompt.task == "open":
-            try:
-                rubric, _ = await propose_rubric(self.anchor, ref.reference, min_criteria=config.rubric_min_criteria,
-                                                 attempts=config.rubric_attempts, question=question)
-            except RubricParseError as exc:
-                # The reference is still an answer worth serving; the runtime marks the result
-                # "dead" with the reason when the group is dead-lettered.
-                await self.ctx.results.update(prompt.prompt_id, cat_answer=ref.reference)
-                raise DeadLetterError(str(exc)) from exc
+            rubric, rubric_fields = await self.open_rubric(prompt.prompt_id, ref.reference, question)
         referenced = ReferencedGroup(
             group, ref.reference, ref.estimator, ref.anchor_output, format_fallback=ref.format_fallback,
             reference_answer=ref.reference_answer, majority_answer=ref.majority_answer, rubric=rubric,
@@ -61,9 +57,28 @@ class AnchorHandler:
             prompt.prompt_id, status="referenced", cat_answer=ref.reference, reference_answer=ref.reference_answer,
             majority_answer=ref.majority_answer, rubric=rubric, estimator=ref.estimator,
             format_fallback=ref.format_fallback, anchor_version=referenced.anchor_version,
-            answer_primed=ref.answer_primed, synthesis_answers=ref.synthesis_answers,
+            answer_primed=ref.answer_primed, synthesis_answers=ref.synthesis_answers, **rubric_fields,
         )
         return [Output("references", referenced)]
+
+    async def open_rubric(self, prompt_id: str, reference: str,
+                          question: str | None) -> tuple[list[str], dict[str, object]]:
+        """(criteria, result fields) of the rubric drafted from ``reference``; DeadLetterError
+        when no draft gives a usable criterion."""
+        config = self.ctx.config.anchor
+        try:
+            rubric, info = await draft_rubric(
+                self.anchor, reference, min_criteria=config.rubric_min_criteria,
+                max_criteria=config.rubric_max_criteria, drafts=config.rubric_drafts,
+                attempts=config.rubric_attempts, temperature=config.rubric_temperature, question=question)
+        except RubricParseError as exc:
+            # The reference is still an answer worth serving; the runtime marks the result
+            # "dead" with the reason when the group is dead-lettered.
+            await self.ctx.results.update(prompt_id, cat_answer=reference)
+            raise DeadLetterError(str(exc)) from exc
+        self.ctx.log.info("rubric", criteria=len(rubric), drafts=info.drafts, short=info.short,
+                          criteria_per_draft=info.criteria_per_draft)
+        return rubric, {"rubric_short": info.short, "rubric_drafts": info.drafts}
 
     async def anchor_version(self) -> int:
         """The anchor engine's weight version, asked once (the anchor is frozen)."""

@@ -5,11 +5,16 @@ the judge take (:class:`catq.teacher.estimators.ChatFn`).
   client-side by the model's tokenizer (the same path rollouts take).
 - :class:`OpenAIChat`: any OpenAI-compatible ``/v1/chat/completions`` endpoint (e.g. a hosted
   judge), with its API key from the environment.
+
+Both also answer ``await chat.yes_no(messages) -> (P(yes), P(no)) | None``: the probabilities of
+"yes" and "no" as the first reply token (the log-prob judge, ``catq.teacher.judging``).
 """
 
 from __future__ import annotations
 
+import math
 import os
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from catq.config import Config, SamplingConfig
@@ -18,6 +23,10 @@ if TYPE_CHECKING:
     from catq.engines.client import EngineClient
     from catq.engines.openai import ChatClient
     from catq.engines.tokenizer import ChatTokenizer
+
+YES_SPELLINGS = (" yes", "yes", " Yes", "Yes")
+NO_SPELLINGS = (" no", "no", " No", "No")
+"""The first reply tokens that mean "yes" / "no" to the log-prob judge."""
 
 
 class EngineChat:
@@ -45,6 +54,28 @@ class EngineChat:
         )
         return prefix + completion.text
 
+    async def yes_no(self, messages: list[dict[str, str]]) -> tuple[float, float] | None:
+        """(P(yes), P(no)) of the reply's first token, each summed over the single-token
+        spellings in YES_SPELLINGS / NO_SPELLINGS: one prefill, one new token. None when the
+        tokenizer spells either word in no single token."""
+        yes_ids, no_ids = self.yes_no_token_ids
+        if not yes_ids or not no_ids:
+            return None
+        (completion,) = await self.client.generate(
+            self.tokenizer.encode_chat(messages), n=1, max_new_tokens=1, temperature=0.0,
+            token_ids_logprob=yes_ids + no_ids,
+        )
+        [position] = completion.token_ids_logprobs
+        return sum(math.exp(position[i]) for i in yes_ids), sum(math.exp(position[i]) for i in no_ids)
+
+    @cached_property
+    def yes_no_token_ids(self) -> tuple[list[int], list[int]]:
+        """The distinct token ids of the spellings of "yes" and of "no" that are one token."""
+        def single(spellings: tuple[str, ...]) -> list[int]:
+            encoded = [self.tokenizer.encode(s) for s in spellings]
+            return list(dict.fromkeys(ids[0] for ids in encoded if len(ids) == 1))
+        return single(YES_SPELLINGS), single(NO_SPELLINGS)
+
     async def close(self) -> None:
         await self.client.close()
 
@@ -66,6 +97,22 @@ class OpenAIChat:
             temperature=self.sampling.temperature if temperature is None else temperature,
         )
         return text
+
+    logprobs_offered: bool | None = None
+    """Whether the endpoint returns log-probs (None: not asked yet)."""
+
+    async def yes_no(self, messages: list[dict[str, str]]) -> tuple[float, float] | None:
+        """(P(yes), P(no)) of the first reply token from the endpoint's ``top_logprobs`` (tokens
+        reading "yes"/"no" once stripped and lower-cased; absent from the top 5 counts as 0).
+        None when the endpoint offers no log-probs, and from then on without asking again."""
+        if self.logprobs_offered is False:
+            return None
+        top = await self.client.first_token_logprobs(messages, top_logprobs=5)
+        self.logprobs_offered = top is not None
+        if top is None:
+            return None
+        prob = {w: sum(math.exp(lp) for t, lp in top if t.strip().lower() == w) for w in ("yes", "no")}
+        return prob["yes"], prob["no"]
 
     async def close(self) -> None:
         await self.client.close()

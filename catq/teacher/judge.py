@@ -4,8 +4,9 @@
 
 math: reward by final-answer equivalence with the reference (no model call). open: one judge
 call per (rollout, criterion) on the configured judge endpoint (``engines.judge_api``: a
-catq/SGLang engine, or any OpenAI-compatible server), at most ``judge.concurrency`` at once.
-See catq.teacher.judging.
+catq/SGLang engine, or any OpenAI-compatible server), at most ``judge.concurrency`` at once;
+by default (``judge.verdict = "logprob"``) a call is one prefill whose P("yes") vs P("no") is the
+verdict. See catq.teacher.judging.
 """
 
 from __future__ import annotations

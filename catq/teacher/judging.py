@@ -2,9 +2,14 @@
 
 - math: reward_i = 1 when rollout i's final answer is equivalent to the reference's, else 0;
   no answer on either side -> 0.
-- open: one judge call per (rollout, criterion); reward_i = fraction of criteria satisfied.
-  Replies are parsed strictly (:func:`parse_yes_no`); an unusable reply is retried with a
-  reminder, and after ``attempts`` tries counts as "no" with ``parsed=False`` in its Verdict.
+- open: one judge call per (rollout, criterion); reward_i = fraction of criteria satisfied, or
+  with ``judge.soft`` the mean of P(yes) / (P(yes) + P(no)) over criteria.
+  Verdicts (``judge.verdict``): "logprob" — when the judge has ``yes_no`` (engine judges; OpenAI
+  endpoints that return log-probs) one prefill gives P(yes) and P(no) of the first reply token
+  and the likelier wins, so every call yields a verdict (its ``raw`` reads "p_yes=… p_no=…");
+  a judge without probabilities falls back to text. "text" — replies are parsed strictly
+  (:func:`parse_yes_no`); an unusable reply is retried with a reminder, and after ``attempts``
+  tries counts as "no" with ``parsed=False`` in its Verdict.
   Calls of one group run concurrently, at most ``concurrency`` at a time.
 - Optional length penalty (both tasks): reward -1 for a rollout longer than
   ``length_penalty_tokens`` tokens (paper: 750 for health); 0 turns it off.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import Literal
 
 from catq.config import JudgeConfig
 from catq.messages import ReferencedGroup, Rollout, ScoredGroup, Verdict
@@ -64,25 +70,45 @@ async def judge_criterion(
     return Verdict(rollout_index, criterion_index, False, reply, parsed=False)
 
 
+async def judge_criterion_logprob(
+    judge: ChatFn, question: str, response: str, criterion: str, *,
+    rollout_index: int, criterion_index: int,
+) -> tuple[Verdict, float] | None:
+    """(verdict, P(yes) / (P(yes) + P(no))) from the judge's ``yes_no``; None when the judge
+    gives no probabilities (no ``yes_no``, it returned None, or both are 0)."""
+    yes_no = getattr(judge, "yes_no", None)
+    probs = await yes_no(prompts.judge_messages(question, response, criterion)) if yes_no else None
+    if probs is None or sum(probs) <= 0:
+        return None
+    p_yes, p_no = probs
+    raw = f"p_yes={p_yes:.4g} p_no={p_no:.4g}"
+    return Verdict(rollout_index, criterion_index, p_yes > p_no, raw), p_yes / (p_yes + p_no)
+
+
 async def score_open(
     judge: ChatFn, question: str, rollouts: list[Rollout], rubric: list[str], *,
-    attempts: int, concurrency: int,
+    attempts: int, concurrency: int, verdict: Literal["logprob", "text"] = "logprob", soft: bool = False,
 ) -> tuple[list[float], list[Verdict]]:
     """(rewards, verdicts in (rollout, criterion) order), judge calls bounded by a semaphore."""
     if not rubric:
         raise ValueError("an open prompt needs a non-empty rubric to be judged")
     limit = asyncio.Semaphore(concurrency)
 
-    async def one(i: int, j: int) -> Verdict:
+    async def one(i: int, j: int) -> tuple[Verdict, float]:
+        """The verdict and its weight in the reward (normalised P(yes) when soft, else 1 or 0)."""
         async with limit:
-            return await judge_criterion(judge, question, rollouts[i].text, rubric[j],
+            if verdict == "logprob":
+                judged = await judge_criterion_logprob(judge, question, rollouts[i].text, rubric[j],
+                                                       rollout_index=i, criterion_index=j)
+                if judged is not None:
+                    return judged[0], (judged[1] if soft else float(judged[0].satisfied))
+            text = await judge_criterion(judge, question, rollouts[i].text, rubric[j],
                                          rollout_index=i, criterion_index=j, attempts=attempts)
+            return text, float(text.satisfied)
 
-    verdicts = await asyncio.gather(*(one(i, j) for i in range(len(rollouts)) for j in range(len(rubric))))
-    rewards = [
-        sum(v.satisfied for v in verdicts if v.rollout_index == i) / len(rubric) for i in range(len(rollouts))
-    ]
-    return rewards, list(verdicts)
+    judged = await asyncio.gather(*(one(i, j) for i in range(len(rollouts)) for j in range(len(rubric))))
+    rewards = [sum(w for v, w in judged if v.rollout_index == i) / len(rubric) for i in range(len(rollouts))]
+    return rewards, [v for v, _ in judged]
 
 
 def apply_length_penalty(rewards: list[float], rollouts: list[Rollout], limit_tokens: int) -> list[float]:
@@ -102,7 +128,8 @@ async def score_group(referenced: ReferencedGroup, judge: ChatFn | None, config:
         if judge is None:
             raise ValueError("open prompts need a judge model")
         rewards, verdicts = await score_open(judge, group.prompt.question, group.rollouts, referenced.rubric,
-                                             attempts=config.attempts, concurrency=config.concurrency)
+                                             attempts=config.attempts, concurrency=config.concurrency,
+                                             verdict=config.verdict, soft=config.soft)
         answers = []
     rewards = apply_length_penalty(rewards, group.rollouts, config.length_penalty_tokens)
     return ScoredGroup(referenced, rewards, rollout_answers=answers, verdicts=verdicts)

@@ -6,14 +6,19 @@ stripped, and only the five predefined XML entities and numeric character refere
 decoded. DOCTYPE/ENTITY declarations are refused outright (no entity, internal or external, is
 ever expanded), and input size, criterion length and criterion count are bounded.
 
-Partial output (cut off by the token limit, or without the ``<rubric>`` wrapper) is fine as long
-as it has enough complete criteria; otherwise :class:`RubricParseError` says why, and the anchor
-retries or dead-letters the group with that reason.
+Partial output (cut off by the token limit, or without the ``<rubric>`` wrapper) keeps its
+complete criteria; :class:`RubricParseError` says why a text holds too few.
+
+A small anchor (SmolLM2-135M) rarely writes more than two criteria per rubric, so
+:func:`draft_rubric` asks for several drafts, the first greedy and the rest sampled, and merges
+their distinct criteria (:func:`merge_drafts`) until the rubric is long enough. A rubric that stays
+short but has a criterion is used and flagged; only one with none dead-letters the group.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 MAX_INPUT_CHARS = 100_000
 MAX_CRITERION_CHARS = 500
@@ -90,23 +95,74 @@ def render_rubric(criteria: list[str]) -> str:
     return "<rubric>\n" + "".join(f"<criterion>{esc(c)}</criterion>\n" for c in criteria) + "</rubric>"
 
 
-async def propose_rubric(
-    anchor, reference: str, *, min_criteria: int, attempts: int, question: str | None = None,
-    retry_temperature: float = 0.7,
-) -> tuple[list[str], str]:
-    """(criteria, raw output) from the anchor (an async chat callable, see catq.teacher.chat).
-    Malformed output is retried up to ``attempts`` times in all, the retries sampled at
-    ``retry_temperature`` (a greedy anchor would repeat itself); then RubricParseError with the
-    last reason."""
+@dataclass
+class RubricInfo:
+    """How a merged rubric came about."""
+
+    drafts: int
+    """Drafts the anchor wrote."""
+    criteria_per_draft: list[int] = field(default_factory=list)
+    """Usable criteria parsed from each draft, in order (before merging)."""
+    short: bool = False
+    """The merged rubric has fewer than ``min_criteria`` criteria (it is used all the same)."""
+    reasons: list[str] = field(default_factory=list)
+    """Why drafts gave no usable criterion, one line per such draft."""
+
+
+def parse_criteria(text: str) -> list[str]:
+    """Every usable criterion of one draft, however few (none is fine): :func:`parse_rubric`'s
+    scanner and bounds, so RubricParseError only for unsafe or oversized input."""
+    return parse_rubric(text, min_criteria=0)
+
+
+def normalise_criterion(criterion: str) -> str:
+    """The form two criteria are compared in: lowercase, whitespace collapsed, trailing
+    punctuation stripped."""
+    return re.sub(r"\s+", " ", criterion.lower()).strip().rstrip(".!?;:,…").rstrip()
+
+
+def merge_drafts(texts: list[str], *, min_criteria: int, max_criteria: int) -> tuple[list[str], RubricInfo]:
+    """(criteria, info) of rubric drafts: each parsed leniently, their criteria merged in order,
+    a criterion equal to an earlier one once normalised dropped (the first wording is kept), at
+    most ``max_criteria``. Echoes of the prompt's format example never count (the parser drops
+    them). An empty list when no draft has a usable criterion."""
+    merged: dict[str, str] = {}
+    info = RubricInfo(drafts=len(texts))
+    for number, text in enumerate(texts, start=1):
+        try:
+            criteria = [c for c in parse_criteria(text) if normalise_criterion(c)]
+        except RubricParseError as exc:
+            criteria = []
+            info.reasons.append(f"draft {number}: {exc}")
+        else:
+            if not criteria:
+                info.reasons.append(f"draft {number}: no usable <criterion> elements")
+        info.criteria_per_draft.append(len(criteria))
+        for criterion in criteria:
+            merged.setdefault(normalise_criterion(criterion), criterion)
+    rubric = list(merged.values())[:max_criteria]
+    info.short = len(rubric) < min_criteria
+    return rubric, info
+
+
+async def draft_rubric(
+    anchor, reference: str, *, min_criteria: int, max_criteria: int, drafts: int, attempts: int,
+    temperature: float, question: str | None = None,
+) -> tuple[list[str], RubricInfo]:
+    """(criteria, info) from the anchor (an async chat callable, see
+    catq.teacher.estimators.ChatFn). Drafts until the merged rubric has ``min_criteria``
+    criteria, or ``drafts`` drafts once it has one, or ``attempts`` drafts while it has none;
+    the first draft at the anchor's own sampling, the rest at ``temperature`` (a greedy anchor
+    would repeat itself). RubricParseError when no draft gave a usable criterion."""
     from catq.teacher.prompts import RUBRIC_PREFIX, rubric_messages
 
     messages = rubric_messages(reference, min_criteria, question)
-    reasons = []
-    for attempt in range(attempts):
-        output = await anchor(messages, temperature=None if attempt == 0 else retry_temperature,
-                              prefix=RUBRIC_PREFIX)
-        try:
-            return parse_rubric(output, min_criteria), output
-        except RubricParseError as exc:
-            reasons.append(str(exc))
-    raise RubricParseError(f"no valid rubric after {attempts} attempts: {'; '.join(reasons)}")
+    texts: list[str] = []
+    while True:
+        texts.append(await anchor(messages, temperature=temperature if texts else None, prefix=RUBRIC_PREFIX))
+        criteria, info = merge_drafts(texts, min_criteria=min_criteria, max_criteria=max_criteria)
+        if not info.short or len(texts) >= (drafts if criteria else attempts):
+            break
+    if not criteria:
+        raise RubricParseError(f"no valid rubric after {len(texts)} attempts: {'; '.join(info.reasons)}")
+    return criteria, info

@@ -109,3 +109,15 @@ def test_cdata_content_is_kept_without_stray_brackets():
 def test_echoed_format_example_is_not_a_criterion():
     with pytest.raises(RubricParseError, match="4 usable"):
         parse_rubric(xml(CRITERIA[:4] + ["The response ...", "...", "The response"]))
+
+
+def test_lenient_parse_takes_any_number_with_the_same_safety():
+    from catq.teacher.rubric import parse_criteria
+
+    assert parse_criteria(xml(CRITERIA[:1])) == CRITERIA[:1]
+    assert parse_criteria("no rubric here") == [] and parse_criteria(xml(["The response ..."])) == []
+    assert len(parse_criteria(xml([f"Criterion number {i}." for i in range(50)]))) == MAX_CRITERIA
+    with pytest.raises(RubricParseError, match="DOCTYPE/ENTITY"):
+        parse_criteria('<!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/passwd">]>' + xml(["&x;"]))
+    with pytest.raises(RubricParseError, match="too large"):
+        parse_criteria("<criterion>" * 1_000_000)

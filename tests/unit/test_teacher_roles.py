@@ -153,7 +153,7 @@ async def test_anchor_open_rubric_retried_then_dead_lettered():
     anchor = FakeChat(["Unified response: sleep well", "not xml", RUBRIC])
     (out,) = await AnchorHandler(ctx, anchor).handle(group)
     assert out.message.rubric == [f"c{i}" for i in range(5)]
-    assert [t for _, t in anchor.calls] == [None, None, 0.7]  # synthesis, rubric, rubric retry
+    assert [t for _, t in anchor.calls] == [None, None, 0.8]  # synthesis, rubric, rubric retry
     with pytest.raises(DeadLetterError, match="no valid rubric after 2 attempts"):
         await AnchorHandler(ctx, FakeChat(["Unified response: x", "nope"])).handle(group)
     assert ctx.results.fields["p1"]["cat_answer"] == "x"  # the runtime marks it dead
