@@ -37,13 +37,28 @@ def eval_command(args, config: Config) -> int:
     from catq.launcher import LaunchError
 
     try:
-        return asyncio.run(run_eval(args, config, sys.stdout))
+        return asyncio.run(until_signalled(run_eval(args, config, sys.stdout)))
+    except asyncio.CancelledError:
+        print("catq eval: interrupted; the engines it started are stopped", file=sys.stderr)
+        return 130
     except (EvalError, DatasetError) as exc:
         print(f"catq eval: {exc}", file=sys.stderr)
         return 2
     except LaunchError as exc:
         print(f"catq eval: {exc}", file=sys.stderr)
         return 1
+
+
+async def until_signalled(work):
+    """Run ``work``, cancelling it on SIGINT/SIGTERM so the engines it started are stopped
+    (a plain SIGTERM would end the process and orphan them)."""
+    import signal
+
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    return await work
 
 
 async def run_eval(args, config: Config, out) -> int:

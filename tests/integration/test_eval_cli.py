@@ -4,8 +4,11 @@ problems, every output file, and the figures recounted from results.json."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from matplotlib.image import imread
@@ -114,3 +117,34 @@ def test_eval_refuses_bad_requests_with_a_message(tmp_path):
     assert result.returncode == 2 and "does not exist" in result.stderr
     result = catq_eval("--data", "demo", "--estimators", "vote", "--config", config, timeout=60)
     assert result.returncode == 2 and "known" in result.stderr
+
+
+def child_pids(pid: int) -> set[int]:
+    children = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        children.update(int(c) for c in text)
+    return children
+
+
+def test_sigterm_stops_the_engines_eval_started(tmp_path):
+    config = write_config(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "catq", "eval", "--data", "demo", "--config", config,
+                             "--out", str(tmp_path / "out")], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        log = tmp_path / "out" / "engines.log"
+        while time.monotonic() < deadline and not (log.exists() and log.read_text().count("engine ready") == 2):
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            time.sleep(0.5)
+        engines = child_pids(proc.pid)
+        assert len(engines) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+        assert "interrupted" in proc.stderr.read()
+        for pid in engines:  # stopped and reaped, not orphaned
+            assert not Path(f"/proc/{pid}").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
