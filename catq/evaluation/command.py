@@ -24,7 +24,8 @@ from pathlib import Path
 
 from catq.config import Config
 from catq.evaluation.records import PromptRecord, scaling_sizes, summarize
-from catq.evaluation.runner import EvalError, EvalModels, Failure, PolicyVersion, evaluate_version, load_version
+from catq.evaluation.runner import (EvalError, EvalModels, Failure, PolicyVersion, evaluate_version, load_version,
+                                    read_metrics)
 from catq.evaluation.stats import paired_difference
 
 
@@ -132,7 +133,8 @@ async def evaluate_on_engines(problems, config: Config, estimators: list[str], a
             number = parse_version(await models.policy.weight_version())
             versions = [PolicyVersion(f"v{number}", None, number)]
         return await evaluate_versions(problems, models, config, estimators, versions, load=load,
-                                       concurrency=args.concurrency, progress=progress_bar)
+                                       concurrency=args.concurrency, progress=progress_bar,
+                                       scaling=getattr(args, "scaling", True))
     finally:
         for model in (models.policy, models.anchor, models.selector):
             if model is not None:
@@ -141,10 +143,12 @@ async def evaluate_on_engines(problems, config: Config, estimators: list[str], a
 
 async def evaluate_versions(problems, models: EvalModels, config: Config, estimators: list[str],
                             versions: list[PolicyVersion], *, load: bool = True, concurrency: int = 8,
-                            progress=None) -> list[dict]:
+                            progress=None, scaling: bool = True) -> list[dict]:
     """One result per version, in order; with ``load`` the policy engine is moved to each
-    version first. ``progress(total, label)`` makes a tqdm-like bar (or None)."""
-    sizes = scaling_sizes(config.rollout.group_size)
+    version first. ``progress(total, label)`` makes a tqdm-like bar (or None). Without
+    ``scaling`` the estimators run only at the full G (each extra g is one more anchor call)."""
+    group_size = config.rollout.group_size
+    sizes = scaling_sizes(group_size) if scaling else [group_size]
     results = []
     for i, version in enumerate(versions):
         if load:
@@ -248,13 +252,6 @@ def plot_training_only(config: Config, out_dir: Path) -> list[Path]:
         raise EvalError(f"no learner steps in {config.run_path / 'metrics.jsonl'} (is --run right?)")
     out_dir.mkdir(parents=True, exist_ok=True)
     return [plot_training(metrics, out_dir / "training.png")]
-
-
-def read_metrics(config: Config) -> list[dict]:
-    path = config.run_path / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def free_port() -> int:

@@ -41,6 +41,10 @@ BUNDLED = {
     "word": ("word", 40, 4),
 }
 """Bundled set name -> (kind, n, seed) that :func:`generate` writes it from."""
+TRAINING_KIND = "single_digit"
+TRAINING_POOL = 162
+"""Every distinct single-digit + and × problem (2 × 9 × 9): the pool :func:`training_split` splits."""
+HELD_OUT = 40
 DEMO_FILE = "demo_prompts.jsonl"
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 """Where :func:`write_bundled` writes; reading goes through importlib.resources instead."""
@@ -153,6 +157,13 @@ def split(problems: list[T], held_out: int, seed: int) -> tuple[list[T], list[T]
     chosen = set(random.Random(seed).sample(range(len(problems)), held_out))
     train = [p for i, p in enumerate(problems) if i not in chosen]
     return train, [p for i, p in enumerate(problems) if i in chosen]
+
+
+def training_split(held_out: int = HELD_OUT, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, held_out) for `catq demo` and bench/learning.py: the whole single-digit pool split
+    by a seeded shuffle, so no held-out question is ever trained on. The pipeline sees only the
+    training questions; the held-out answers are read only by the before/after evaluation."""
+    return split(generate(TRAINING_KIND, TRAINING_POOL, seed=5), held_out, seed)
 
 
 # -- loading --------------------------------------------------------------------------------------

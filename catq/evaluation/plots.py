@@ -108,10 +108,9 @@ def plot_all(results: dict, out_dir: str | Path, metrics: list[dict] | None = No
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     versions = results["versions"]
-    paths = [
-        plot_accuracy_by_estimator(versions, out_dir / "accuracy_by_estimator.png"),
-        plot_scaling(versions, out_dir / "accuracy_vs_g.png"),
-    ]
+    paths = [plot_accuracy_by_estimator(versions, out_dir / "accuracy_by_estimator.png")]
+    if any(len(v["by_g"]) > 1 for v in versions):  # measured at more than one G
+        paths.append(plot_scaling(versions, out_dir / "accuracy_vs_g.png"))
     if metrics:
         trained = [
             {"step": v["step"], "label": v["label"], "single": v["by_g"][-1]["single"]}

@@ -88,12 +88,16 @@ def resolve_versions(spec: str, config: Config) -> list[PolicyVersion]:
 
 def step_of_version(config: Config, version: int) -> int | None:
     """The learner step after which ``version`` was published, read from metrics.jsonl."""
+    steps = [line["step"] for line in read_metrics(config) if line.get("policy_version") == version]
+    return min(steps) if steps else None
+
+
+def read_metrics(config: Config) -> list[dict]:
+    """The learner's ``metrics.jsonl`` lines of the run, one per optimizer step ([] before any)."""
     path = config.run_path / "metrics.jsonl"
     if not path.exists():
-        return None
-    steps = [line["step"] for line in map(json.loads, filter(str.strip, path.read_text().splitlines()))
-             if line.get("policy_version") == version]
-    return min(steps) if steps else None
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 async def evaluate_problem(problem: EvalProblem, models: EvalModels, config: Config, estimators: list[str],

@@ -1,37 +1,46 @@
-"""The demo's closing table is computed by `catq eval`'s code, with intervals."""
+"""What `catq demo` prints: progress, the open questions with their rubrics, and the before/after
+summary taken from `catq eval`'s results."""
 
-from catq.config import load_config
-from catq.demo import DemoPrompt, Progress, demo_records, report
+from catq.demo import DemoPrompt, Progress, open_report, summary
+from catq.evaluation.datasets import training_split
+from catq.evaluation.stats import interval
 
-
-def finished(reference, majority, answers, rewards):
-    return {"status": "scored", "reference_answer": reference, "majority_answer": majority,
-            "rollout_answers": answers, "rewards": rewards, "estimator": "synthesis",
-            "rollouts": [f"\\boxed{{{a}}}" for a in answers], "cat_answer": f"\\boxed{{{reference}}}"}
-
-
-PROMPTS = [DemoPrompt("What is 2 + 3?", "math", "5"), DemoPrompt("What is 2 * 3?", "math", "6"),
-           DemoPrompt("Is tea healthy?", "open", None), DemoPrompt("What is 1 + 1?", "math", "2")]
-RESULTS = [finished("5", "5", ["5", "5", "4", "5"], [1.0, 1.0, 0.0, 1.0]),
-           finished(None, "5", ["5", "5", "6", "6"], [0.0, 0.0, 0.0, 0.0]),
-           {"status": "scored", "rubric": ["a"], "reward_mean": 0.5, "cat_answer": "Yes."},
-           {"status": "dead", "error": "boom"}]
+OPEN = [DemoPrompt("Is tea healthy?", "open", None), DemoPrompt("How do I sleep better?", "open", None),
+        DemoPrompt("What helps a cold?", "open", None)]
 
 
-def test_records_hold_only_finished_math_prompts_with_both_references():
-    records, estimators = demo_records(PROMPTS, RESULTS)
-    assert [r.known for r in records] == ["5", "6"]
-    assert estimators == ["synthesis", "majority"]
-    assert records[1].references[4]["synthesis"].present is False
-    assert records[1].references[4]["majority"].rewards == [1.0, 1.0, 0.0, 0.0]
+def test_progress_line_names_steps_version_reward_and_open_questions():
+    line = Progress(65.0, 7, 20, 7, 0.6875, 0.5, 2, 4).line()
+    assert "learner step 7/20" in line and "policy v7" in line
+    assert "reward 0.69" in line and "groups with signal 0.50" in line and "open questions 2/4" in line
+    assert "reward -" in Progress(5.0, 0, 20, 0, None, None, 0, 4).line()
 
 
-def test_the_table_has_intervals_and_eval_figures():
-    config = load_config(None)
-    config.rollout.group_size = 4
-    text = report(PROMPTS, RESULTS, config, Progress(3, 1, 4, 1, 2, 0.5, 60.0))
-    table = text[text.index("math accuracy over 2 prompts"):]
-    assert "single sample  0.62 [" in table  # (3/4 + 2/4) / 2
-    assert "synthesis      0.50 [0.09, 0.91]" in table  # Wilson 1/2
-    assert "majority       0.50 [0.09, 0.91]" in table
-    assert "pass@4         1.00" in table
+def test_open_report_prints_each_rubric_and_says_why_a_question_has_none():
+    results = [{"status": "scored", "rubric": ["Mentions caffeine", "Is short"], "reward_mean": 0.5,
+                "rubric_short": True, "cat_answer": "Yes,\nin moderation."},
+               {"status": "dead", "error": "no criteria in 4 drafts"},
+               {"status": "rolled_out"}]
+    text = "\n".join(open_report(OPEN, results))
+    assert "rubric, 2 criteria (short rubric); mean reward 0.50" in text
+    assert "    - Mentions caffeine" in text and "    - Is short" in text
+    assert "CaT answer: Yes, in moderation." in text
+    assert "failed: no criteria in 4 drafts" in text
+    assert "not finished when training ended (rolled_out)" in text
+
+
+def test_summary_reports_the_paired_difference_steps_and_versions():
+    results = {"meta": {"prompts": 40}, "differences": [{
+        "from": "v0", "to": "v20", "single_from": interval(0.53, 0.43, 0.62, 40),
+        "single_to": interval(0.71, 0.62, 0.79, 40), "difference": interval(0.18, 0.09, 0.27, 40)}]}
+    metrics = [{"step": s, "policy_version": s, "signal_frac": 0.5 if s % 2 else 0.0} for s in range(1, 21)]
+    text = summary(results, metrics, 840.0)
+    assert "learner steps 20 (10 with signal), policy versions published 20, demo wall time 840s" in text
+    assert "v0 0.53 [0.43, 0.62] -> v20 0.71 [0.62, 0.79]: +0.18 [+0.09, +0.27]" in text
+
+
+def test_the_training_and_held_out_splits_never_share_a_question():
+    train, held_out = training_split(40)
+    assert len(held_out) == 40 and len(train) == 162 - 40
+    assert not {p["text"] for p in train} & {p["text"] for p in held_out}
+    assert training_split(40) == (train, held_out)  # seeded: the same split every run
