@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.minimal_grpo import train_minimal_grpo  # noqa: E402
+from bench.minimal_grpo import print_batch, train_minimal_grpo  # noqa: E402
 from catq.config import load_config  # noqa: E402
 from catq.demo import DemoPlan, DemoPrompt, submit, watch_training  # noqa: E402
 from catq.evaluation.command import evaluate, free_port  # noqa: E402
@@ -65,7 +66,7 @@ def write_catq_config(out: Path, group_size: int, ports: tuple[int, int]) -> Pat
 async def train_catq(config_path: Path, train: list[dict], args) -> tuple[Path, int, float]:
     """(final weights, learner steps, training seconds) of the pipeline."""
     config = load_config(config_path, run=f"bench-learning-{time.strftime('%Y%m%d-%H%M%S')}")
-    plan = DemoPlan(steps=args.max_steps or 10**9, train_s=args.budget_s)
+    plan = DemoPlan(steps=args.max_steps, train_s=args.budget_s)
     with open(config.run_path.parent / "stack.log", "w") as log:
         async with Stack(config, str(config_path), out=log):
             started = time.monotonic()
@@ -124,11 +125,13 @@ def main() -> int:
         config.model.policy, [p["text"] for p in train], budget_s=args.budget_s, out_dir=out / "sync",
         group_size=args.group_size, prompts_per_step=config.learner.batch_groups, lr=config.learner.lr,
         max_new_tokens=math.max_new_tokens, temperature=math.temperature, top_p=math.top_p,
-        top_k=math.top_k, max_steps=args.max_steps, cache_dir=config.model.cache_dir or None)
+        top_k=math.top_k, max_steps=args.max_steps, cache_dir=config.model.cache_dir or None,
+        log=print_batch)
 
     print(f"evaluating v0, catq and sync on {len(held_out)} held-out problems...")
     arms = [labelled(out / "catq-final", catq_weights), labelled(out / "sync-final", sync.weights_dir)]
     results = measure(config_path, held_out_path, arms, args, out)
+    (out / "eval" / "results.json").write_text(json.dumps(results, indent=1))
     (out / "report.txt").write_text(render(results))
     catq_diff, sync_diff = results["differences"]
     print(render(results))

@@ -160,6 +160,12 @@ def train_minimal_grpo(model: str, prompts: list[str], *, budget_s: float, out_d
     return MinimalRun(steps, steps_with_signal, weights_dir, metrics, elapsed_s)
 
 
+def print_batch(m: dict) -> None:
+    loss = "-" if m["loss"] is None else f"{m['loss']:+.4f}"
+    print(f"batch {m['step']:3d}  t={m['elapsed_s']:7.1f}s  gen {m['gen_s']:5.1f}s  "
+          f"reward {m['reward_mean']:.2f}  signal {m['signal_frac']:.2f}  loss {loss}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     from catq.evaluation.datasets import training_split
 
@@ -175,14 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prompts = [p["text"] for p in training_split()[0]]  # the held-out problems stay unseen
 
-    def log(m: dict) -> None:
-        loss = "-" if m["loss"] is None else f"{m['loss']:+.4f}"
-        print(f"batch {m['step']:3d}  t={m['elapsed_s']:7.1f}s  gen {m['gen_s']:5.1f}s  "
-              f"reward {m['reward_mean']:.2f}  signal {m['signal_frac']:.2f}  loss {loss}", flush=True)
-
     run = train_minimal_grpo(args.model, prompts, budget_s=args.budget_s, out_dir=args.out,
                              group_size=args.group_size, prompts_per_step=args.prompts_per_step,
-                             lr=args.lr, seed=args.seed, max_steps=args.max_steps, log=log)
+                             lr=args.lr, seed=args.seed, max_steps=args.max_steps, log=print_batch)
     print(f"{run.steps} optimizer steps ({run.steps_with_signal} with signal) over "
           f"{len(run.metrics)} batches in {run.elapsed_s:.1f}s; weights in {run.weights_dir}")
     return 0

@@ -134,7 +134,8 @@ async def evaluate_on_engines(problems, config: Config, estimators: list[str], a
             versions = [PolicyVersion(f"v{number}", None, number)]
         return await evaluate_versions(problems, models, config, estimators, versions, load=load,
                                        concurrency=args.concurrency, progress=progress_bar,
-                                       scaling=getattr(args, "scaling", True))
+                                       scaling=getattr(args, "scaling", True),
+                                       later_estimators=getattr(args, "later_estimators", None))
     finally:
         for model in (models.policy, models.anchor, models.selector):
             if model is not None:
@@ -143,10 +144,13 @@ async def evaluate_on_engines(problems, config: Config, estimators: list[str], a
 
 async def evaluate_versions(problems, models: EvalModels, config: Config, estimators: list[str],
                             versions: list[PolicyVersion], *, load: bool = True, concurrency: int = 8,
-                            progress=None, scaling: bool = True) -> list[dict]:
+                            progress=None, scaling: bool = True,
+                            later_estimators: list[str] | None = None) -> list[dict]:
     """One result per version, in order; with ``load`` the policy engine is moved to each
     version first. ``progress(total, label)`` makes a tqdm-like bar (or None). Without
-    ``scaling`` the estimators run only at the full G (each extra g is one more anchor call)."""
+    ``scaling`` the estimators run only at the full G (each extra g is one more anchor call).
+    ``later_estimators``: the estimators of every version after the first, when they differ
+    (the demo measures synthesis on v0 only: on CPU each synthesis is a long prefill)."""
     group_size = config.rollout.group_size
     sizes = scaling_sizes(group_size) if scaling else [group_size]
     results = []
@@ -155,15 +159,16 @@ async def evaluate_versions(problems, models: EvalModels, config: Config, estima
             await load_version(models.policy, version, first=i == 0)
         bar = progress(len(problems), version.label) if progress else None
         failures: list[Failure] = []
+        names = estimators if i == 0 or later_estimators is None else later_estimators
         try:
-            records = await evaluate_version(problems, models, config, estimators, sizes,
+            records = await evaluate_version(problems, models, config, names, sizes,
                                              concurrency=concurrency, progress=bar, failures=failures)
         finally:
             if bar is not None:
                 bar.close()
         if not records:
             raise EvalError(f"{version.label}: every prompt failed; first error: {failures[0].error}")
-        results.append(version_result(version, records, estimators, failures))
+        results.append(version_result(version, records, names, failures))
     return results
 
 

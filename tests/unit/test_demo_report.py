@@ -16,6 +16,11 @@ def test_progress_line_names_steps_version_reward_and_open_questions():
     assert "reward -" in Progress(5.0, 0, 20, 0, None, None, 0, 4).line()
 
 
+def test_progress_line_without_a_step_target_or_open_questions_leaves_them_out():
+    line = Progress(30.0, 3, None, 3, 0.5, 1.0, 0, 0).line()
+    assert "learner step 3  " in line and "/" not in line.split("policy")[0] and "open questions" not in line
+
+
 def test_open_report_prints_each_rubric_and_says_why_a_question_has_none():
     results = [{"status": "scored", "rubric": ["Mentions caffeine", "Is short"], "reward_mean": 0.5,
                 "rubric_short": True, "cat_answer": "Yes,\nin moderation."},

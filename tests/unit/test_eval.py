@@ -231,6 +231,20 @@ async def test_versions_are_compared_on_the_same_prompts(tmp_path):
     assert diff["difference"]["value"] == pytest.approx(0.5)
 
 
+async def test_later_versions_can_be_measured_with_fewer_estimators(tmp_path):
+    question = "What is 2 + 3?"
+    scripts = {"v0": {question: ["\\boxed{4}", "\\boxed{5}", "\\boxed{5}", "\\boxed{4}"]},
+               "v3": {question: ["\\boxed{5}"] * 4}}
+    anchor = FakeChat("\\boxed{5}")
+    models = EvalModels(ScriptedPolicy(scripts, question), FakeTokenizer(), anchor)
+    versions = [PolicyVersion("v0", None, 0, 0), PolicyVersion("v3", tmp_path / "v3", 3, 6)]
+    results = await evaluate_versions([problem()], models, config_with_g(4), ["synthesis", "majority"],
+                                      versions, scaling=False, later_estimators=["majority"])
+    assert list(results[0]["by_g"][-1]["estimators"]) == ["synthesis", "majority"]
+    assert list(results[1]["by_g"][-1]["estimators"]) == ["majority"]
+    assert len(anchor.messages) == 1  # the anchor synthesized for v0's group only
+
+
 async def test_the_initial_policy_cannot_follow_a_loaded_version(tmp_path):
     policy = ScriptedPolicy({"v1": {"What is 2 + 3?": ["\\boxed{5}"]}}, "What is 2 + 3?")
     models = EvalModels(policy, FakeTokenizer(), FakeChat("\\boxed{5}"))
