@@ -3,7 +3,7 @@
     python bench/learning.py                          # 10 minutes of training per arm, 40 held-out
     python bench/learning.py --budget-s 120 --max-steps 2 --held-out 4 --group-size 4   # smoke
 
-Both arms start from the same model (the default one unless ``--model``), train on the same
+Both arms start from the same model (the config's policy: the default one), train on the same
 questions (the training half of :func:`catq.evaluation.datasets.training_split`, questions only)
 with the same reward (agreement with the group's majority answer), G, sampling settings, prompts
 per step and learning rate, for the same wall-clock budget:
