@@ -26,7 +26,14 @@ import torch.nn.functional as F
 
 from catq.engines.models import load_causal_lm, resolve_device
 from catq.learner import grpo
-from catq.messages import ChatMessage, Prompt, ReferencedGroup, Rollout, RolloutGroup, ScoredGroup
+from catq.messages import (
+    ChatMessage,
+    Prompt,
+    ReferencedGroup,
+    Rollout,
+    RolloutGroup,
+    ScoredGroup,
+)
 
 
 def make_groups(args, vocab: int) -> list[ScoredGroup]:

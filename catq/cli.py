@@ -2,11 +2,15 @@
 subcommand runs, so `catq status` never loads torch.
 
     catq submit TEXT [--task math|open] [--file prompts.jsonl] [--wait]
-    catq tail STREAM [--count N] [--follow]
+    catq tail STREAM [--count N | --since 10m] [--follow] [--prompt ID] [--json]
+    catq trace PROMPT_ID | --last [--json]     (a prompt's path: every stage, answers, rewards, times)
+    catq top [--once]                          (live: streams, roles, learner, engines; q quits)
     catq status
+    catq dead list | replay ID... | drop ID...   (or --all)
     catq worker ROLE          catq health ROLE
     catq engine --model PATH|default [--host H] [--port P] [--weights-dir DIR]
     catq model prepare        catq up [--config F]        catq demo
+    catq sglang install       (real SGLang for CPU, in its own cached virtual environment)
     catq eval --data FILE|NAME [--group-size G] [--estimators ...] [--versions 0,latest] [--out DIR]
 """
 
@@ -17,6 +21,7 @@ import importlib
 import sys
 
 from catq.config import Config, ConfigError, load_config
+from catq.topology import ROLES, STREAM_NAMES
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -35,19 +40,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="math", help="math | open (default math)")
     p.add_argument("--file", help='JSONL, one {"text"|"messages", "task"} per line')
     p.add_argument("--wait", action="store_true", help="wait for each result and print it")
+    p.add_argument("--until", default="scored", choices=["referenced", "scored", "trained"],
+                   help="with --wait: the status to wait for (default scored: answer and rewards; "
+                        "trained: the learner checkpointed it; set_aside or dead also end the wait)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits")
     p.set_defaults(target="catq.ops:submit_command")
 
-    p = sub.add_parser("tail", help="print decoded messages of a stream")
+    p = sub.add_parser("tail", help="print decoded messages of a stream, readable (or --json)")
     _common(p)
-    p.add_argument("stream", help="prompts | groups | references | scored | weights | dead")
+    p.add_argument("stream", help=" | ".join(STREAM_NAMES))
     p.add_argument("--count", type=int, default=10, help="last N entries (default 10)")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new entries")
+    p.add_argument("--prompt", help="only this prompt's entries")
+    p.add_argument("--since", help="entries of the last 30s, 10m, 2h, 1d (instead of --count)")
+    p.add_argument("--json", action="store_true", help="every field, one JSON object per line (for jq)")
     p.set_defaults(target="catq.ops:tail_command")
+
+    p = sub.add_parser("trace", help="one prompt's path through every stage, with times")
+    _common(p)
+    p.add_argument("prompt_id", nargs="?", help="the prompt id (or --last)")
+    p.add_argument("--last", action="store_true", help="the prompt most recently written to a stream")
+    p.add_argument("--json", action="store_true", help="the trace as one JSON object")
+    p.set_defaults(target="catq.trace:trace_command")
+
+    p = sub.add_parser("top", help="live view: streams, roles, learner, engines, dead letters")
+    _common(p)
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between frames (default 2)")
+    p.set_defaults(target="catq.top:top_command")
 
     p = sub.add_parser("status", help="stream lengths, pending work, consumers, dead letters")
     _common(p)
     p.set_defaults(target="catq.ops:status_command")
+
+    p = sub.add_parser("dead", help="list dead letters; replay them onto their stream, or drop them")
+    _common(p)
+    p.add_argument("action", choices=["list", "replay", "drop"])
+    p.add_argument("ids", nargs="*", help="dead-letter ids (replay/drop; see `catq dead list`)")
+    p.add_argument("--all", action="store_true", help="replay/drop every dead letter")
+    p.add_argument("--count", type=int, help="list: the newest N only")
+    p.set_defaults(target="catq.dead:dead_command")
 
     p = sub.add_parser("health", help="exit 0 if a live ROLE worker has a fresh heartbeat, else 1")
     _common(p)
@@ -56,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run one process role until SIGTERM")
     _common(p)
-    p.add_argument("role", help="ingest | rollout | anchor | judge | learner | syncer")
-    p.set_defaults(target="catq.ops:worker_command")
+    p.add_argument("role", choices=ROLES, help=" | ".join(ROLES))
+    p.set_defaults(target="catq.roles:worker_command")
 
     p = sub.add_parser("engine", help="serve a model with catq's SGLang-compatible engine")
     p.add_argument("--model", default="default", help="HF directory, GGUF file, or 'default'")
@@ -66,7 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights-dir", help="only weight updates from inside this directory are loaded")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together")
+    p.add_argument("--weight-version", default="default",
+                   help="the version the loaded weights are reported as (SGLang's --weight-version)")
+    p.add_argument("--api-key", default="", help="require `Authorization: Bearer KEY` (as SGLang's "
+                                                 "--api-key; default $CATQ_ENGINE_API_KEY)")
+    p.add_argument("--admin-api-key", default="", help="key for weight updates and pause/continue "
+                                                       "(as SGLang's; default $CATQ_ENGINE_ADMIN_API_KEY)")
     p.set_defaults(target="catq.engines.server:engine_command", needs_config=False)
+
+    p = sub.add_parser("sglang", help="real SGLang on a CPU: its cached virtual environment")
+    p.add_argument("action", choices=["install", "python"],
+                   help="install: create it if missing; python: print its interpreter (installing first)")
+    p.set_defaults(target="catq.engines.sglang_env:sglang_command", needs_config=False)
 
     p = sub.add_parser("model", help="model utilities")
     msub = p.add_subparsers(dest="model_command", required=True)
@@ -128,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             return int(command(args, config_from_args(args)) or 0)
         return int(command(args) or 0)
     except ConfigError as exc:
-        print(f"catq: {exc}", file=sys.stderr)
+        from catq.log import redact
+
+        print(f"catq: {redact(str(exc))}", file=sys.stderr)
         return 2
 
 

@@ -14,7 +14,14 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -25,13 +32,21 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _check_top_k(value: int) -> int:
+    if value < 1 and value != -1:
+        raise ValueError(f"top_k must be -1 (disable) or at least 1, got {value} (SGLang refuses 0)")
+    return value
+
+
 class SamplingConfig(Section):
     temperature: float = Field(0.7, ge=0.0)
     """Sampling temperature; 0 means greedy."""
     top_p: float = Field(0.8, gt=0.0, le=1.0)
-    top_k: int = Field(20, ge=-1)
-    """-1 disables top-k (SGLang's convention)."""
+    top_k: int = 20
+    """-1 disables top-k (SGLang's convention); otherwise at least 1 (SGLang refuses 0)."""
     max_new_tokens: int = Field(256, ge=1)
+
+    _top_k = field_validator("top_k")(_check_top_k)
 
 
 class EngineSpec(Section):
@@ -46,6 +61,13 @@ class EngineSpec(Section):
     kind: Literal["catq", "sglang", "external"] = "catq"
     """catq: our CPU/GPU engine, started by `catq up`; sglang: `python -m sglang.launch_server`
     started by `catq up`; external: already running elsewhere, only health-checked."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when present, else CPU. An SGLang engine on "cpu" runs from catq's cached CPU
+    environment (`catq sglang install`) with catq's sgl_kernel stand-in: for tests and machines
+    without a GPU; on "cuda" it runs real SGLang from ``python``."""
+    python: str = ""
+    """Interpreter for an SGLang engine; "" = the cached CPU environment on "cpu", this
+    interpreter (`pip install 'catq[sglang]'`) on "cuda"."""
     policy: bool = False
     """A policy engine: the weight syncer keeps it on the newest published version."""
 
@@ -67,12 +89,24 @@ class EnginesConfig(Section):
     """Model name sent to an OpenAI-compatible judge."""
     judge_api_key_env: str = "OPENAI_API_KEY"
     """Environment variable holding the judge's API key (never put keys in config files)."""
+    api_key_env: str = "CATQ_ENGINE_API_KEY"
+    """Environment variable holding the engines' API key (SGLang's --api-key), sent as
+    ``Authorization: Bearer``; unset or empty = no key. `catq up` starts its engines with it."""
+    admin_api_key_env: str = "CATQ_ENGINE_ADMIN_API_KEY"
+    """Environment variable holding the admin key (SGLang's --admin-api-key) for weight updates
+    and pause/continue; unset = the API key is used there too."""
     request_timeout_s: float = Field(300.0, gt=0)
     """Total time one engine request may take, retries included."""
     max_attempts: int = Field(3, ge=1)
     """Attempts per engine request; only transport errors and 5xx are retried."""
     launch: list[EngineSpec] = []
     """Engines `catq up` starts or waits for."""
+
+    def api_key(self) -> str:
+        return os.environ.get(self.api_key_env, "") if self.api_key_env else ""
+
+    def admin_api_key(self) -> str:
+        return os.environ.get(self.admin_api_key_env, "") if self.admin_api_key_env else ""
 
 
 class ModelConfig(Section):
@@ -86,7 +120,12 @@ class ModelConfig(Section):
 
 class BusConfig(Section):
     max_attempts: int = Field(3, ge=1)
-    """Deliveries of one entry before it is dead-lettered."""
+    """Failures of one entry (its handler raised, or ran past ``worker.message_deadline_s``)
+    before it is dead-lettered. Transient failures (an engine, Redis or the network down) do not
+    count: the worker keeps the entry and retries it with backoff."""
+    max_deliveries: int = Field(20, ge=1)
+    """Deliveries of one entry without a completion before it is dead-lettered anyway: the
+    guard against a message that kills its worker each time (restarts count here, not above)."""
     claim_idle_ms: int = Field(60_000, ge=100)
     """An entry pending this long on a silent consumer is reclaimed (XAUTOCLAIM) by another."""
     block_ms: int = Field(1_000, ge=1)
@@ -105,17 +144,37 @@ class WorkerConfig(Section):
     pending and another worker reclaims it)."""
     heartbeat_s: float = Field(5.0, gt=0)
     """Heartbeat interval; the key expires after three intervals."""
+    message_deadline_s: float = Field(900.0, ge=0)
+    """Longest one message may take in a stream role's handler; past it the attempt is abandoned
+    and counted as a failure (0: no deadline)."""
+    transient_backoff_max_s: float = Field(30.0, gt=0)
+    """Longest wait between retries of a message whose dependency (engine, Redis) is down; the
+    wait doubles from 1 s, and the worker reads no new messages meanwhile."""
 
 
 class IngestConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     token_env: str = "CATQ_INGEST_TOKEN"
-    """If this environment variable is set, requests need `Authorization: Bearer <its value>`."""
+    """If this environment variable is set, requests need `Authorization: Bearer <its value>`.
+    It must be set when ``host`` is not a loopback address: ingest refuses to start otherwise."""
     max_text_chars: int = Field(32_000, ge=1)
     """Longest accepted prompt text (all message contents together)."""
     max_batch: int = Field(256, ge=1)
     """Most prompts accepted in one POST."""
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    """Largest accepted request body; a larger one is refused with 413 before it is read."""
+    max_nesting: int = Field(10, ge=5)
+    """Deepest JSON nesting accepted (a batch of chat prompts needs 5); deeper bodies get 400."""
+    rate_limit_per_s: float = Field(0.0, ge=0.0)
+    """Requests per second each client may make on average (client: the bearer token when auth
+    is on, else the remote address); over it the answer is 429 with Retry-After. 0 = no limit.
+    Counted per ingest process."""
+    rate_limit_burst: int = Field(20, ge=1)
+    """Requests a client may make at once before ``rate_limit_per_s`` paces it."""
+    redis_deadline_s: float = Field(5.0, gt=0.0)
+    """How long a request waits for Redis before answering 503 (a POST never hangs while Redis
+    is down; its enqueue is one atomic script, so it either happened whole or not at all)."""
 
 
 class RolloutConfig(Section):
@@ -234,6 +293,43 @@ class LearnerConfig(Section):
     pip install -e '.[tensorboard]')."""
 
 
+class ResourcesConfig(Section):
+    """CPU threads per process under `catq up` (OMP_NUM_THREADS, which torch's intra-op pool
+    follows), so engines and the learner do not oversubscribe the machine's cores."""
+
+    cores: int = Field(0, ge=0)
+    """Cores to share out; 0: the cores this process may run on."""
+    learner_threads: int = Field(0, ge=0)
+    """0: half the cores."""
+    engine_threads: int = Field(0, ge=0)
+    """Per engine `catq up` starts; 0: the cores the learner leaves, split between the engines."""
+    role_threads: int = Field(1, ge=1)
+    """Every other role: they wait on HTTP and Redis, not on torch."""
+
+
+class SuperviseConfig(Section):
+    """How `catq up` keeps its children (roles and engines) running."""
+
+    backoff_initial_s: float = Field(1.0, ge=0)
+    """Wait before restarting a child that exited on its own; grows on each further failure."""
+    backoff_factor: float = Field(2.0, ge=1.0)
+    backoff_max_s: float = Field(60.0, ge=0)
+    healthy_after_s: float = Field(60.0, gt=0)
+    """A child that ran this long before exiting starts the backoff from the beginning again
+    (as Kubernetes resets CrashLoopBackOff after a healthy run)."""
+    start_window_s: float = Field(20.0, gt=0)
+    """An exit sooner than this after start is a failed start (supervisord's startsecs)."""
+    crash_loop_starts: int = Field(5, ge=1)
+    """Failed starts in a row after which the child is given up: a crash loop (a bad setting),
+    not a crash. Exits after a longer run are restarted however often they happen."""
+    on_give_up: Literal["stop", "continue"] = "stop"
+    """stop: a given-up child stops the whole stack and `catq up` exits 1 naming it; continue:
+    the rest runs on, reported as degraded."""
+    stall_after_s: float = Field(120.0, gt=0)
+    """A stream with waiting work whose consumer role made no progress for this long is logged as
+    stalled, naming the starved stage and the role that should consume it."""
+
+
 class RolesConfig(Section):
     """Copies of each role `catq up` runs."""
 
@@ -246,10 +342,38 @@ class RolesConfig(Section):
     syncer: int = Field(1, ge=0, le=1)
 
 
+class MetricsConfig(Section):
+    """Prometheus ``/metrics`` of each role (ingest serves its own on ``ingest.port``)."""
+
+    host: str = "127.0.0.1"
+    """Where role metrics listen; compose sets 0.0.0.0 (``CATQ_METRICS_HOST``) inside containers."""
+    port: int = Field(0, ge=0, le=65535)
+    """One port for whichever role runs (a container per role); 0: see ``base_port``/``ports``."""
+    base_port: int = Field(0, ge=0, le=65535)
+    """Role i of catq.topology.ROLES listens on base_port + i; 0: off (the default)."""
+    ports: dict[str, int] = {}
+    """Per role, overriding the two above (0 turns a role off)."""
+
+    def port_for(self, role: str) -> int:
+        """The port ``role`` serves /metrics on; 0 when off. Ingest: always 0, it serves /metrics
+        on its own API port."""
+        from catq.topology import ROLES
+
+        if role == "ingest":
+            return 0
+        if role in self.ports:
+            return self.ports[role]
+        if self.port:
+            return self.port
+        return self.base_port + ROLES.index(role) if self.base_port and role in ROLES else 0
+
+
 class Config(Section):
     run: str = "default"
     """Run name; every Redis key of the run lives under catq:<run>:."""
     redis_url: str = "redis://127.0.0.1:6379"
+    """A password goes in the URL (``redis://:PASSWORD@host:port``); catq never prints it. `catq
+    up` starting its own Redis adds the run dir's password (catq/launcher.py)."""
     run_dir: str = "runs/{run}"
     """Checkpoints, published weights and metrics; "{run}" is replaced by the run name."""
     model: ModelConfig = ModelConfig()
@@ -262,6 +386,9 @@ class Config(Section):
     judge: JudgeConfig = JudgeConfig()
     learner: LearnerConfig = LearnerConfig()
     roles: RolesConfig = RolesConfig()
+    supervise: SuperviseConfig = SuperviseConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")
     def _check_run_name(self) -> Config:
@@ -287,6 +414,8 @@ ENV_OVERRIDES = {
     "CATQ_ANCHOR_URL": ("engines", "anchor_url"),
     "CATQ_JUDGE_URL": ("engines", "judge_url"),
     "CATQ_INGEST_HOST": ("ingest", "host"),
+    "CATQ_METRICS_HOST": ("metrics", "host"),
+    "CATQ_METRICS_PORT": ("metrics", "port"),
 }
 """Environment overrides of addresses, so one config file serves `catq up` on a host and
 containers that reach engines by service name (compose.yaml sets these)."""

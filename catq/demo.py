@@ -22,6 +22,7 @@ import asyncio
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -30,9 +31,9 @@ from catq.config import Config, load_config
 from catq.evaluation.runner import read_metrics
 from catq.launcher import LaunchError, Stack
 from catq.messages import ChatMessage, Prompt, new_prompt_id
+from catq.results import Status, reached
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
-FINISHED = ("scored", "trained")
 POLL_S = 5.0
 OPEN_GRACE_S = 120.0
 """After training, how long to wait for open questions still in the pipeline."""
@@ -101,17 +102,16 @@ def write_split(config: Config, plan: DemoPlan) -> tuple[list[DemoPrompt], Path]
 
 async def submit(config: Config, prompts: list[DemoPrompt]) -> None:
     from catq.bus import Bus
+    from catq.ingest import enqueue
     from catq.results import ResultStore
 
+    for item in prompts:
+        item.prompt_id = new_prompt_id()
     bus = Bus(config.redis_url, config.run, config.bus)
-    results = ResultStore(bus, config.bus.result_ttl_s)
     try:
-        for item in prompts:
-            item.prompt_id = new_prompt_id()
-            prompt = Prompt(prompt_id=item.prompt_id, task=item.task,
-                            messages=[ChatMessage("user", item.text)])
-            await results.update(item.prompt_id, status="queued", task=item.task, question=item.text)
-            await bus.publish("prompts", prompt)
+        await enqueue(bus, ResultStore(bus, config.bus.result_ttl_s), [
+            Prompt(prompt_id=item.prompt_id, task=item.task, messages=[ChatMessage("user", item.text)])
+            for item in prompts])
     finally:
         await bus.close()
 
@@ -136,7 +136,7 @@ def progress(config: Config, plan: DemoPlan, open_results: list[dict], started: 
         policy_version=metrics[-1].get("policy_version", 0) if metrics else 0,
         reward_mean=sum(m["reward_mean"] for m in recent) / len(recent) if recent else None,
         signal_frac=(sum(m.get("signal_frac", 0.0) for m in recent) / len(recent)) if recent else None,
-        open_done=sum(r.get("status") in (*FINISHED, "dead") for r in open_results),
+        open_done=sum(reached(r.get("status"), Status.SCORED) for r in open_results),
         open_total=len(open_results),
     )
 
@@ -180,10 +180,10 @@ def open_report(prompts: list[DemoPrompt], results: list[dict]) -> list[str]:
     lines = []
     for item, result in zip(prompts, results):
         status = result.get("status")
-        if status == "dead":
+        if status == Status.DEAD:
             lines.append(f"open: {item.text[:70]}\n  failed: {str(result.get('error'))[:160]}")
             continue
-        if status not in FINISHED:
+        if not reached(status, Status.SCORED):
             lines.append(f"open: {item.text[:70]}\n  not finished when training ended ({status})")
             continue
         rubric = result.get("rubric") or []
@@ -197,13 +197,20 @@ def open_report(prompts: list[DemoPrompt], results: list[dict]) -> list[str]:
     return lines
 
 
-def summary(results: dict, metrics: list[dict], elapsed_s: float) -> str:
-    """The figures a reader looks for first: accuracy before/after, steps, versions, time."""
+def summary(results: dict, metrics: list[dict], elapsed_s: float, train_results: list[dict] = ()) -> str:
+    """The figures a reader looks for first: accuracy before/after, steps, versions, time, and
+    what became of the training prompts (their status)."""
     steps = len(metrics)
     with_signal = sum(1 for m in metrics if m.get("updated", True) and m.get("signal_frac", 1.0) > 0)
     versions = metrics[-1].get("policy_version", 0) if metrics else 0
     lines = [f"learner steps {steps} ({with_signal} with signal), policy versions published "
              f"{versions}, demo wall time {elapsed_s:.0f}s"]
+    if train_results:
+        fates = Counter(r.get("status") or "unknown" for r in train_results)
+        lines.append(f"training prompts: {fates[Status.TRAINED]} of {len(train_results)} trained on, "
+                     f"{fates[Status.SET_ASIDE]} set aside (no signal or stale), "
+                     f"{sum(n for s, n in fates.items() if s not in (Status.TRAINED, Status.SET_ASIDE))} "
+                     "still in the pipeline or dead")
     for diff in results.get("differences", []):
         before, after, change = diff["single_from"], diff["single_to"], diff["difference"]
         lines.append(
@@ -233,6 +240,7 @@ async def run_demo(config: Config, config_path: Path, out, plan: DemoPlan | None
             await submit(config, open_prompts + train)
             await watch_training(config, plan, open_prompts, out)
             open_results = await fetch_results(config, open_prompts)
+            train_results = await fetch_results(config, train)
             out.write("stopping the stack...\n")
     metrics = read_metrics(config)
     if not metrics:
@@ -241,7 +249,7 @@ async def run_demo(config: Config, config_path: Path, out, plan: DemoPlan | None
     out.write(f"evaluating v0 and the final policy on {plan.held_out} held-out problems...\n")
     results, text = await evaluate_before_after(config, held_out, plan)
     out.write("\n" + text + "\n" + "\n".join(open_report(open_prompts, open_results)) + "\n\n")
-    out.write(summary(results, metrics, time.monotonic() - started) + "\n")
+    out.write(summary(results, metrics, time.monotonic() - started, train_results) + "\n")
     out.write(f"\ninspect the run: catq tail scored --run {config.run}; catq status --run {config.run}\n")
     return 0
 

@@ -1,36 +1,64 @@
 """The ingest role: an HTTP front door that puts prompts on the ``prompts`` stream.
 
-    POST /v1/prompts       {"text": "...", "task": "math"} | {"prompts": [...]} | [...]  → 202 {"ids"}
+    POST /v1/prompts       {"text": "...", "task": "math"} | {"prompts": [...]} | [...]
+                           → 202 {"ids", "prompts": [{"prompt_id", "status", "new"}]}
+                             (200 when every prompt was already there: nothing was added)
     GET  /v1/prompts/{id}  → status and whatever result the pipeline has written (404 if unknown)
-    GET  /healthz          → 200 when Redis answers, else 503 (no token needed)
+    GET  /healthz          → 200 when Redis answers, else 503 (no token, no rate limit)
     GET  /metrics          → Prometheus text: stream lengths, pending per group, dead letters
 
 Run it with ``catq worker ingest`` or ``python workers/ingest.py --config F``. When the environment
 variable named by ``ingest.token_env`` is set, every route but /healthz needs
-``Authorization: Bearer <token>``.
+``Authorization: Bearer <token>``; without one, ingest refuses to start on a non-loopback host.
 
-Validation is one pure function, :func:`parse_prompts`, shared with ``catq submit``: the whole
-request is checked before anything is enqueued, and each problem is named with its position.
+A POST is checked whole before anything is enqueued, and each problem is a 4xx naming it: a
+body over ``max_body_bytes`` (413), invalid UTF-8, invalid JSON, nesting deeper than
+``max_nesting``, wrong types or keys, lone surrogates, texts over ``max_text_chars`` (413).
+Validation is one pure function, :func:`parse_prompts`, shared with ``catq submit``.
+
+Enqueueing is all or nothing and idempotent (:func:`enqueue`, one atomic script in the Bus):
+
+- a prompt may carry its own ``prompt_id``; one whose result already exists is not enqueued
+  again, and the answer gives its current status;
+- a request with an ``Idempotency-Key`` header seen before (per client, within
+  ``bus.result_ttl_s``) gets the first request's answer again (header ``Idempotent-Replayed``)
+  and enqueues nothing; the same key with a different body is 422.
+
+Each client (the bearer token when auth is on, else the remote address) gets
+``rate_limit_per_s`` requests per second with bursts of ``rate_limit_burst`` (429 with
+Retry-After beyond; off when 0). A request whose Redis work takes longer than
+``redis_deadline_s`` (Redis down) is answered 503 with Retry-After; its enqueue happened whole or
+not at all, so retrying with the same key or ids is safe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
+import ipaddress
 import json
+import math
 import os
+import re
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from catq.bus import Bus
-from catq.config import Config, IngestConfig
-from catq.log import default_worker_id, setup_logging
+from catq import metrics as catq_metrics
+from catq.bus import Bus, KeyedEntry, is_retryable
+from catq.config import Config, ConfigError, IngestConfig
 from catq.messages import TASKS, ChatMessage, Prompt, new_prompt_id
-from catq.results import ResultStore
-from catq.runtime import heartbeat_loop, install_stop_signals
+from catq.results import ResultStore, Status
+from catq.runtime import WorkerContext, run_role
+from catq.topology import PROMPTS
 
 ROLES = ("system", "user", "assistant")
+PROMPT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+"""Visible ASCII, as HTTP header values can carry it unambiguously."""
 
 
 class PromptRequestError(ValueError):
@@ -41,13 +69,49 @@ class PromptRequestError(ValueError):
         self.status = status
 
 
+# -- validation -----------------------------------------------------------------------------------
+
+def decode_body(raw: bytes, limits: IngestConfig) -> Any:
+    """The JSON value of a request body, or PromptRequestError: not UTF-8, not JSON, or nested
+    deeper than ``limits.max_nesting``."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PromptRequestError(f"body is not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PromptRequestError(f"invalid JSON: {exc}") from None
+    except RecursionError:  # nested far deeper than any limit: the parser gave up
+        raise PromptRequestError(_too_deep(limits)) from None
+    if _nested_deeper_than(body, limits.max_nesting):
+        raise PromptRequestError(_too_deep(limits))
+    return body
+
+
+def _too_deep(limits: IngestConfig) -> str:
+    return f"JSON nested too deeply; the limit is {limits.max_nesting} levels"
+
+
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
 def parse_prompts(body: Any, limits: IngestConfig, *, default_task: str | None = None,
                   check_batch: bool = True) -> list[Prompt]:
     """Turn a decoded JSON request into Prompts, or raise PromptRequestError naming the problem.
 
     ``body`` is one prompt object, ``{"prompts": [...]}``, or a list of prompt objects; a prompt
     object is ``{"text": str}`` or ``{"messages": [{"role", "content"}, ...]}`` plus
-    ``"task": "math" | "open"`` (``default_task`` when absent, and required when that is None).
+    ``"task": "math" | "open"`` (``default_task`` when absent, and required when that is None)
+    and optionally the client's own ``"prompt_id"`` (unique within the request).
     """
     if isinstance(body, dict) and "prompts" in body:
         extra = set(body) - {"prompts"}
@@ -66,14 +130,16 @@ def parse_prompts(body: Any, limits: IngestConfig, *, default_task: str | None =
         raise PromptRequestError("no prompts given")
     if check_batch and len(items) > limits.max_batch:
         raise PromptRequestError(f"{len(items)} prompts in one request; the limit is {limits.max_batch}", 413)
-    return [_parse_one(item, f"{where}[{i}]" if where else "prompt", limits, default_task)
-            for i, item in enumerate(items)]
+    prompts = [_parse_one(item, f"{where}[{i}]" if where else "prompt", limits, default_task)
+               for i, item in enumerate(items)]
+    _check_unique_ids(prompts)
+    return prompts
 
 
 def _parse_one(item: Any, where: str, limits: IngestConfig, default_task: str | None) -> Prompt:
     if not isinstance(item, dict):
         raise PromptRequestError(f"{where}: must be an object, got {_json_type(item)}")
-    unknown = set(item) - {"text", "messages", "task"}
+    unknown = set(item) - {"text", "messages", "task", "prompt_id"}
     if unknown:
         raise PromptRequestError(f"{where}: unknown key {sorted(unknown)[0]!r}")
     task = item.get("task", default_task)
@@ -90,7 +156,8 @@ def _parse_one(item: Any, where: str, limits: IngestConfig, default_task: str | 
     size = sum(len(m.content) for m in messages)
     if size > limits.max_text_chars:
         raise PromptRequestError(f"{where}: text is {size} characters; the limit is {limits.max_text_chars}", 413)
-    return Prompt(prompt_id=new_prompt_id(), task=task, messages=messages)
+    prompt_id = _prompt_id(item["prompt_id"], f"{where}.prompt_id") if "prompt_id" in item else new_prompt_id()
+    return Prompt(prompt_id=prompt_id, task=task, messages=messages)
 
 
 def _parse_messages(value: Any, where: str) -> list[ChatMessage]:
@@ -113,7 +180,28 @@ def _nonempty_text(value: Any, where: str) -> str:
         raise PromptRequestError(f"{where}: must be a string, got {_json_type(value)}")
     if not value.strip():
         raise PromptRequestError(f"{where}: is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON's "\ud800" escapes decode to text no stream can carry
+        raise PromptRequestError(f"{where}: lone surrogate U+{ord(value[exc.start]):04X} at character "
+                                 f"{exc.start}; send valid Unicode") from None
     return value
+
+
+def _prompt_id(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not PROMPT_ID.fullmatch(value):
+        raise PromptRequestError(f"{where}: must be 1-128 letters, digits or . _ : - "
+                                 f"(starting with a letter or digit), got {_json_type(value)} {value!r}")
+    return value
+
+
+def _check_unique_ids(prompts: list[Prompt]) -> None:
+    first: dict[str, int] = {}
+    for i, prompt in enumerate(prompts):
+        if prompt.prompt_id in first:
+            raise PromptRequestError(f"prompts[{i}].prompt_id: {prompt.prompt_id!r} repeats "
+                                     f"prompts[{first[prompt.prompt_id]}]")
+        first[prompt.prompt_id] = i
 
 
 def _json_type(value: Any) -> str:
@@ -122,13 +210,92 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-async def enqueue(bus: Bus, results: ResultStore, prompts: list[Prompt]) -> list[str]:
-    """Record each prompt as "queued", then publish it (in that order, so a fast pipeline's later
-    status is never overwritten by "queued")."""
-    for prompt in prompts:
-        await results.update(prompt.prompt_id, status="queued", task=prompt.task, question=prompt.question)
-        await bus.publish("prompts", prompt)
-    return [p.prompt_id for p in prompts]
+# -- enqueueing -----------------------------------------------------------------------------------
+
+@dataclass
+class Enqueued:
+    """What one enqueue did, per prompt: its id, its status, whether this request added it."""
+
+    ids: list[str]
+    statuses: list[str]
+    new: list[bool]
+    replayed: bool = False
+    """An earlier request with the same Idempotency-Key did it; this one wrote nothing."""
+
+    @property
+    def http_status(self) -> int:
+        return 202 if any(self.new) else 200
+
+    def body(self) -> dict[str, Any]:
+        return {"ids": self.ids,
+                "prompts": [{"prompt_id": i, "status": s, "new": n}
+                            for i, s, n in zip(self.ids, self.statuses, self.new)]}
+
+
+async def enqueue(bus: Bus, results: ResultStore, prompts: list[Prompt], *,
+                  request_key: str | None = None, fingerprint: str = "") -> Enqueued:
+    """Record each prompt as "queued" and publish it, all prompts or none, in one atomic step.
+    A prompt whose id already has a result is left alone (its status is reported). A
+    ``request_key`` (see :func:`idempotency_record`) seen before replays its first outcome; seen
+    with another ``fingerprint`` (a different request), it is refused with 422."""
+    entries = [KeyedEntry(p, ResultStore.hash_name(p.prompt_id),
+                          ResultStore.encode_fields(status=Status.QUEUED, task=p.task, question=p.question))
+               for p in prompts]
+    request = json.dumps({"fingerprint": fingerprint, "ids": [p.prompt_id for p in prompts]})
+    done = await bus.publish_once(PROMPTS.name, entries, results.ttl_s,
+                                  request_key=request_key, request_value=request)
+    first = json.loads(done.request_value)
+    if first["fingerprint"] != fingerprint:
+        raise PromptRequestError("Idempotency-Key was already used for a different request", 422)
+    statuses = [Status.QUEUED.value if raw is None else _status_of(raw) for raw in done.existing]
+    return Enqueued(first["ids"], statuses, [raw is None for raw in done.existing], done.replayed)
+
+
+def _status_of(raw: str) -> str:
+    try:
+        return str(json.loads(raw))
+    except ValueError:
+        return "unknown"
+
+
+def idempotency_record(scope: str, key: str) -> str:
+    """The Redis name of an Idempotency-Key: hashed (fixed length, any characters) and scoped to
+    its client, so two clients' keys never collide."""
+    return "idempotency:" + hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()
+
+
+def fingerprint_of(body: Any) -> str:
+    """A request's identity for Idempotency-Key reuse: its JSON, canonically ordered."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+# -- per-client rate limit --------------------------------------------------------------------------
+
+class RateLimiter:
+    """A token bucket per client: ``burst`` requests at once, refilled at ``per_s`` a second.
+    In memory: per ingest process, forgotten on restart."""
+
+    MAX_CLIENTS = 10_000
+    """Above this many buckets, full ones (idle clients) are dropped."""
+
+    def __init__(self, per_s: float, burst: int, clock=time.monotonic):
+        self.per_s, self.burst, self.clock = per_s, burst, clock
+        self.buckets: dict[str, tuple[float, float]] = {}
+
+    def wait_s(self, client: str) -> float:
+        """Take one request from the client's bucket: 0.0 if allowed, else seconds until it is."""
+        now = self.clock()
+        tokens, at = self.buckets.get(client, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.per_s)
+        allowed = tokens >= 1.0
+        self.buckets[client] = (tokens - allowed, now)
+        if len(self.buckets) > self.MAX_CLIENTS:
+            self._forget_idle(now)
+        return 0.0 if allowed else (1.0 - tokens) / self.per_s
+
+    def _forget_idle(self, now: float) -> None:
+        self.buckets = {c: (t, at) for c, (t, at) in self.buckets.items()
+                        if t + (now - at) * self.per_s < self.burst}
 
 
 # -- the HTTP app ---------------------------------------------------------------------------------
@@ -136,14 +303,22 @@ async def enqueue(bus: Bus, results: ResultStore, prompts: list[Prompt]) -> list
 BUS_KEY = web.AppKey("bus", Bus)
 RESULTS_KEY = web.AppKey("results", ResultStore)
 LIMITS_KEY = web.AppKey("limits", IngestConfig)
+TOKEN_KEY = web.AppKey("token", str)
+
+
+class RedisUnavailable(Exception):
+    """Redis did not answer within the request's deadline."""
 
 
 def make_app(bus: Bus, results: ResultStore, limits: IngestConfig, token: str | None) -> web.Application:
     """The ingest app; ``token`` (if non-empty) is required as a Bearer token except on /healthz."""
-    middlewares = [_auth_middleware(token)] if token else []
-    app = web.Application(middlewares=middlewares,
-                          client_max_size=limits.max_batch * limits.max_text_chars * 4 + 65536)
-    app[BUS_KEY], app[RESULTS_KEY], app[LIMITS_KEY] = bus, results, limits
+    middlewares = [_unavailable_middleware]
+    if token:
+        middlewares.append(_auth_middleware(token))
+    if limits.rate_limit_per_s > 0:
+        middlewares.append(_rate_limit_middleware(RateLimiter(limits.rate_limit_per_s, limits.rate_limit_burst)))
+    app = web.Application(middlewares=middlewares, client_max_size=limits.max_body_bytes)
+    app[BUS_KEY], app[RESULTS_KEY], app[LIMITS_KEY], app[TOKEN_KEY] = bus, results, limits, token or ""
     app.router.add_post("/v1/prompts", submit_prompts)
     app.router.add_get("/v1/prompts/{prompt_id}", get_prompt)
     app.router.add_get("/healthz", healthz)
@@ -165,91 +340,153 @@ def _auth_middleware(token: str):
     return auth
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"message": message}}, status=status)
+def _rate_limit_middleware(limiter: RateLimiter):
+    @web.middleware
+    async def rate_limit(request: web.Request, handler):
+        if request.path != "/healthz":
+            wait = limiter.wait_s(client_of(request))
+            if wait > 0:
+                seconds = max(1, math.ceil(wait))
+                return _error(429, f"rate limit: {limiter.per_s:g} requests/s, bursts of {limiter.burst}; "
+                                   f"retry after {seconds} s", headers={"Retry-After": str(seconds)})
+        return await handler(request)
+
+    return rate_limit
+
+
+@web.middleware
+async def _unavailable_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except RedisUnavailable as exc:
+        return _error(503, f"{exc}; nothing was half-written: retry (with the same Idempotency-Key or "
+                           "prompt_id to be sure nothing is enqueued twice)", headers={"Retry-After": "1"})
+
+
+def client_of(request: web.Request) -> str:
+    """Who is asking, for rate limits and Idempotency-Key scope: the bearer token when auth is on
+    (it was checked; an unchecked header would let a client pick a fresh identity per request),
+    else the remote address."""
+    token = request.app[TOKEN_KEY]
+    if token:
+        return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+    return f"addr:{request.remote}"
+
+
+async def within_deadline(request: web.Request, work):
+    """Await Redis work, or raise RedisUnavailable after ``redis_deadline_s``."""
+    deadline = request.app[LIMITS_KEY].redis_deadline_s
+    try:
+        return await asyncio.wait_for(work, deadline)
+    except TimeoutError:
+        raise RedisUnavailable(f"Redis did not answer within {deadline:g} s") from None
+    except Exception as exc:
+        if not is_retryable(exc):
+            raise
+        raise RedisUnavailable(f"Redis unreachable ({exc})") from None
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": {"message": message}}, status=status, headers=headers)
 
 
 async def submit_prompts(request: web.Request) -> web.Response:
+    limits = request.app[LIMITS_KEY]
     try:
-        body = json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return _error(400, f"invalid JSON: {exc}")
-    try:
-        prompts = parse_prompts(body, request.app[LIMITS_KEY], default_task="math")
+        body = decode_body(await _read_body(request, limits), limits)
+        prompts = parse_prompts(body, limits, default_task="math")
+        key = _request_key(request)
+        done = await within_deadline(request, enqueue(request.app[BUS_KEY], request.app[RESULTS_KEY], prompts,
+                                                      request_key=key, fingerprint=fingerprint_of(body)))
     except PromptRequestError as exc:
         return _error(exc.status, str(exc))
-    ids = await enqueue(request.app[BUS_KEY], request.app[RESULTS_KEY], prompts)
-    return web.json_response({"ids": ids}, status=202)
+    headers = {"Idempotent-Replayed": "true"} if done.replayed else None
+    return web.json_response(done.body(), status=done.http_status, headers=headers)
+
+
+async def _read_body(request: web.Request, limits: IngestConfig) -> bytes:
+    too_large = PromptRequestError(f"body too large; the limit is {limits.max_body_bytes} bytes", 413)
+    if request.content_length is not None and request.content_length > limits.max_body_bytes:
+        raise too_large
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:  # no or a false Content-Length
+        raise too_large from None
+
+
+def _request_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not IDEMPOTENCY_KEY.fullmatch(key):
+        raise PromptRequestError("Idempotency-Key: must be 1-255 visible ASCII characters")
+    return idempotency_record(client_of(request), key)
 
 
 async def get_prompt(request: web.Request) -> web.Response:
-    result = await request.app[RESULTS_KEY].get(request.match_info["prompt_id"])
+    prompt_id = request.match_info["prompt_id"]
+    result = await within_deadline(request, request.app[RESULTS_KEY].get(prompt_id))
     if result is None:
-        return _error(404, f"unknown prompt id {request.match_info['prompt_id']!r}")
+        return _error(404, f"unknown prompt id {prompt_id!r}")
     return web.json_response(result)
 
 
 async def healthz(request: web.Request) -> web.Response:
     try:
-        await asyncio.wait_for(request.app[BUS_KEY].redis.ping(), timeout=2)
+        await request.app[BUS_KEY].ping(timeout_s=2)
     except Exception as exc:
         return web.json_response({"status": "redis unreachable", "error": str(exc)}, status=503)
     return web.json_response({"status": "ok"})
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text (prometheus-client): the run's stream gauges, read now, and this
+    process's own metrics."""
     bus = request.app[BUS_KEY]
-    return web.Response(text=render_metrics(bus.run, await bus.stats()),
-                        content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    catq_metrics.stream_gauges(bus.run, await within_deadline(request, bus.stats()))
+    body, content_type = catq_metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type, "X-Content-Type-Options": "nosniff"})
 
 
-def render_metrics(run: str, stats: dict[str, Any]) -> str:
-    """Prometheus text exposition of :meth:`Bus.stats`."""
-    lines = [
-        "# HELP catq_stream_length Entries currently in a stream.",
-        "# TYPE catq_stream_length gauge",
-    ]
-    lines += [f'catq_stream_length{{run="{run}",stream="{s}"}} {v["length"]}' for s, v in stats.items()]
-    groups = [(s, g) for s, v in stats.items() for g in v["groups"]]
-    lines += ["# HELP catq_group_pending Entries delivered to a consumer group and not yet acknowledged.",
-              "# TYPE catq_group_pending gauge"]
-    lines += [f'catq_group_pending{{run="{run}",stream="{s}",group="{g["group"]}"}} {g["pending"]}'
-              for s, g in groups]
-    lines += ["# HELP catq_group_lag Entries not yet delivered to a consumer group.",
-              "# TYPE catq_group_lag gauge"]
-    lines += [f'catq_group_lag{{run="{run}",stream="{s}",group="{g["group"]}"}} {g["lag"]}'
-              for s, g in groups if g.get("lag") is not None]
-    lines += ["# HELP catq_group_consumers Consumers registered in a consumer group.",
-              "# TYPE catq_group_consumers gauge"]
-    lines += [f'catq_group_consumers{{run="{run}",stream="{s}",group="{g["group"]}"}} {len(g["consumers"])}'
-              for s, g in groups]
-    dead = stats.get("dead", {}).get("length", 0)
-    lines += ["# HELP catq_dead_letters Entries in the dead-letter stream.",
-              "# TYPE catq_dead_letters gauge", f'catq_dead_letters{{run="{run}"}} {dead}']
-    return "\n".join(lines) + "\n"
+def ingest_token(config: IngestConfig) -> str | None:
+    return os.environ.get(config.token_env) or None
+
+
+def check_exposure(config: IngestConfig, token: str | None) -> None:
+    """Raise ConfigError for an open door: a non-loopback host without a token."""
+    if token is None and not is_loopback(config.host):
+        raise ConfigError(f"ingest: refusing to listen on {config.host!r} (not loopback) without a token: "
+                          f"set ${config.token_env}, or set ingest.host to 127.0.0.1")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # another name (or "" = every interface): it may resolve anywhere
+        return False
 
 
 async def run(config: Config) -> None:
     """Serve the ingest API until SIGTERM/SIGINT."""
-    worker_id = default_worker_id("ingest")
-    log = setup_logging("ingest", worker_id)
-    stop = asyncio.Event()
-    install_stop_signals(stop)
-    bus = Bus(config.redis_url, config.run, config.bus)
-    token = os.environ.get(config.ingest.token_env) or None
-    app = make_app(bus, ResultStore(bus, config.bus.result_ttl_s), config.ingest, token)
+    check_exposure(config.ingest, ingest_token(config.ingest))
+    await run_role(config, "ingest", serve)
+
+
+async def serve(ctx: WorkerContext) -> None:
+    config = ctx.config
+    token = ingest_token(config.ingest)
+    check_exposure(config.ingest, token)
+    app = make_app(ctx.bus, ctx.results, config.ingest, token)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.ingest.host, config.ingest.port)
-    await site.start()
-    heartbeat = asyncio.create_task(heartbeat_loop(bus, "ingest", worker_id, config.worker.heartbeat_s))
-    log.info("ingest listening", host=config.ingest.host, port=config.ingest.port, auth=bool(token))
     try:
-        await stop.wait()
+        site = web.TCPSite(runner, config.ingest.host, config.ingest.port)
+        await site.start()
+        ctx.serving()
+        ctx.log.info("ingest listening", host=config.ingest.host, port=config.ingest.port, auth=bool(token))
+        await ctx.stop.wait()
+        ctx.log.info("ingest stopping")
     finally:
-        log.info("ingest stopping")
-        heartbeat.cancel()
-        await asyncio.gather(heartbeat, return_exceptions=True)
         await runner.cleanup()
-        await bus.close()

@@ -2,34 +2,146 @@
 
 Order of start: Redis (only if none answers at the configured URL), the engines the config
 launches (each waits for /health), then every role with its configured number of copies. Every
-child's output is prefixed with its name (``[rollout.0] ...``). A child that dies is reported
-and restarted, up to a limit. Stop (Ctrl-C / SIGTERM) runs in the reverse order of the data flow:
+child's output is prefixed with its name (``[rollout.0] ...``).
+
+Supervision (``[supervise]``): a child that exits on its own is restarted however often it dies,
+after a backoff that doubles with each further failure and starts over once the child has run
+``healthy_after_s``; only a crash loop (``crash_loop_starts`` exits in a row, each within
+``start_window_s`` of its start: a bad setting, not a crash) makes `catq up` give up on it: it
+prints the child's last lines, stops the whole stack and exits 1 (or, with ``on_give_up =
+"continue"``, says the run is degraded). Restarts are counted in Redis for `catq status`. Every
+few seconds it names a stage that is starved (work waiting, no live consumer) or stalled (no
+progress for ``stall_after_s``), once per episode (catq/health.py).
+
+Stop (Ctrl-C / SIGTERM) runs in the reverse order of the data flow:
 ingest first (no new work), then rollout → anchor → judge → learner → syncer, each given the
 worker grace period to finish or leave its entries pending, then the engines, then Redis. Since
 workers ack only after their output is written, this loses no acknowledged work.
 
 Children run in their own sessions so a terminal's Ctrl-C reaches only this supervisor, which
 then stops them in order.
+
+Security: a Redis that `catq up` starts itself requires a password: a random one per run dir,
+kept in ``<run_dir>/redis.password`` (mode 0600) and reused when the run is started again
+(a password in ``redis_url`` is used instead when there is one). It reaches redis-server through
+a 0600 config file, never argv (visible in `ps`), and the children through ``CATQ_REDIS_URL``.
+Children get only the environment they need (:func:`child_environment`: an allowlist plus the
+variables the config names for keys and tokens), so an unrelated secret of the shell that ran
+`catq up` never reaches an engine or a role. Lines printed here are passed through
+:func:`catq.log.redact`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import quote, unquote, urlparse, urlunparse
 
 import aiohttp
-import redis.asyncio as aioredis
 
-from catq.config import Config, EngineSpec
+from catq.bus import Bus, redis_answers, redis_state
+from catq.config import Config, EngineSpec, SuperviseConfig
+from catq.log import redact
+from catq.topology import ROLES
 
-ROLE_STOP_ORDER = ("ingest", "rollout", "anchor", "judge", "learner", "syncer")
+SUPERVISE_TICK_S = 0.5
+STALL_CHECK_S = 5.0
+REDIS_PASSWORD_FILE = "redis.password"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+ENV_ALLOWED = {
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP",
+    "PYTHONPATH", "PYTHONHOME", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONHASHSEED",
+    "VIRTUAL_ENV", "LD_LIBRARY_PATH", "XDG_CACHE_HOME", "SSL_CERT_FILE", "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
+    "no_proxy",
+}
+"""Variables every child inherits as they are (proxies and CA bundles: a hosted judge)."""
+ENV_ALLOWED_PREFIXES = ("LC_", "CATQ_", "CUDA_", "HF_", "TORCH_", "OMP_", "MKL_", "NCCL_",
+                        "NVIDIA_", "PYTORCH_", "TRANSFORMERS_", "TOKENIZERS_", "SGLANG_")
+"""Prefixes of variables children inherit: catq's own, and the ML stack's knobs."""
+
+
+def config_secret_env_names(config: Config) -> set[str]:
+    """The variables the config names for keys and tokens: the roles and engines need them."""
+    engines = config.engines
+    names = {engines.api_key_env, engines.admin_api_key_env, engines.judge_api_key_env,
+             config.ingest.token_env}
+    return {name for name in names if name}
+
+
+def child_environment(config: Config, environ=None) -> dict[str, str]:
+    """The part of ``environ`` (default os.environ) a child of `catq up` gets: allowlisted
+    variables and the config's key/token variables, nothing else."""
+    environ = os.environ if environ is None else environ
+    wanted = config_secret_env_names(config)
+    return {name: value for name, value in environ.items()
+            if name in ENV_ALLOWED or name in wanted or name.startswith(ENV_ALLOWED_PREFIXES)}
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    learner: int
+    engine: int
+    role: int
+
+    def for_role(self, role: str) -> int:
+        return self.learner if role == "learner" else self.role
+
+
+def thread_plan(config: Config, cores: int | None = None) -> ThreadPlan:
+    """Threads per child from ``[resources]``: the learner gets half the cores, the local
+    engines share the other half (each at least one), other roles one."""
+    wanted = config.resources
+    cores = wanted.cores or cores or len(os.sched_getaffinity(0))
+    learner = wanted.learner_threads or (max(1, cores // 2) if config.roles.learner else 0)
+    engines = sum(spec.kind != "external" for spec in config.engines.launch)
+    engine = wanted.engine_threads or max(1, (cores - learner) // max(engines, 1))
+    return ThreadPlan(learner=max(learner, 1), engine=engine, role=wanted.role_threads)
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def run_redis_password(run_path: Path) -> str:
+    """The run dir's Redis password: random on first use (file mode 0600), the same afterwards,
+    so a restarted `catq up` reaches the Redis, and the data, of its run."""
+    path = Path(run_path) / REDIS_PASSWORD_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        path.chmod(0o600)
+        return path.read_text().strip()
+    password = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as file:
+        file.write(password + "\n")
+    return password
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` as its password (user name and everything else kept)."""
+    parsed = urlparse(url)
+    host = parsed.netloc.rpartition("@")[2]
+    user = quote(unquote(parsed.username or ""), safe="")
+    return urlunparse(parsed._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
+
+
+def write_redis_conf(path: Path, password: str) -> None:
+    """A redis.conf (mode 0600) carrying the password, so it never appears in argv."""
+    escaped = password.replace("\\", "\\\\").replace('"', '\\"')
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(f'requirepass "{escaped}"\n')
+    path.chmod(0o600)
 
 
 class LaunchError(RuntimeError):
@@ -41,40 +153,67 @@ class Child:
     name: str
     argv: list[str]
     env: dict[str, str]
-    max_restarts: int = 3
-    restarts: int = 0
     process: asyncio.subprocess.Process | None = None
     pump: asyncio.Task | None = None
     stopping: bool = False
+    started_at: float = 0.0
+    failures: int = 0
+    """Exits since the child last ran ``healthy_after_s``: the backoff exponent."""
+    failed_starts: int = 0
+    """Exits within ``start_window_s`` of start, in a row: a crash loop when it reaches the limit."""
+    restarts: int = 0
+    restart_at: float | None = None
+    """When a restart is due (monotonic), while the child waits out its backoff."""
     exit_codes: list[int] = field(default_factory=list)
     """Exit codes of incarnations that died on their own, oldest first."""
+    last_lines: deque = field(default_factory=lambda: deque(maxlen=12))
     given_up: bool = False
+    spec: EngineSpec | None = None
+    """For an engine: its spec, so a restart recomputes its command (newest published weights)."""
 
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.returncode is None
 
 
+def restart_delay(child: Child, ran_s: float, policy: SuperviseConfig) -> float | None:
+    """Seconds to wait before restarting ``child`` that exited after ``ran_s`` seconds, or None
+    when it is in a crash loop and must be given up. Updates its counters."""
+    if ran_s >= policy.healthy_after_s:
+        child.failures = 0
+    child.failed_starts = child.failed_starts + 1 if ran_s < policy.start_window_s else 0
+    if child.failed_starts >= policy.crash_loop_starts:
+        return None
+    delay = min(policy.backoff_max_s, policy.backoff_initial_s * policy.backoff_factor ** child.failures)
+    child.failures += 1
+    return delay
+
+
 class Stack:
     """The supervised processes of one run. Use ``async with Stack(config, path) as stack``."""
 
     def __init__(self, config: Config, config_path: str | None, *, out=None,
-                 health_timeout_s: float = 600.0, max_restarts: int = 3):
+                 health_timeout_s: float = 600.0):
         self.config = config
         self.config_path = config_path
         self.out = out or sys.stdout
         self.health_timeout_s = health_timeout_s
-        self.max_restarts = max_restarts
+        self.failed = asyncio.Event()
+        """Set when a child was given up and ``supervise.on_give_up`` is "stop"."""
+        self.failure: str | None = None
         self.redis_child: Child | None = None
         self.engines: list[Child] = []
         self.roles: dict[str, list[Child]] = {}
         self._supervisor: asyncio.Task | None = None
         self.log_lines: asyncio.Queue[str] | None = None
+        self.threads = thread_plan(config)
 
     # ---- start -------------------------------------------------------------------------
 
     async def start(self) -> None:
         self.config.run_path.mkdir(parents=True, exist_ok=True)
+        self._say(f"threads: learner {self.threads.learner}, each engine {self.threads.engine}, "
+                  f"other roles {self.threads.role} ([resources])")
         await self._ensure_redis()
         await self._start_engines()
         self._supervisor = asyncio.create_task(self._supervise())
@@ -93,32 +232,50 @@ class Stack:
         await self.stop()
 
     async def _ensure_redis(self) -> None:
-        if await redis_answers(self.config.redis_url):
+        """Use the Redis at ``redis_url`` if it answers; else, if it is local, start one that
+        requires a password, and hand every child the URL with it."""
+        url = self.config.redis_url
+        state = await redis_state(url)
+        if state == "ok":
             return
-        url = urlparse(self.config.redis_url)
-        if url.hostname not in ("127.0.0.1", "localhost", "::1"):
-            raise LaunchError(f"no Redis answers at {self.config.redis_url} and it is not local")
+        parsed = urlparse(url)
+        if parsed.hostname not in LOCAL_HOSTS:
+            raise LaunchError(f"no Redis answers at {redact(url)} and it is not local")
+        password = unquote(parsed.password or "") or run_redis_password(self.config.run_path)
+        authed = with_password(url, password)
+        if authed != url and await redis_state(authed) == "ok":  # ours, from an earlier start
+            self.config.redis_url = authed
+            return
+        if state == "refused":
+            raise LaunchError(f"the Redis at {redact(url)} refuses catq's credentials: set the "
+                              f"password of CATQ_REDIS_URL / redis_url")
+        await self._start_redis(parsed, password)
+        await wait_until(lambda: redis_answers(authed), 30.0, "redis-server")
+        self.config.redis_url = authed
+
+    async def _start_redis(self, url, password: str) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise LaunchError(
                 "no Redis answers at %s and redis-server is not on PATH: install it "
                 "(Debian/Ubuntu: apt-get install redis-server) or point CATQ_REDIS_URL at one"
-                % self.config.redis_url
+                % redact(self.config.redis_url)
             )
         data_dir = self.config.run_path / "redis"
         data_dir.mkdir(parents=True, exist_ok=True)
-        argv = [binary, "--port", str(url.port or 6379), "--bind", url.hostname,
+        conf = data_dir / "redis.conf"
+        write_redis_conf(conf, password)
+        argv = [binary, str(conf.resolve()), "--port", str(url.port or 6379), "--bind", url.hostname,
                 "--appendonly", "yes", "--dir", str(data_dir.resolve()), "--save", ""]
-        self.redis_child = Child("redis", argv, dict(os.environ), max_restarts=0)
+        self.redis_child = Child("redis", argv, child_environment(self.config))
         await self._spawn(self.redis_child)
-        await wait_until(lambda: redis_answers(self.config.redis_url), 30.0, "redis-server")
 
     async def _start_engines(self) -> None:
         for spec in self.config.engines.launch:
             if spec.kind == "external":
                 continue
-            child = Child(f"engine.{spec.name}", self._engine_argv(spec), self._engine_env(spec),
-                          max_restarts=self.max_restarts)
+            argv = await self._engine_argv(spec)
+            child = Child(f"engine.{spec.name}", argv, self._engine_env(spec), spec=spec)
             self.engines.append(child)
             await self._spawn(child)
         for spec in self.config.engines.launch:
@@ -126,29 +283,62 @@ class Stack:
                              f"engine {spec.name} at {spec.url}", self._engine_died)
 
     def _engine_env(self, spec: EngineSpec) -> dict[str, str]:
-        env = self._child_env()
+        from catq.engines.server import ADMIN_API_KEY_ENV, API_KEY_ENV
+        from catq.engines.sglang_env import server_env
+
+        env = self._child_env(self.threads.engine)
         if spec.kind == "sglang":
-            # Behaviour log-probs of the raw distribution (no temperature), as the learner computes.
-            env["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
+            return server_env(env, engine_device(spec))
+        # catq's engine reads its keys from the environment, never argv (visible in `ps`)
+        env[API_KEY_ENV] = self.config.engines.api_key()
+        env[ADMIN_API_KEY_ENV] = self.config.engines.admin_api_key()
         return env
 
-    def _engine_argv(self, spec: EngineSpec) -> list[str]:
+    def _newest_weights(self, spec: EngineSpec) -> tuple[str, str]:
+        """(model, weight_version) to start an engine with: a policy engine starts from the
+        newest published version, so a restarted one never serves old weights, even briefly."""
+        from catq.learner.publish import published_versions, version_dir
+
+        versions = published_versions(self.config.weights_dir) if spec.policy else []
+        if not versions:
+            return spec.model, "default"
+        return str(version_dir(self.config.weights_dir, versions[-1]).resolve()), str(versions[-1])
+
+    async def _engine_argv(self, spec: EngineSpec) -> list[str]:
         if spec.kind == "sglang":
-            return [sys.executable, "-m", "sglang.launch_server", "--model-path", spec.model,
-                    "--host", spec.host, "--port", str(spec.port)]
-        argv = [sys.executable, "-m", "catq", "engine", "--model", spec.model,
-                "--host", spec.host, "--port", str(spec.port)]
+            return await self._sglang_argv(spec)
+        model, version = self._newest_weights(spec)
+        argv = [sys.executable, "-m", "catq", "engine", "--model", model, "--weight-version", version,
+                "--host", spec.host, "--port", str(spec.port), "--device", spec.device]
         if spec.policy:
             self.config.weights_dir.mkdir(parents=True, exist_ok=True)
             argv += ["--weights-dir", str(self.config.weights_dir.resolve())]
         return argv
 
+    async def _sglang_argv(self, spec: EngineSpec) -> list[str]:
+        from catq.engines.models import resolve_model_path
+        from catq.engines.sglang_env import SGLangEnvError, ensure_env, server_argv
+
+        device = engine_device(spec)
+        python = spec.python or sys.executable
+        if device == "cpu" and not spec.python:
+            try:
+                python = await asyncio.to_thread(ensure_env, self._say)
+            except SGLangEnvError as exc:
+                raise LaunchError(f"engine {spec.name}: {exc}") from None
+        engines = self.config.engines
+        model, version = self._newest_weights(spec)
+        if version == "default":
+            model = str(resolve_model_path(spec.model, self.config.model.cache_dir or None))
+        return server_argv(python, model, host=spec.host, port=spec.port, device=device,
+                           api_key=engines.api_key(), admin_api_key=engines.admin_api_key(),
+                           extra=("--weight-version", version))
+
     async def _start_roles(self) -> None:
-        for role in ROLE_STOP_ORDER:
+        for role in ROLES:
             copies = getattr(self.config.roles, role)
             self.roles[role] = [
-                Child(f"{role}.{i}", self._role_argv(role), self._child_env(),
-                      max_restarts=self.max_restarts)
+                Child(f"{role}.{i}", self._role_argv(role), self._child_env(self.threads.for_role(role)))
                 for i in range(copies)
             ]
             for child in self.roles[role]:
@@ -160,8 +350,8 @@ class Stack:
             argv += ["--config", str(self.config_path)]
         return argv
 
-    def _child_env(self) -> dict[str, str]:
-        env = dict(os.environ)
+    def _child_env(self, threads: int) -> dict[str, str]:
+        env = child_environment(self.config) | thread_env(threads)
         env["CATQ_RUN"] = self.config.run
         env["CATQ_REDIS_URL"] = self.config.redis_url
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -192,43 +382,97 @@ class Stack:
             *child.argv, env=child.env, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True,
         )
+        child.started_at = time.monotonic()
         child.pump = asyncio.create_task(self._pump(child))
 
     async def _pump(self, child: Child) -> None:
         assert child.process and child.process.stdout
         async for raw in child.process.stdout:
-            line = raw.decode(errors="replace").rstrip()
+            line = redact(raw.decode(errors="replace").rstrip())
+            child.last_lines.append(line)
             self.out.write(f"[{child.name}] {line}\n")
             self.out.flush()
 
     async def _supervise(self) -> None:
-        """Restart children that die on their own, up to their limit."""
-        while True:
-            await asyncio.sleep(0.5)
-            for child in self.children():
-                if child.stopping or child.running or child.process is None:
-                    continue
-                await self._restart_or_report(child)
+        """Restart children that exit on their own, with backoff; give up only on a crash loop.
+        Every few seconds, say which stage is starved or stalled."""
+        from catq.health import StallWatch
 
-    async def _restart_or_report(self, child: Child) -> None:
-        if child.given_up:
+        bus = Bus(self.config.redis_url, self.config.run, self.config.bus, reconnect_timeout_s=2.0)
+        watch = StallWatch(self.config.supervise.stall_after_s)
+        next_stall_check = time.monotonic() + STALL_CHECK_S
+        try:
+            while True:
+                await asyncio.sleep(SUPERVISE_TICK_S)
+                for child in self.children():
+                    if child.stopping or child.running or child.process is None or child.given_up:
+                        continue
+                    await self._restart_or_give_up(child, bus)
+                if time.monotonic() >= next_stall_check:
+                    next_stall_check = time.monotonic() + STALL_CHECK_S
+                    await self._report_stalls(bus, watch)
+        finally:
+            await bus.close()
+
+    async def _restart_or_give_up(self, child: Child, bus) -> None:
+        now = time.monotonic()
+        if child.restart_at is None:  # it just exited: decide
+            code = child.process.returncode
+            child.exit_codes.append(code)
+            ran_s = now - child.started_at
+            delay = restart_delay(child, ran_s, self.config.supervise)
+            if child is self.redis_child:
+                delay = None  # a Redis we started dying is not a role's crash: stop, say so
+            if delay is None:
+                self._give_up(child, code, ran_s)
+                return
+            child.restart_at = now + delay
+            self._say(f"{child.name} exited with {code} after {ran_s:.1f}s; restarting in {delay:.1f}s")
             return
-        code = child.process.returncode
-        child.exit_codes.append(code)
-        if child.restarts >= child.max_restarts:
-            child.given_up = True
-            self._say(f"{child.name} exited with {code}; restart limit reached, not restarting")
+        if now < child.restart_at:
             return
+        child.restart_at = None
         child.restarts += 1
-        self._say(f"{child.name} exited with {code}; restarting ({child.restarts}/{child.max_restarts})")
+        if child.spec is not None:
+            child.argv = await self._engine_argv(child.spec)
         await self._spawn(child)
+        self._say(f"{child.name} restarted (restart {child.restarts})")
+        try:
+            await bus.record_restart(child.name)
+        except Exception as exc:  # Redis away: the count is for `catq status` only
+            self._say(f"could not record the restart in Redis: {exc}")
+
+    def _give_up(self, child: Child, code: int, ran_s: float) -> None:
+        child.given_up = True
+        policy = self.config.supervise
+        reason = (f"{child.name} is in a crash loop: it exited with {code} after {ran_s:.1f}s, its "
+                  f"{child.failed_starts}th failed start in a row (exit codes {child.exit_codes})")
+        self._say(f"giving up on {reason}; its last lines:")
+        for line in child.last_lines:
+            self._say(f"    {child.name}| {line}")
+        if policy.on_give_up == "stop":
+            self.failure = reason
+            self.failed.set()
+        else:
+            self._say(f"{child.name} stays down (supervise.on_give_up = \"continue\"): the run is degraded")
+
+    async def _report_stalls(self, bus, watch) -> None:
+        from catq.health import role_health
+
+        try:
+            lines = watch.check(await bus.stats(), await role_health(bus, self.config))
+        except Exception as exc:  # Redis away: the roles say so themselves; try again later
+            self._say(f"stall check failed: {exc}")
+            return
+        for line in lines:
+            self._say(f"stalled: {line}")
 
     def children(self) -> list[Child]:
         roles = [c for cs in self.roles.values() for c in cs]
         return roles + self.engines + ([self.redis_child] if self.redis_child else [])
 
     def _say(self, text: str) -> None:
-        self.out.write(f"[catq up] {text}\n")
+        self.out.write(f"[catq up] {redact(text)}\n")
         self.out.flush()
 
     # ---- stop --------------------------------------------------------------------------
@@ -239,13 +483,21 @@ class Stack:
             await asyncio.gather(self._supervisor, return_exceptions=True)
             self._supervisor = None
         grace = self.config.worker.grace_period_s + 10.0
-        for role in ROLE_STOP_ORDER:
+        for role in ROLES:
             await asyncio.gather(*(stop_child(c, grace) for c in self.roles.get(role, [])))
         await asyncio.gather(*(stop_child(c, 30.0) for c in self.engines))
         if self.redis_child:
             await stop_child(self.redis_child, 30.0)
         pumps = [c.pump for c in self.children() if c.pump]
         await asyncio.gather(*pumps, return_exceptions=True)
+
+
+def engine_device(spec: EngineSpec) -> str:
+    if spec.device != "auto":
+        return spec.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 async def stop_child(child: Child, grace_s: float) -> None:
@@ -263,19 +515,11 @@ async def stop_child(child: Child, grace_s: float) -> None:
 
 
 async def has_live_workers(config: Config, role: str, count: int) -> bool:
-    from catq.ops import live_workers
-
-    return len(await live_workers(config, role)) >= count
-
-
-async def redis_answers(url: str) -> bool:
-    client = aioredis.from_url(url, socket_connect_timeout=1.0, socket_timeout=1.0)
+    bus = Bus(config.redis_url, config.run, config.bus, reconnect_timeout_s=2.0)
     try:
-        return bool(await client.ping())
-    except (OSError, aioredis.RedisError):
-        return False
+        return len(await bus.live_workers(role)) >= count
     finally:
-        await client.aclose()
+        await bus.close()
 
 
 async def http_ok(url: str) -> bool:
@@ -304,33 +548,37 @@ async def wait_until(check, timeout_s: float, what: str, failed=None) -> None:
 
 
 async def run_until_signalled(stack: Stack) -> None:
-    """Bring the stack up and keep it until SIGINT/SIGTERM, which also cuts a slow start short."""
+    """Bring the stack up and keep it until SIGINT/SIGTERM, which also cuts a slow start short,
+    or until a child is given up (LaunchError naming it, after the stack is stopped)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     starting = asyncio.create_task(stack.start())
     stopping = asyncio.create_task(stop.wait())
+    failing = asyncio.create_task(stack.failed.wait())
     try:
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if starting.done():
+        await asyncio.wait({starting, stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done() and not failing.done():
             starting.result()  # a failed start raises here
             stack._say(f"run {stack.config.run!r} is up; Ctrl-C stops it")
-            await stopping
+            await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
         stack._say("stopping")
     finally:
-        for task in (starting, stopping):
+        for task in (starting, stopping, failing):
             task.cancel()
-        await asyncio.gather(starting, stopping, return_exceptions=True)
+        await asyncio.gather(starting, stopping, failing, return_exceptions=True)
         await stack.stop()
     stack._say("stopped")
+    if stack.failure:
+        raise LaunchError(f"gave up: {stack.failure}")
 
 
 def up_command(args, config: Config) -> int:
     try:
         asyncio.run(run_until_signalled(Stack(config, config_file_arg(args.config))))
     except LaunchError as exc:
-        print(f"catq up: {exc}", file=sys.stderr)
+        print(f"catq up: {redact(str(exc))}", file=sys.stderr)
         return 1
     return 0
 

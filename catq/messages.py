@@ -12,12 +12,16 @@ understood on its own.
 
 from __future__ import annotations
 
+import array
+import base64
 import dataclasses
 import functools
+import sys
 import time
 import types
 import typing
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
@@ -31,6 +35,73 @@ TASKS: tuple[str, ...] = ("math", "open")
 
 class MessageDecodeError(ValueError):
     """Bytes that are not a valid catq message of the expected type and schema version."""
+
+
+class _Packed(array.array):
+    """A flat array of numbers that travels as one packed little-endian msgpack ext (4 bytes a
+    number), not as a msgpack list: decoding is a memcpy instead of building a Python object per
+    number (a group carries ~16,000 of them). Indexes, iterates and slices like a list, compares
+    equal to a list of the same numbers, and ``torch.tensor``/``torch.frombuffer`` take it."""
+
+    typecode_: str = ""
+    ext_code: int = 0
+
+    def __new__(cls, values=()):
+        return super().__new__(cls, cls.typecode_, values)
+
+    def __eq__(self, other):
+        if isinstance(other, (list, tuple)):
+            try:
+                other = type(self)(other)
+            except (TypeError, OverflowError):
+                return False
+        return super().__eq__(other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.tolist()!r})"
+
+    def __reduce_ex__(self, protocol):  # pickle and deepcopy keep the type (array's own does not)
+        return type(self).unpacked, (self.packed(),)
+
+    def __deepcopy__(self, memo):
+        return type(self)(self)
+
+    def packed(self) -> bytes:
+        if sys.byteorder == "little":
+            return self.tobytes()
+        swapped = type(self)(self)
+        swapped.byteswap()
+        return swapped.tobytes()
+
+    @classmethod
+    def unpacked(cls, data: bytes):
+        values = cls()
+        values.frombytes(data)
+        if sys.byteorder != "little":
+            values.byteswap()
+        return values
+
+
+class Int32s(_Packed):
+    """Token ids."""
+
+    typecode_, ext_code = "i", 1
+
+
+class Float32s(_Packed):
+    """Log-probs (the engines compute them in float32)."""
+
+    typecode_, ext_code = "f", 2
+
+
+PACKED_TYPES: dict[int, type[_Packed]] = {cls.ext_code: cls for cls in (Int32s, Float32s)}
+
+
+def _as(cls: type[_Packed], values):
+    """``values`` as a ``cls`` (a list from code that builds messages, or already packed)."""
+    return values if type(values) is cls else cls(values)
 
 
 def new_prompt_id() -> str:
@@ -66,25 +137,32 @@ class Prompt:
 class Rollout:
     text: str
     """Decoded completion."""
-    token_ids: list[int]
+    token_ids: Int32s
     """Completion token ids exactly as generated (the learner trains on these)."""
-    logprobs: list[float]
+    logprobs: Float32s
     """Behaviour log-prob of each generated token under the sampling policy (same length as
     token_ids); see catq.engines for which distribution they come from."""
     finish_reason: str
     """"stop", "length" or "abort", as the engine reported it."""
 
+    def __post_init__(self) -> None:
+        self.token_ids = _as(Int32s, self.token_ids)
+        self.logprobs = _as(Float32s, self.logprobs)
+
 
 @dataclass
 class RolloutGroup:
     prompt: Prompt
-    prompt_token_ids: list[int]
+    prompt_token_ids: Int32s
     """The chat-templated prompt as token ids, as sent to the engine."""
     rollouts: list[Rollout]
     """The G samples of the policy for this prompt."""
     policy_version: int
     """Version of the policy weights that produced every rollout (0 = initial weights)."""
     created_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = _as(Int32s, self.prompt_token_ids)
 
 
 @dataclass
@@ -179,12 +257,21 @@ def encode(message: Message) -> bytes:
     return msgpack.packb(envelope, use_bin_type=True, default=_fields_of)
 
 
-def _fields_of(obj: Any) -> dict[str, Any]:
-    """msgpack's hook for dataclasses: a shallow field map (msgpack recurses, and packs lists of
-    numbers in C; dataclasses.asdict deep-copies every token id and costs ~20x more)."""
+def _fields_of(obj: Any) -> Any:
+    """msgpack's hook for dataclasses (a shallow field map: msgpack recurses;
+    dataclasses.asdict deep-copies every token id and costs ~20x more) and packed arrays."""
+    if isinstance(obj, _Packed):
+        return msgpack.ExtType(obj.ext_code, obj.packed())
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {name: getattr(obj, name) for name in _field_names(type(obj))}
     raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def _unpack_ext(code: int, data: bytes) -> Any:
+    cls = PACKED_TYPES.get(code)
+    if cls is None or len(data) % cls().itemsize:
+        raise MessageDecodeError(f"unknown or malformed packed array (ext {code}, {len(data)} bytes)")
+    return cls.unpacked(data)
 
 
 @functools.cache
@@ -205,7 +292,9 @@ def _type_hints(cls: type) -> dict[str, Any]:
 def decode(data: bytes, expected: type | None = None) -> Message:
     """Decode bytes made by :func:`encode`; raise MessageDecodeError for anything else."""
     try:
-        envelope = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        envelope = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_unpack_ext)
+    except MessageDecodeError:
+        raise
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise MessageDecodeError(f"not msgpack: {exc}") from exc
     if not isinstance(envelope, dict) or set(envelope) != {"schema", "type", "body"}:
@@ -217,82 +306,190 @@ def decode(data: bytes, expected: type | None = None) -> Message:
         raise MessageDecodeError(f"unknown message type {envelope['type']!r}")
     if expected is not None and cls is not expected:
         raise MessageDecodeError(f"expected {expected.__name__}, got {cls.__name__}")
-    return _build(cls, envelope["body"], cls.__name__)
+    try:
+        return _build(cls, envelope["body"])
+    except MessageDecodeError as exc:
+        raise _under(cls.__name__, exc) from None
 
 
-def _build(cls: type, body: Any, path: str) -> Any:
-    if not isinstance(body, dict):
-        raise MessageDecodeError(f"{path}: expected a map, got {type(body).__name__}")
-    hints = _type_hints(cls)
-    fields = _fields_by_name(cls)
-    unknown = set(body) - set(fields)
-    if unknown:
-        raise MessageDecodeError(f"{path}: unknown fields {sorted(unknown)}")
+def _build(cls: type, body: Any) -> Any:
+    if type(body) is not dict:
+        raise MessageDecodeError(f"expected a map, got {type(body).__name__}")
+    plan, required = _plan(cls)
     values = {}
-    for name, f in fields.items():
-        if name not in body:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise MessageDecodeError(f"{path}: missing field {name!r}")
-            continue
-        values[name] = _convert(hints[name], body[name], f"{path}.{name}")
+    for name, value in body.items():
+        convert = plan.get(name)
+        if convert is None:
+            raise MessageDecodeError(f"unknown fields {sorted(body.keys() - plan.keys())}")
+        try:
+            values[name] = convert(value)
+        except MessageDecodeError as exc:
+            raise _under(f".{name}", exc) from None
+    if not required <= values.keys():
+        raise MessageDecodeError(f"missing field {min(required - values.keys())!r}")
     return cls(**values)
 
 
-def _convert(hint: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(hint)
+def _under(segment: str, exc: MessageDecodeError) -> MessageDecodeError:
+    """The error one level up: "token_ids: expected ..." -> ".rollouts[0].token_ids: ..."."""
+    message = str(exc)
+    return MessageDecodeError(segment + (message if message[:1] in ".[" else f": {message}"))
+
+
+@functools.cache
+def _plan(cls: type) -> tuple[dict[str, Callable[[Any], Any]], frozenset[str]]:
+    """A message dataclass's field converters and its required fields (built once per class,
+    so decoding does no type introspection)."""
+    hints = _type_hints(cls)
+    fields = dataclasses.fields(cls)
+    required = frozenset(f.name for f in fields
+                         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    return {f.name: _converter(hints[f.name]) for f in fields}, required
+
+
+@functools.cache
+def _converter(hint: Any) -> Callable[[Any], Any]:
+    """A function that checks a decoded value against ``hint`` and returns it (converted where
+    the wire form differs: packed arrays, ints for floats), raising MessageDecodeError."""
+    if isinstance(hint, type) and issubclass(hint, _Packed):
+        return functools.partial(_packed, hint)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path)
+        return functools.partial(_build, hint)
+    origin = typing.get_origin(hint)
     if origin is Literal:
-        if value not in typing.get_args(hint):
-            raise MessageDecodeError(f"{path}: {value!r} not one of {typing.get_args(hint)}")
-        return value
+        return functools.partial(_literal, typing.get_args(hint))
     if origin in (Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(hint):
-            try:
-                return _convert(option, value, path)
-            except MessageDecodeError as exc:
-                errors.append(str(exc))
-        raise MessageDecodeError(f"{path}: {value!r} matches no type of {hint}")
+        return functools.partial(_union, hint, tuple(_converter(o) for o in typing.get_args(hint)))
     if origin is list:
-        if not isinstance(value, list):
-            raise MessageDecodeError(f"{path}: expected a list, got {type(value).__name__}")
         (item,) = typing.get_args(hint)
-        if item in (int, float, str, bytes):
-            # Fast path for token ids and log-probs: check element types at C speed.
-            kinds = set(map(type, value))
-            if kinds <= {item}:
-                return value
-            if item is float and kinds <= {float, int}:
-                return [float(v) for v in value]
-        return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return functools.partial(_list, item, _converter(item))
     if origin is dict:
-        if not isinstance(value, dict):
-            raise MessageDecodeError(f"{path}: expected a map, got {type(value).__name__}")
+        return _map
+    if hint in (str, bytes):
+        return functools.partial(_exactly, hint)
+    return functools.partial(_check_scalar, hint)
+
+
+def _exactly(kind: type, value: Any) -> Any:
+    if type(value) is kind:
         return value
-    return _check_scalar(hint, value, path)
+    raise MessageDecodeError(f"expected {kind.__name__}, got {type(value).__name__}")
 
 
-def _check_scalar(hint: Any, value: Any, path: str) -> Any:
+def _literal(allowed: tuple, value: Any) -> Any:
+    if value not in allowed:
+        raise MessageDecodeError(f"{value!r} not one of {allowed}")
+    return value
+
+
+def _union(hint: Any, options: tuple, value: Any) -> Any:
+    for convert in options:
+        try:
+            return convert(value)
+        except MessageDecodeError:
+            continue
+    raise MessageDecodeError(f"{value!r} matches no type of {hint}")
+
+
+def _list(item: Any, convert: Callable[[Any], Any], value: Any) -> list:
+    if not isinstance(value, list):
+        raise MessageDecodeError(f"expected a list, got {type(value).__name__}")
+    if item in (int, float, str, bytes):
+        kinds = set(map(type, value))  # element types checked at C speed
+        if kinds <= {item}:
+            return value
+        if item is float and kinds <= {float, int}:
+            return [float(v) for v in value]
+    out = []
+    for i, v in enumerate(value):
+        try:
+            out.append(convert(v))
+        except MessageDecodeError as exc:
+            raise _under(f"[{i}]", exc) from None
+    return out
+
+
+def _map(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise MessageDecodeError(f"expected a map, got {type(value).__name__}")
+    return value
+
+
+def _packed(cls: type[_Packed], value: Any) -> _Packed:
+    if type(value) is cls:
+        return value
+    if isinstance(value, list):  # a plain list (an older producer): accepted when it fits
+        try:
+            return cls(value)
+        except (TypeError, OverflowError) as exc:
+            raise MessageDecodeError(f"not {cls.__name__}: {exc}") from None
+    raise MessageDecodeError(f"expected {cls.__name__}, got {type(value).__name__}")
+
+
+def _check_scalar(hint: Any, value: Any) -> Any:
     if hint is type(None):
         if value is not None:
-            raise MessageDecodeError(f"{path}: expected nil")
+            raise MessageDecodeError("expected nil")
         return None
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, bool):
-        raise MessageDecodeError(f"{path}: expected int, got bool")
+        raise MessageDecodeError("expected int, got bool")
     if hint in (str, int, float, bool, bytes) and not isinstance(value, hint):
-        raise MessageDecodeError(f"{path}: expected {hint.__name__}, got {type(value).__name__}")
+        raise MessageDecodeError(f"expected {hint.__name__}, got {type(value).__name__}")
     return value
 
 
 def describe(message: Message) -> dict[str, Any]:
     """A plain dict of a message for humans (``catq tail``): bytes shown by length."""
-    body = dataclasses.asdict(message)
+    body = dataclasses.asdict(message, dict_factory=_plain_dict)
     if isinstance(message, DeadLetter):
         body["payload"] = f"<{len(message.payload)} bytes>"
     return {"type": type(message).__name__, **body}
+
+
+def _plain_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {name: value.tolist() if isinstance(value, array.array) else value for name, value in items}
+
+
+def to_json(message: Message) -> dict[str, Any]:
+    """Every field of a message as JSON-able data (``catq tail --json``); :func:`from_json` reads
+    it back. A dead letter's payload is base64, and also shown ``decoded`` when it decodes."""
+    body = describe(message)
+    if isinstance(message, DeadLetter):
+        body["payload"] = base64.b64encode(message.payload).decode()
+        try:
+            body["decoded"] = to_json(decode(message.payload))
+        except MessageDecodeError as exc:
+            body["decoded"] = {"type": "<undecodable>", "error": str(exc)}
+    return body
+
+
+def from_json(data: dict[str, Any]) -> Message:
+    """The message :func:`to_json` wrote (extra keys such as a tail line's ``id`` ignored);
+    fields are checked as :func:`decode` checks them."""
+    cls = MESSAGE_TYPES.get(data.get("type", ""))
+    if cls is None:
+        raise MessageDecodeError(f"unknown message type {data.get('type')!r}")
+    body = {k: v for k, v in data.items() if k in _fields_by_name(cls)}
+    if cls is DeadLetter and isinstance(body.get("payload"), str):
+        body["payload"] = base64.b64decode(body["payload"])
+    try:
+        return _build(cls, body)
+    except MessageDecodeError as exc:
+        raise _under(cls.__name__, exc) from None
+
+
+def work_id(message: Message, entry_id: str = "") -> str:
+    """What makes two entries the same work for a stage: the prompt, and for groups the policy
+    version that sampled them ("prompt:p1", "group:p1@v3"); other messages: their entry id."""
+    if isinstance(message, Prompt):
+        return f"prompt:{message.prompt_id}"
+    group = (message if isinstance(message, RolloutGroup) else message.group if isinstance(message, ReferencedGroup)
+             else message.referenced.group if isinstance(message, ScoredGroup) else None)
+    if group is None:
+        return f"entry:{entry_id}"
+    return f"group:{group.prompt.prompt_id}@v{group.policy_version}"
 
 
 def prompt_id_of(message: Message) -> str | None:

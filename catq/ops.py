@@ -1,7 +1,9 @@
 """The operator commands of the ``catq`` CLI: submit, tail, status, health, worker.
 
 Each handler is ``(args, config) -> exit code``; see catq/cli.py for the flags. They talk to
-Redis through :class:`catq.bus.Bus` and fail fast (a few seconds) when Redis is unreachable.
+Redis through :class:`catq.bus.Bus` and fail fast (a few seconds) when Redis is unreachable
+(exit 1), at once when it refuses the URL's password (exit 2). Error lines never show a URL's
+password (:func:`catq.log.redact`).
 """
 
 from __future__ import annotations
@@ -9,43 +11,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 import time
+import uuid
 from typing import Any
 
-import structlog
-
-from catq.bus import STREAMS, Bus, is_retryable
+from catq.bus import Bus, RedisAuthError, is_retryable
 from catq.config import Config
-from catq.messages import MessageDecodeError, decode, describe
+from catq.log import redact, setup_cli_logging
+from catq.messages import DeadLetter, MessageDecodeError, decode, prompt_id_of, to_json
+from catq.results import Status, reached
+from catq.topology import DEAD, STREAM_NAMES
 
 CLI_RECONNECT_S = 3.0
 """How long a CLI command retries an unreachable Redis before giving up."""
-DONE_STATUSES = ("scored", "trained", "dead")
-"""Statuses after which a prompt's result no longer changes ("dead": dead-lettered, see error)."""
-"""``submit --wait`` stops waiting at these statuses."""
-LIST_PREVIEW = 8
-STR_PREVIEW = 300
 
 
 def _bus(config: Config) -> Bus:
-    _quiet_logging()
+    setup_cli_logging()
     return Bus(config.redis_url, config.run, config.bus, reconnect_timeout_s=CLI_RECONNECT_S)
 
 
-def _quiet_logging() -> None:
-    """CLI commands print results on stdout; library warnings (Redis retries) go to stderr."""
-    structlog.configure(
-        processors=[structlog.processors.add_log_level, structlog.dev.ConsoleRenderer(colors=False)],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        # sys.stderr looked up per logger, not bound once: tests swap and close it.
-        logger_factory=lambda *_: structlog.PrintLogger(file=sys.stderr),
-    )
-
-
 def _fail(message: str, code: int = 1) -> int:
-    print(f"catq: {message}", file=sys.stderr)
+    print(f"catq: {redact(message)}", file=sys.stderr)
     return code
 
 
@@ -56,7 +44,7 @@ def _run(config: Config, coro) -> int:
     except Exception as exc:
         if not is_retryable(exc):
             raise
-        return _fail(f"cannot reach Redis at {config.redis_url}: {exc}")
+        return _fail(f"cannot reach Redis at {redact(config.redis_url)}: {exc}")
 
 
 # -- submit ---------------------------------------------------------------------------------------
@@ -69,7 +57,7 @@ def submit_command(args: argparse.Namespace, config: Config) -> int:
         prompts = parse_prompts(items, config.ingest, default_task=args.task, check_batch=False)
     except PromptRequestError as exc:
         return _fail(str(exc), 2)
-    return _run(config, _submit(config, prompts, args.wait, args.timeout))
+    return _run(config, _submit(config, prompts, args.wait and args.until, args.timeout))
 
 
 def _submit_items(args: argparse.Namespace) -> list[Any]:
@@ -83,6 +71,8 @@ def _submit_items(args: argparse.Namespace) -> list[Any]:
             lines = open(args.file, encoding="utf-8").read().splitlines()
         except OSError as exc:
             raise PromptRequestError(f"cannot read {args.file}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise PromptRequestError(f"{args.file}: not valid UTF-8 (byte {exc.start})") from None
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -95,33 +85,49 @@ def _submit_items(args: argparse.Namespace) -> list[Any]:
     return items
 
 
-async def _submit(config: Config, prompts: list, wait: bool, timeout: float) -> int:
-    from catq.ingest import enqueue
+async def _submit(config: Config, prompts: list, until: str | None, timeout: float) -> int:
     from catq.results import ResultStore
 
     bus = _bus(config)
     results = ResultStore(bus, config.bus.result_ttl_s)
     try:
-        ids = await enqueue(bus, results, prompts)
-        for prompt_id in ids:
-            print(prompt_id, flush=True)
-        if not wait:
+        ids = await _enqueue_each(bus, results, prompts)
+        if not until:
             return 0
-        return await _wait_results(results, ids, timeout)
+        return await _wait_results(results, ids, Status(until), timeout)
     finally:
         await bus.close()
 
 
-async def _wait_results(results, ids: list[str], timeout: float) -> int:
+async def _enqueue_each(bus: Bus, results, prompts: list) -> list[str]:
+    """Enqueue prompts one by one, each with its own Idempotency-Key made before its first try,
+    so the Bus retrying a call whose reply was lost replays it instead of adding it twice. Prints
+    each id as it is enqueued (a prompt_id already there is named on stderr, not added)."""
+    from catq.ingest import enqueue, idempotency_record
+
+    ids = []
+    for prompt in prompts:
+        key = idempotency_record("catq submit", uuid.uuid4().hex)
+        done = await enqueue(bus, results, [prompt], request_key=key)
+        if not done.new[0]:
+            print(f"catq: {prompt.prompt_id} was already submitted (status {done.statuses[0]}); "
+                  "not added again", file=sys.stderr)
+        print(prompt.prompt_id, flush=True)
+        ids.append(prompt.prompt_id)
+    return ids
+
+
+async def _wait_results(results, ids: list[str], until: Status, timeout: float) -> int:
+    """Print each prompt's result once it reached ``until`` (or a final status: dead, set aside)."""
     deadline = time.monotonic() + timeout
     waiting, dead = list(ids), 0
     while waiting:
         for prompt_id in list(waiting):
             result = await results.get(prompt_id)
-            if result and result.get("status") in DONE_STATUSES:
+            if result and reached(result.get("status"), until):
                 print(json.dumps(result, ensure_ascii=False), flush=True)
                 waiting.remove(prompt_id)
-                dead += result["status"] == "dead"
+                dead += result["status"] == Status.DEAD
         if waiting and time.monotonic() > deadline:
             for prompt_id in waiting:
                 print(json.dumps(await results.get(prompt_id), ensure_ascii=False), flush=True)
@@ -134,79 +140,133 @@ async def _wait_results(results, ids: list[str], timeout: float) -> int:
 # -- tail -----------------------------------------------------------------------------------------
 
 def tail_command(args: argparse.Namespace, config: Config) -> int:
-    if args.stream not in STREAMS:
-        return _fail(f"unknown stream {args.stream!r}; streams: {', '.join(STREAMS)}", 2)
+    if args.stream not in STREAM_NAMES:
+        return _fail(f"unknown stream {args.stream!r}; streams: {', '.join(STREAM_NAMES)}", 2)
     try:
-        return _run(config, _tail(config, args.stream, args.count, args.follow))
+        since_s = parse_duration(args.since) if args.since else None
+    except ValueError as exc:
+        return _fail(str(exc), 2)
+    try:
+        return _run(config, _tail(config, args, since_s))
     except KeyboardInterrupt:
         return 0
 
 
-async def _tail(config: Config, stream: str, count: int, follow: bool) -> int:
-    bus = _bus(config)
+def parse_duration(text: str) -> float:
+    """Seconds in "90", "30s", "10m", "2h" or "1d"."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
     try:
-        entries = list(reversed(await bus.tail_raw(stream, count))) if count > 0 else []
-        for entry_id, payload in entries:
-            print(format_entry(entry_id, payload), flush=True)
-        last = entries[-1][0] if entries else "$"
-        while follow:
-            if last == "$":  # nothing seen yet: start from the stream's current end
-                newest = await bus.tail_raw(stream, 1)
-                last = newest[0][0] if newest else "0"
-            for entry_id, payload in await bus.read_raw(stream, last, block_ms=5000):
-                print(format_entry(entry_id, payload), flush=True)
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise ValueError(f"--since {text!r}: give a duration such as 30s, 10m, 2h or 1d") from None
+    if seconds < 0:
+        raise ValueError(f"--since {text!r}: must not be negative")
+    return seconds
+
+
+async def _tail(config: Config, args: argparse.Namespace, since_s: float | None) -> int:
+    from catq.readable import console
+
+    bus, out = _bus(config), console()
+    try:
+        newest = await bus.tail_raw(args.stream, 1)
+        last = newest[0][0] if newest else "0-0"
+        for entry_id, payload in await _tail_entries(bus, args, since_s, last):
+            _show(out, args, entry_id, payload)
+        while args.follow:
+            for entry_id, payload in await bus.read_raw(args.stream, last, block_ms=5000):
                 last = entry_id
+                if not args.prompt or prompt_of(payload) == args.prompt:
+                    _show(out, args, entry_id, payload)
         return 0
     finally:
         await bus.close()
 
 
-def format_entry(entry_id: str, payload: bytes) -> str:
-    """One readable JSON line per entry: long lists and strings shortened."""
+async def _tail_entries(bus: Bus, args: argparse.Namespace, since_s: float | None,
+                        last: str) -> list[tuple[str, bytes]]:
+    """The entries to show before following, oldest first, none after ``last``: the newest
+    ``--count``, or all since ``--since``; with ``--prompt`` only that prompt's (its trace)."""
+    if args.prompt:
+        traced = await bus.trace_entries(args.prompt)
+        entries = [(i, p) for s, i, p in traced if s == args.stream and p is not None]
+    elif since_s is not None:
+        entries = await bus.read_range(args.stream, f"{int((time.time() - since_s) * 1000)}-0")
+    else:
+        entries = list(reversed(await bus.tail_raw(args.stream, args.count))) if args.count > 0 else []
+    entries = [(i, p) for i, p in entries if _id_order(i) <= _id_order(last)]
+    if since_s is not None:
+        start = (time.time() - since_s) * 1000
+        entries = [(i, p) for i, p in entries if _id_order(i)[0] >= start]
+    return entries if since_s is not None else entries[-args.count:] if args.count > 0 else []
+
+
+def _id_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def prompt_of(payload: bytes) -> str | None:
+    """The prompt an entry is about (a dead letter: its original's); None if none or garbage."""
     try:
-        body = shorten(describe(decode(payload)))
+        message = decode(payload)
+        if isinstance(message, DeadLetter):
+            message = decode(message.payload)
+    except MessageDecodeError:
+        return None
+    return prompt_id_of(message)
+
+
+def _show(out, args: argparse.Namespace, entry_id: str, payload: bytes) -> None:
+    if args.json:
+        print(json_line(entry_id, payload), flush=True)
+        return
+    from catq.readable import entry_block, print_block
+
+    print_block(out, *entry_block(args.stream, entry_id, payload))
+    out.file.flush()
+
+
+def json_line(entry_id: str, payload: bytes) -> str:
+    """One JSON line per entry with every field of the message (:func:`catq.messages.to_json`)."""
+    try:
+        body = to_json(decode(payload))
     except MessageDecodeError as exc:
         body = {"type": "<undecodable>", "error": str(exc), "bytes": len(payload)}
     return json.dumps({"id": entry_id, **body}, ensure_ascii=False)
-
-
-def shorten(value: Any) -> Any:
-    """Token-id and log-prob lists become their first items and a count; long text is cut."""
-    if isinstance(value, dict):
-        return {k: shorten(v) for k, v in value.items()}
-    if isinstance(value, list):
-        if len(value) > LIST_PREVIEW and all(isinstance(v, (int, float)) for v in value):
-            head = [round(v, 3) if isinstance(v, float) else v for v in value[:LIST_PREVIEW]]
-            return f"{head} ... ({len(value)} items)"
-        return [shorten(v) for v in value]
-    if isinstance(value, str) and len(value) > STR_PREVIEW:
-        return value[:STR_PREVIEW] + f"... ({len(value)} chars)"
-    if isinstance(value, float):
-        return round(value, 4)
-    return value
 
 
 # -- status ---------------------------------------------------------------------------------------
 
 def status_command(args: argparse.Namespace, config: Config) -> int:
     try:
-        stats = asyncio.run(_stats(config))
+        stats, health = asyncio.run(_stats(config))
+    except RedisAuthError as exc:
+        return _fail(str(exc), 2)
     except Exception as exc:
-        return _fail(f"cannot read run {config.run!r} at {config.redis_url}: {exc}")
-    print(render_status(config.run, stats))
+        return _fail(f"cannot read run {config.run!r} at {redact(config.redis_url)}: {exc}")
+    print(render_status(config.run, stats, health))
     return 0
 
 
-async def _stats(config: Config) -> dict:
+async def _stats(config: Config) -> tuple[dict, list]:
+    from catq.health import role_health
+
     bus = _bus(config)
     try:
-        return await bus.stats()
+        return await bus.stats(), await role_health(bus, config)
     finally:
         await bus.close()
 
 
-def render_status(run: str, stats: dict[str, Any]) -> str:
+def render_status(run: str, stats: dict[str, Any], health: list | None = None) -> str:
+    from catq.health import starved
+
     lines = [f"run {run}"]
+    if health is not None:
+        lines.append("roles (alive/expected from heartbeats; restarts by catq up):")
+        lines += [h.line() for h in health]
     for stream, info in stats.items():
         lines.append(f"  {stream:<11} length {info['length']}")
         for g in info["groups"]:
@@ -215,7 +275,9 @@ def render_status(run: str, stats: dict[str, Any]) -> str:
                          f"{len(g['consumers'])} consumer(s)")
             for c in g["consumers"]:
                 lines.append(f"      {c['name']}: pending {c['pending']}, idle {c['idle_ms'] / 1000:.1f}s")
-    dead = stats.get("dead", {}).get("length", 0)
+    if health is not None:
+        lines += [f"  STARVED {line}" for line in starved(stats, health)]
+    dead = stats.get(DEAD.name, {}).get("length", 0)
     lines.append(f"  dead letters: {dead}" + ("  (catq tail dead)" if dead else ""))
     return "\n".join(lines)
 
@@ -225,8 +287,10 @@ def render_status(run: str, stats: dict[str, Any]) -> str:
 def health_command(args: argparse.Namespace, config: Config) -> int:
     try:
         live = asyncio.run(live_workers(config, args.role))
+    except RedisAuthError as exc:
+        return _fail(str(exc), 2)
     except Exception as exc:
-        return _fail(f"{args.role}: cannot reach Redis at {config.redis_url}: {exc}")
+        return _fail(f"{args.role}: cannot reach Redis at {redact(config.redis_url)}: {exc}")
     if not live:
         return _fail(f"{args.role}: no live worker (no fresh heartbeat in run {config.run!r})")
     print(f"{args.role}: {len(live)} live worker(s): {', '.join(sorted(live))}")
@@ -237,22 +301,6 @@ async def live_workers(config: Config, role: str) -> list[str]:
     """Worker ids of ``role`` whose heartbeat key has not expired."""
     bus = _bus(config)
     try:
-        prefix = bus.key(f"heartbeat:{role}:")
-        keys = await bus.retrying(lambda: _scan(bus, prefix + "*"), "health")
-        return [k.decode()[len(prefix):] for k in keys]
+        return await bus.live_workers(role)
     finally:
         await bus.close()
-
-
-async def _scan(bus: Bus, pattern: str) -> list[bytes]:
-    return [k async for k in bus.redis.scan_iter(match=pattern, count=1000)]
-
-
-def worker_command(args: argparse.Namespace, config: Config) -> int:
-    from catq.roles import UnknownRoleError, run_role
-
-    try:
-        run_role(args.role, config)
-    except UnknownRoleError as exc:
-        return _fail(str(exc), 2)
-    return 0

@@ -1,9 +1,13 @@
-"""Entry point of the anchor role: `python -m workers.anchor [--config F] [--run R] [--redis-url U]`
-(the same as `catq worker anchor`). The logic lives in catq.teacher.anchor."""
+"""Entry point of the anchor role: `catq worker anchor [--config F] [--run R] [--redis-url U]` runs
+this module's `run` (so does `python -m workers.anchor`); the logic lives in catq.teacher.anchor."""
 
 import sys
 
-from catq.cli import main
+from catq.teacher.anchor import run
+
+__all__ = ["run"]
 
 if __name__ == "__main__":
+    from catq.cli import main
+
     sys.exit(main(["worker", "anchor", *sys.argv[1:]]))

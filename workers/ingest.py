@@ -1,11 +1,13 @@
-"""The ingest process: `python -m workers.ingest [--config F] [--run R] [--redis-url U]`.
-
-Same as `catq worker ingest`; the HTTP API lives in catq.ingest.
-"""
+"""Entry point of the ingest role: `catq worker ingest [--config F] [--run R] [--redis-url U]` runs
+this module's `run` (so does `python -m workers.ingest`); the logic lives in catq.ingest."""
 
 import sys
 
-from catq.cli import main
+from catq.ingest import run
+
+__all__ = ["run"]
 
 if __name__ == "__main__":
+    from catq.cli import main
+
     sys.exit(main(["worker", "ingest", *sys.argv[1:]]))

@@ -1,9 +1,13 @@
-"""Entry point of the judge role: `python -m workers.judge [--config F] [--run R] [--redis-url U]`
-(the same as `catq worker judge`). The logic lives in catq.teacher.judge."""
+"""Entry point of the judge role: `catq worker judge [--config F] [--run R] [--redis-url U]` runs
+this module's `run` (so does `python -m workers.judge`); the logic lives in catq.teacher.judge."""
 
 import sys
 
-from catq.cli import main
+from catq.teacher.judge import run
+
+__all__ = ["run"]
 
 if __name__ == "__main__":
+    from catq.cli import main
+
     sys.exit(main(["worker", "judge", *sys.argv[1:]]))

@@ -1,11 +1,13 @@
-"""The learner process: `python -m workers.learner [--config F] [--run R] [--redis-url U]`.
-
-Same as `catq worker learner`; the logic lives in catq.learner.worker.
-"""
+"""Entry point of the learner role: `catq worker learner [--config F] [--run R] [--redis-url U]` runs
+this module's `run` (so does `python -m workers.learner`); the logic lives in catq.learner.worker."""
 
 import sys
 
-from catq.cli import main
+from catq.learner.worker import run
+
+__all__ = ["run"]
 
 if __name__ == "__main__":
+    from catq.cli import main
+
     sys.exit(main(["worker", "learner", *sys.argv[1:]]))

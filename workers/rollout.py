@@ -1,9 +1,13 @@
-"""Entry point of the rollout role: `python -m workers.rollout [--config F] [--run R] [--redis-url U]`
-(the same as `catq worker rollout`). The logic lives in catq.teacher.rollout."""
+"""Entry point of the rollout role: `catq worker rollout [--config F] [--run R] [--redis-url U]` runs
+this module's `run` (so does `python -m workers.rollout`); the logic lives in catq.teacher.rollout."""
 
 import sys
 
-from catq.cli import main
+from catq.teacher.rollout import run
+
+__all__ = ["run"]
 
 if __name__ == "__main__":
+    from catq.cli import main
+
     sys.exit(main(["worker", "rollout", *sys.argv[1:]]))

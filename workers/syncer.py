@@ -1,11 +1,13 @@
-"""The syncer process: `python -m workers.syncer [--config F] [--run R] [--redis-url U]`.
-
-Same as `catq worker syncer`; the logic lives in catq.learner.syncer.
-"""
+"""Entry point of the syncer role: `catq worker syncer [--config F] [--run R] [--redis-url U]` runs
+this module's `run` (so does `python -m workers.syncer`); the logic lives in catq.learner.syncer."""
 
 import sys
 
-from catq.cli import main
+from catq.learner.syncer import run
+
+__all__ = ["run"]
 
 if __name__ == "__main__":
+    from catq.cli import main
+
     sys.exit(main(["worker", "syncer", *sys.argv[1:]]))

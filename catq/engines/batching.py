@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from catq.engines.sampling import Alternatives, RowParams, SamplingParams, alternatives, sample
+from catq.engines.sampling import (
+    Alternatives,
+    RowParams,
+    SamplingParams,
+    alternatives,
+    sample,
+)
 
 
 @dataclass
@@ -115,6 +121,13 @@ class BatchGenerator:
         batch.next_tokens = tokens
         batch.last_alternatives = self._alternatives(batch.seqs, logits)
         return batch, tokens, logprobs
+
+    @torch.no_grad()
+    def prompt_logprobs(self, prompt_ids: list[int]) -> list[float]:
+        """Raw log P(token i | tokens < i) for i = 1..len-1, from one plain forward pass."""
+        ids = torch.tensor([prompt_ids], device=self.device)
+        logprobs = torch.log_softmax(self.model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        return logprobs.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1).tolist()
 
     @torch.no_grad()
     def step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,17 @@ each output position: ``Completion.top_logprobs`` / ``Completion.token_ids_logpr
 Retries: transport errors (connection refused/reset, timeouts) and HTTP 5xx are retried with
 exponential backoff, stopping at ``max_attempts`` or when ``timeout_s`` (for the whole call,
 retries included) runs out. 4xx are never retried: ``EngineError`` carries the server's message.
+401 and 403 raise ``EngineAuthError``, a configuration error (a missing or wrong key), never a
+property of one prompt: roles stop on it instead of dead-lettering work.
+
+Keys: SGLang's ``--api-key`` guards every route but /health*; ``--admin-api-key``, when set, is
+the only key for weight updates and pause/continue. The client sends ``api_key`` on ordinary
+routes and ``admin_api_key or api_key`` on those.
+
+Context: SGLang refuses a prompt plus ``max_new_tokens`` longer than the model's context (HTTP
+400) unless started with ``--allow-auto-truncate``; the client reads the context length once
+(``/v1/models``' ``max_model_len``) and lowers ``max_new_tokens`` to fit, as catq's engine used
+to do silently.
 """
 
 from __future__ import annotations
@@ -23,6 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+
+from catq.config import ConfigError
 
 RETRY_BACKOFF_S = 0.5
 """First wait between attempts; doubles each time, capped by the time left."""
@@ -35,6 +48,20 @@ class EngineError(Exception):
         super().__init__(f"{status}: {message}" if status else message)
         self.status = status
         self.message = message
+
+    @property
+    def refused(self) -> bool:
+        """The engine answered 4xx: this request can never work, whatever the retries."""
+        return self.status is not None and 400 <= self.status < 500
+
+
+def parse_version(weight_version: str | None) -> int:
+    """An engine's reported weight_version as a policy version: "7" or "v7" -> 7;
+    None, "default" or anything unnumbered -> 0 (the initial weights)."""
+    if not weight_version:
+        return 0
+    text = str(weight_version).strip().lower().removeprefix("v")
+    return int(text) if text.isdigit() else 0
 
 
 @dataclass
@@ -55,6 +82,22 @@ class Completion:
     token_ids_logprobs: list[dict[int, float]] | None = None
     """Per output position, {token id: logprob} of the ``token_ids_logprob`` tokens (SGLang's
     ``output_token_ids_logprobs``); None when not asked for."""
+
+    @property
+    def aborted(self) -> bool:
+        return self.finish_reason == "abort"
+
+
+class EngineAuthError(ConfigError):
+    """The engine refused our key (HTTP 401/403): fix the configuration; no retry helps."""
+
+    def __init__(self, url: str, status: int, message: str):
+        super().__init__(
+            f"engine {url} answered HTTP {status} ({message}): it needs an API key that catq does "
+            "not send or that is wrong; set engines.api_key_env / engines.admin_api_key_env (or "
+            "the CATQ_ENGINE_API_KEY / CATQ_ENGINE_ADMIN_API_KEY variables) to the engine's keys"
+        )
+        self.status = status
 
 
 def is_retryable_status(status: int) -> bool:
@@ -93,8 +136,10 @@ class HttpJsonClient:
             self._session = aiohttp.ClientSession(headers=self._headers)
         return self._session
 
-    async def request(self, method: str, path: str, payload: Any = None) -> Any:
-        """The decoded JSON reply (text when not JSON); raises EngineError."""
+    async def request(self, method: str, path: str, payload: Any = None, *,
+                      headers: dict[str, str] | None = None) -> Any:
+        """The decoded JSON reply (text when not JSON); raises EngineError (EngineAuthError on
+        401/403)."""
         deadline = time.monotonic() + self.timeout_s
         last_error = "no attempt made"
         for attempt in range(1, self.max_attempts + 1):
@@ -102,13 +147,15 @@ class HttpJsonClient:
             if left <= 0:
                 break
             try:
-                status, body = await self._once(method, path, payload, left)
+                status, body = await self._once(method, path, payload, left, headers)
             except RETRYABLE_ERRORS as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
             else:
                 if status < 400:
                     return body
                 message = _error_message(body)
+                if status in (401, 403):
+                    raise EngineAuthError(self.base_url, status, message)
                 if not self._retry_status(status):
                     raise EngineError(message, status)
                 last_error = f"HTTP {status}: {message}"
@@ -116,9 +163,11 @@ class HttpJsonClient:
                 await asyncio.sleep(min(RETRY_BACKOFF_S * 2 ** (attempt - 1), max(0.0, deadline - time.monotonic())))
         raise EngineError(f"{method} {self.base_url}{path} failed after retries: {last_error}")
 
-    async def _once(self, method: str, path: str, payload: Any, timeout_s: float) -> tuple[int, Any]:
+    async def _once(self, method: str, path: str, payload: Any, timeout_s: float,
+                    headers: dict[str, str] | None = None) -> tuple[int, Any]:
         timeout = aiohttp.ClientTimeout(total=timeout_s)
-        async with self._http().request(method, self.base_url + path, json=payload, timeout=timeout) as resp:
+        async with self._http().request(method, self.base_url + path, json=payload, timeout=timeout,
+                                        headers=headers) as resp:
             text = await resp.text()
             try:
                 body = await resp.json(content_type=None) if text else None
@@ -143,8 +192,38 @@ def _error_message(body: Any) -> str:
 class EngineClient(HttpJsonClient):
     """SGLang native API: /generate, /update_weights_from_disk, /model_info, /health."""
 
-    def __init__(self, base_url: str, *, timeout_s: float = 300, max_attempts: int = 3):
-        super().__init__(base_url, timeout_s=timeout_s, max_attempts=max_attempts)
+    def __init__(self, base_url: str, *, timeout_s: float = 300, max_attempts: int = 3,
+                 api_key: str = "", admin_api_key: str = ""):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        super().__init__(base_url, timeout_s=timeout_s, max_attempts=max_attempts, headers=headers)
+        admin = admin_api_key or api_key
+        self._admin_headers = {"Authorization": f"Bearer {admin}"} if admin else None
+        self._context_len: int | None = None
+
+    @classmethod
+    def from_config(cls, engines, url: str) -> EngineClient:
+        """A client for ``url`` with ``engines`` (an EnginesConfig)'s timeouts and keys."""
+        return cls(url, timeout_s=engines.request_timeout_s, max_attempts=engines.max_attempts,
+                   api_key=engines.api_key(), admin_api_key=engines.admin_api_key())
+
+    async def context_length(self) -> int:
+        """The model's context (prompt + output tokens), read once from /v1/models."""
+        if self._context_len is None:
+            reply = await self.request("GET", "/v1/models")
+            try:
+                self._context_len = int(reply["data"][0]["max_model_len"])
+            except (KeyError, IndexError, TypeError, ValueError):
+                raise EngineError(f"/v1/models gave no max_model_len: {str(reply)[:200]}") from None
+        return self._context_len
+
+    async def fit_max_new_tokens(self, prompts: list[list[int]], max_new_tokens: int) -> int:
+        """``max_new_tokens`` lowered so the longest prompt plus it fits the context; an
+        EngineError with status 400 when the prompt alone fills it."""
+        room = await self.context_length() - max(len(p) for p in prompts)
+        if room <= 0:
+            raise EngineError(f"the prompt has {max(len(p) for p in prompts)} tokens; the model's "
+                              f"context is {await self.context_length()}", 400)
+        return min(max_new_tokens, room)
 
     async def generate(self, input_ids: list[int], *, n: int = 1, max_new_tokens: int = 128,
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1,
@@ -168,6 +247,7 @@ class EngineClient(HttpJsonClient):
         ``top_logprobs_num`` or ``token_ids_logprob`` implies ``return_logprob`` (as SGLang needs)."""
         if not prompts:
             return []
+        max_new_tokens = await self.fit_max_new_tokens(prompts, max_new_tokens)
         sampling: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature,
                                     "top_p": top_p, "top_k": top_k, "n": n}
         if stop:
@@ -198,10 +278,18 @@ class EngineClient(HttpJsonClient):
         payload: dict[str, Any] = {"model_path": model_path, "abort_all_requests": abort_all_requests}
         if weight_version is not None:
             payload["weight_version"] = weight_version
-        reply = await self.request("POST", "/update_weights_from_disk", payload)
+        reply = await self.request("POST", "/update_weights_from_disk", payload, headers=self._admin_headers)
         if not reply.get("success", False):
             raise EngineError(str(reply.get("message", reply)), 400)
         return reply
+
+    async def pause_generation(self, mode: str = "abort") -> dict:
+        """SGLang's modes: "abort" (its default) ends queued and running requests as aborted;
+        "retract" and "in_place" keep them for after /continue_generation."""
+        return await self.request("POST", "/pause_generation", {"mode": mode}, headers=self._admin_headers)
+
+    async def continue_generation(self) -> dict:
+        return await self.request("POST", "/continue_generation", {}, headers=self._admin_headers)
 
     async def model_info(self) -> dict:
         """GET /model_info, or the older /get_model_info where the former is missing."""
@@ -224,6 +312,29 @@ class EngineClient(HttpJsonClient):
         return status == 200
 
 
+RAW_LOGPROB_TOLERANCE = 1e-3
+
+
+async def check_raw_logprobs(client: EngineClient, prompt_ids: list[int]) -> float:
+    """Raise ConfigError unless the engine returns raw (temperature-free) behaviour log-probs,
+    as catq's learner recomputes them; return the gap seen. The likeliest next token is the same
+    at any temperature, so its log-prob at T=1 and T=0.5 must agree: SGLang without
+    ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` returns log-softmax(logits / T), and the importance
+    ratio would then be quietly wrong."""
+    values = []
+    for temperature in (1.0, 0.5):
+        [completion] = await client.generate(prompt_ids, max_new_tokens=1, temperature=temperature,
+                                             top_p=1.0, top_k=-1, top_logprobs_num=1)
+        values.append(max(completion.top_logprobs[0].values()))
+    gap = abs(values[0] - values[1])
+    if gap > RAW_LOGPROB_TOLERANCE:
+        raise ConfigError(
+            f"engine {client.base_url} returns temperature-scaled log-probs (the same token: "
+            f"{values[0]:.4f} at T=1, {values[1]:.4f} at T=0.5); catq trains on raw ones: start "
+            "SGLang with SGLANG_RETURN_ORIGINAL_LOGPROB=1 (catq up does this for engines it starts)")
+    return gap
+
+
 def parse_completion(item: dict, return_logprob: bool, *, top_logprobs: bool = False,
                      token_ids_logprobs: bool = False) -> Completion:
     """One /generate item -> Completion; EngineError when a field is missing or mistyped
@@ -231,6 +342,8 @@ def parse_completion(item: dict, return_logprob: bool, *, top_logprobs: bool = F
     try:
         meta = item["meta_info"]
         reason = meta.get("finish_reason") or {}
+        if isinstance(reason, dict) and reason.get("type") == "abort":
+            return _aborted(item, meta, reason)
         logprobs = None
         if return_logprob:
             logprobs = [float(entry[0]) for entry in meta["output_token_logprobs"]]
@@ -249,6 +362,18 @@ def parse_completion(item: dict, return_logprob: bool, *, top_logprobs: bool = F
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise EngineError(f"malformed /generate item ({type(exc).__name__}: {exc}): {str(item)[:300]}") from None
+
+
+def _aborted(item: dict, meta: dict, reason: dict) -> Completion:
+    """An item aborted while queued or running (``/pause_generation``, ``abort_all_requests``,
+    ``/abort_request``): SGLang gives it no ``prompt_tokens`` and maybe no log-probs. Callers
+    must not train on it (``Completion.aborted``)."""
+    output_ids = [int(t) for t in item.get("output_ids") or []]
+    return Completion(
+        text=str(item.get("text", "")), output_ids=output_ids, logprobs=None, finish_reason="abort",
+        prompt_tokens=int(meta.get("prompt_tokens") or 0), completion_tokens=len(output_ids),
+        weight_version=None if meta.get("weight_version") is None else str(meta["weight_version"]),
+    )
 
 
 def _per_position(positions: list[list[list]]) -> list[dict[int, float]]:

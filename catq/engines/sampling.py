@@ -29,7 +29,9 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
-    """-1 (or 0) disables top-k."""
+    """-1 disables top-k (0 is refused, as SGLang refuses it)."""
+    min_p: float = 0.0
+    """Drop tokens whose probability (after temperature) is below min_p x the likeliest's."""
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -48,8 +50,10 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (off) or positive, got {self.top_k}")
+        if self.top_k < 1 and self.top_k != -1:
+            raise ValueError(f"top_k must be -1 (disable) or at least 1, got {self.top_k}.")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
 
@@ -61,6 +65,7 @@ class RowParams:
     temperature: torch.Tensor  # [B] float; <= GREEDY_EPS means greedy
     top_p: torch.Tensor  # [B] float
     top_k: torch.Tensor  # [B] long; vocab size where disabled
+    min_p: torch.Tensor | None = None  # [B] float; None when no row uses it
 
     @classmethod
     def build(cls, params: list[SamplingParams], vocab_size: int, device: torch.device | str) -> RowParams:
@@ -70,10 +75,11 @@ class RowParams:
             temperature=torch.tensor(temperature, dtype=torch.float32, device=device),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
             top_k=torch.tensor(top_k, dtype=torch.long, device=device),
+            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
         )
 
     def select(self, rows: torch.Tensor) -> RowParams:
-        return RowParams(self.temperature[rows], self.top_p[rows], self.top_k[rows])
+        return RowParams(self.temperature[rows], self.top_p[rows], self.top_k[rows], self.min_p[rows])
 
     @classmethod
     def concat(cls, parts: list[RowParams]) -> RowParams:
@@ -81,6 +87,7 @@ class RowParams:
             temperature=torch.cat([p.temperature for p in parts]),
             top_p=torch.cat([p.top_p for p in parts]),
             top_k=torch.cat([p.top_k for p in parts]),
+            min_p=torch.cat([p.min_p for p in parts]),
         )
 
 
@@ -102,12 +109,15 @@ def sample(
 def _sample_truncated(
     logits: torch.Tensor, params: RowParams, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Sample from softmax(logits / T) restricted to the top-k, then the top-p nucleus."""
+    """Sample from softmax(logits / T) restricted to the top-k, then min-p, then the top-p
+    nucleus (SGLang's order)."""
     temperature = params.temperature.clamp_min(GREEDY_EPS).unsqueeze(-1)
     sorted_logits, order = torch.sort(logits / temperature, dim=-1, descending=True)
     ranks = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
     sorted_logits = sorted_logits.masked_fill(ranks >= params.top_k.unsqueeze(-1), float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
+    if params.min_p is not None:  # rank 0 is the likeliest, so it always survives
+        probs = probs.masked_fill(probs < params.min_p.unsqueeze(-1) * probs[:, :1], 0.0)
     mass_before = torch.cumsum(probs, dim=-1) - probs
     probs = probs.masked_fill(mass_before >= params.top_p.unsqueeze(-1), 0.0)  # keeps rank 0
     choice = torch.multinomial(probs, num_samples=1, generator=generator)

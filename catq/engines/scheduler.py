@@ -211,6 +211,10 @@ class Scheduler:
             seq.finish_reason = {"type": "abort", "message": message}
         self._resolve(seq)
 
+    def abort_all(self, message: str) -> None:
+        """End every waiting and running sequence with finish_reason "abort"."""
+        self._abort_all(message)
+
     def _abort_all(self, message: str) -> None:
         while self._waiting:
             self._abort(self._waiting.popleft()[0], message)

@@ -14,26 +14,34 @@ sampled token — temperature and top-p/top-k NOT applied — see ``catq.engines
 ``max_new_tokens: 1`` is how the log-prob judge reads P("yes") and P("no").
 
 Routes: POST /generate, POST /update_weights_from_disk, GET /model_info (and /get_model_info),
-GET /get_weight_version, GET /get_server_info (its ``engine_stats`` counts forward passes and the
+GET /server_info (and /get_server_info; its ``engine_stats`` counts forward passes and the
 largest batch seen, which is how tests prove that concurrent requests were batched),
 GET /health, GET /health_generate, GET /v1/models, POST /v1/chat/completions,
-POST /pause_generation, POST /continue_generation, GET|POST /flush_cache.
-Malformed requests get HTTP 400 ``{"error": {"message": ...}}`` and the server keeps serving.
+POST /pause_generation {"mode": "abort"|"retract"|"in_place"}, POST /continue_generation,
+GET|POST /flush_cache.
+Malformed requests get HTTP 400 ``{"error": {"message": ...}}`` and the server keeps serving;
+like SGLang it refuses a prompt plus ``max_new_tokens`` longer than the context, ``top_k = 0``
+and unknown ``sampling_params`` keys, and ignores unknown top-level keys. With ``--api-key`` /
+``--admin-api-key`` it checks ``Authorization: Bearer`` as SGLang does (``request_allowed``).
+The conformance suite (tests/conformance) runs the same tests against this server and real
+SGLang.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
+import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from catq.engines.batching import BatchGenerator, Sequence
 from catq.engines.sampling import SamplingParams
@@ -42,16 +50,24 @@ from catq.engines.scheduler import Scheduler
 log = structlog.get_logger()
 
 ENGINE_KEY = web.AppKey("engine", object)
+API_KEY_ENV = "CATQ_ENGINE_API_KEY"
+ADMIN_API_KEY_ENV = "CATQ_ENGINE_ADMIN_API_KEY"
+"""Where `catq engine` reads its keys when --api-key / --admin-api-key are not given (keys in
+argv are visible to every local user in `ps`)."""
 
 
 class SamplingParamsIn(BaseModel):
-    """The ``sampling_params`` keys catq's engine honours (SGLang names and defaults)."""
+    """The ``sampling_params`` keys catq's engine honours (SGLang names, defaults and checks:
+    unknown keys are refused, as SGLang refuses them)."""
 
     model_config = ConfigDict(extra="forbid")
     max_new_tokens: int | None = Field(128, ge=0)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)
+    top_k: int = -1
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    sampling_seed: int | None = None
     n: int = Field(1, ge=1, le=256)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -60,19 +76,29 @@ class SamplingParamsIn(BaseModel):
     no_stop_trim: bool = False
     spaces_between_special_tokens: bool = True
 
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, value: int) -> int:
+        if value < 1 and value != -1:
+            raise ValueError(f"top_k must be -1 (disable) or at least 1, got {value}.")
+        return value
+
     def to_params(self) -> SamplingParams:
+        if self.repetition_penalty != 1.0 or self.sampling_seed is not None:
+            raise BadRequest("repetition_penalty and sampling_seed are valid SGLang sampling "
+                             "params that catq's engine does not implement; leave them unset")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_new_tokens=128 if self.max_new_tokens is None else self.max_new_tokens,
-            temperature=self.temperature, top_p=self.top_p,
-            top_k=-1 if self.top_k == 0 else self.top_k, stop=stop,
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            stop=stop,
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens, n=self.n,
         )
 
 
 class GenerateIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")  # as SGLang: unknown top-level keys are ignored
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
     sampling_params: SamplingParamsIn | list[SamplingParamsIn] = SamplingParamsIn()
@@ -93,6 +119,11 @@ class UpdateWeightsIn(BaseModel):
     model_path: str
     weight_version: str | None = None
     abort_all_requests: bool = False
+
+
+class PauseIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    mode: Literal["abort", "retract", "in_place"] = "abort"
 
 
 class ChatCompletionIn(BaseModel):
@@ -145,19 +176,49 @@ class Engine:
         for prompt, sp, flag, top_num, ids in zip(prompts, params, logprob_flags, top_nums, id_lists, strict=True):
             sampling = sp.to_params()
             sampling.validate()
+            self._check_context(len(prompt), sp.max_new_tokens)
             group = [Sequence(list(prompt), sampling) for _ in range(sampling.n)]
             for seq in group:
                 if flag:  # SGLang returns neither without return_logprob, so compute neither
                     seq.top_logprobs_num, seq.token_ids_logprob = top_num, ids
                 self.gen.admit(seq)
             groups.append(group)
+        start_lens = _per_prompt(body.logprob_start_len, len(prompts), "logprob_start_len")
+        inputs = await asyncio.gather(*(
+            self._input_logprobs(prompt, start if flag else -1, body.return_text_in_logprobs)
+            for prompt, start, flag in zip(prompts, start_lens, logprob_flags, strict=True)
+        ))
         await self.scheduler.submit([seq for group in groups for seq in group])
         items = [
-            self._item(seq, flag, started, body.return_text_in_logprobs)
-            for group, flag in zip(groups, logprob_flags, strict=True)
+            self._item(seq, flag, started, body.return_text_in_logprobs, input_logprobs)
+            for group, flag, input_logprobs in zip(groups, logprob_flags, inputs, strict=True)
             for seq in group
         ]
         return web.json_response(items[0] if single and len(items) == 1 else items)
+
+    def _check_context(self, prompt_tokens: int, max_new_tokens: int | None) -> None:
+        """SGLang's refusals (without --allow-auto-truncate), in its words."""
+        context = self.gen.context_len
+        if prompt_tokens >= context:
+            raise BadRequest(f"The input ({prompt_tokens} tokens) is longer than the model's "
+                             f"context length ({context} tokens).")
+        if max_new_tokens is not None and prompt_tokens + max_new_tokens > context:
+            raise BadRequest(
+                f"Requested token count exceeds the model's maximum context length of {context} "
+                f"tokens. You requested a total of {prompt_tokens + max_new_tokens} tokens: "
+                f"{prompt_tokens} tokens from the input messages and {max_new_tokens} tokens for "
+                "the completion. Please reduce the number of tokens in the input messages or the "
+                "completion to fit within the limit.")
+
+    async def _input_logprobs(self, prompt: list[int], start: int, with_text: bool) -> list[list] | None:
+        """SGLang's ``input_token_logprobs`` from ``logprob_start_len`` on: [logprob, id, text]
+        per prompt token, the first token of the prompt with a null log-prob (nothing precedes
+        it). None when not asked for (start < 0)."""
+        if start < 0:
+            return None
+        values = await asyncio.to_thread(self.gen.prompt_logprobs, prompt)
+        pairs = list(zip([None, *values], prompt, strict=True))[start:]
+        return self._triples(pairs, with_text)
 
     def _prompts(self, body: GenerateIn) -> tuple[list[list[int]], bool]:
         if (body.text is None) == (body.input_ids is None):
@@ -172,17 +233,21 @@ class Engine:
             return [ids], True
         return ids, False
 
-    def _item(self, seq: Sequence, return_logprob: bool, started: float, with_text: bool = False) -> dict:
+    def _item(self, seq: Sequence, return_logprob: bool, started: float, with_text: bool = False,
+              input_logprobs: list[list] | None = None) -> dict:
+        version = self.scheduler.weight_version
         meta = {
             "id": seq.seq_id,
             "finish_reason": seq.finish_reason,
             "prompt_tokens": len(seq.prompt_ids),
-            "weight_version": self.scheduler.weight_version,
+            "weight_version": version,
             "completion_tokens": len(seq.output_ids),
             "cached_tokens": 0,
+            "weight_versions": [{"version": version, "start": 0, "end": len(seq.output_ids)}],
             "e2e_latency": time.time() - started,
         }
         if return_logprob:
+            meta["input_token_logprobs"] = input_logprobs or []
             meta["output_token_logprobs"] = self._triples(zip(seq.logprobs, seq.output_ids, strict=True), with_text)
             if seq.top_logprobs_num > 0:
                 meta["output_top_logprobs"] = [self._triples(alt.top, with_text) for alt in seq.alternatives]
@@ -238,9 +303,6 @@ class Engine:
             "architectures": getattr(self.gen.model.config, "architectures", None),
         })
 
-    async def weight_version(self, request: web.Request) -> web.Response:
-        return web.json_response({"weight_version": self.scheduler.weight_version})
-
     async def server_info(self, request: web.Request) -> web.Response:
         return web.json_response({
             "model_path": self.model_path,
@@ -274,7 +336,10 @@ class Engine:
         return web.json_response({"object": "list", "data": [card]})
 
     async def pause_generation(self, request: web.Request) -> web.Response:
-        self.scheduler.pause()
+        body = PauseIn.model_validate(await _json(request) if request.can_read_body else {})
+        if body.mode == "abort":  # SGLang's default: queued and running requests end as aborted
+            self.scheduler.abort_all("aborted by /pause_generation")
+        self.scheduler.pause()  # "retract" and "in_place" both keep running sequences for later
         return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
 
     async def continue_generation(self, request: web.Request) -> web.Response:
@@ -398,8 +463,37 @@ async def errors_as_400(request: web.Request, handler):
     return web.json_response({"error": {"message": message}}, status=400)
 
 
-def build_app(engine: Engine) -> web.Application:
-    app = web.Application(middlewares=[errors_as_400], client_max_size=64 * 1024 * 1024)
+ADMIN_ROUTES = frozenset({"/update_weights_from_disk", "/pause_generation", "/continue_generation",
+                          "/flush_cache"})
+"""Routes SGLang marks ADMIN_OPTIONAL: with an admin key set, only the admin key opens them."""
+
+
+def request_allowed(path: str, authorization: str | None, api_key: str, admin_api_key: str) -> bool:
+    """SGLang's rule (srt/utils/auth.py): /health* is always open; an admin route needs the admin
+    key when one is set, else the API key when one is set; any other route needs the API key
+    when one is set."""
+    if path.startswith("/health"):
+        return True
+    expected = (admin_api_key or api_key) if path in ADMIN_ROUTES else api_key
+    if not expected:
+        return True
+    scheme, _, token = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token, expected)
+
+
+def api_key_middleware(api_key: str, admin_api_key: str):
+    @web.middleware
+    async def check_key(request: web.Request, handler):
+        if request_allowed(request.path, request.headers.get("Authorization"), api_key, admin_api_key):
+            return await handler(request)
+        return web.json_response({"error": "Unauthorized"}, status=401)
+
+    return check_key
+
+
+def build_app(engine: Engine, *, api_key: str = "", admin_api_key: str = "") -> web.Application:
+    middlewares = [api_key_middleware(api_key, admin_api_key), errors_as_400]
+    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)
     app[ENGINE_KEY] = engine
     r = app.router
     r.add_route("POST", "/generate", engine.generate)
@@ -407,7 +501,7 @@ def build_app(engine: Engine) -> web.Application:
     r.add_post("/update_weights_from_disk", engine.update_weights_from_disk)
     r.add_get("/model_info", engine.model_info)
     r.add_get("/get_model_info", engine.model_info)
-    r.add_get("/get_weight_version", engine.weight_version)
+    r.add_get("/server_info", engine.server_info)
     r.add_get("/get_server_info", engine.server_info)
     r.add_get("/health", engine.health)
     r.add_get("/health_generate", engine.health_generate)
@@ -428,16 +522,23 @@ def build_app(engine: Engine) -> web.Application:
 
 
 def load_engine(model: str, *, device: str = "auto", weights_dir: str | None = None,
-                max_batch: int = 64, seed: int = 0) -> Engine:
+                max_batch: int = 64, seed: int = 0, weight_version: str = "default") -> Engine:
     """Load the model and build an Engine (not yet serving)."""
-    from catq.engines.models import load_causal_lm, load_tokenizer, resolve_device, resolve_model_path
+    from catq.engines.models import (
+        load_causal_lm,
+        load_tokenizer,
+        resolve_device,
+        resolve_model_path,
+    )
 
     device = resolve_device(device)
     path = resolve_model_path(model)
     lm = load_causal_lm(str(path), device=device)
     generator = BatchGenerator(lm, load_tokenizer(str(path)), seed=seed)
-    return Engine(generator, model_path=str(path), served_name=model,
-                  weights_dir=Path(weights_dir) if weights_dir else None, max_batch=max_batch)
+    engine = Engine(generator, model_path=str(path), served_name=model,
+                    weights_dir=Path(weights_dir) if weights_dir else None, max_batch=max_batch)
+    engine.scheduler.weight_version = weight_version
+    return engine
 
 
 def engine_command(args: argparse.Namespace) -> int:
@@ -447,9 +548,13 @@ def engine_command(args: argparse.Namespace) -> int:
     setup_logging("engine")
     started = time.time()
     engine = load_engine(args.model, device=args.device, weights_dir=args.weights_dir,
-                         max_batch=args.max_batch, seed=getattr(args, "seed", 0))
+                         max_batch=args.max_batch, seed=getattr(args, "seed", 0),
+                         weight_version=args.weight_version)
     log.info("engine ready", model=engine.model_path, device=str(engine.gen.device),
              load_s=round(time.time() - started, 2), host=args.host, port=args.port,
              weights_dir=str(engine.weights_dir))
-    web.run_app(build_app(engine), host=args.host, port=args.port, print=None, access_log=None)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV, "")
+    admin_api_key = args.admin_api_key or os.environ.get(ADMIN_API_KEY_ENV, "")
+    app = build_app(engine, api_key=api_key, admin_api_key=admin_api_key)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
     return 0

@@ -24,10 +24,16 @@ from pathlib import Path
 
 from catq.config import Config
 from catq.evaluation.records import PromptRecord, scaling_sizes, summarize
-from catq.evaluation.runner import (EvalError, EvalModels, Failure, PolicyVersion, evaluate_version, load_version,
-                                    read_metrics)
+from catq.evaluation.runner import (
+    EvalError,
+    EvalModels,
+    Failure,
+    PolicyVersion,
+    evaluate_version,
+    load_version,
+    read_metrics,
+)
 from catq.evaluation.stats import paired_difference
-
 
 EVAL_REQUEST_TIMEOUT_S = 3600.0
 """Per engine call: an eval queues many calls at once, and on CPU the last may wait long."""
@@ -128,7 +134,7 @@ async def evaluate_on_engines(problems, config: Config, estimators: list[str], a
     try:
         load = versions is not None
         if versions is None:
-            from catq.teacher.rollout import parse_version
+            from catq.engines.client import parse_version
 
             number = parse_version(await models.policy.weight_version())
             versions = [PolicyVersion(f"v{number}", None, number)]
@@ -190,7 +196,7 @@ def build_models(config: Config, policy_url: str, anchor_url: str, with_selector
         config = config.model_copy(update={"engines": engines.model_copy(
             update={"request_timeout_s": EVAL_REQUEST_TIMEOUT_S})})
         engines = config.engines
-    policy = EngineClient(policy_url, timeout_s=engines.request_timeout_s, max_attempts=engines.max_attempts)
+    policy = EngineClient.from_config(engines, policy_url)
     tokenizer = ChatTokenizer(config.model.policy, config.model.cache_dir or None)
     anchor = engine_chat(config, anchor_url, config.model.anchor, config.anchor.sampling)
     selector = (engine_chat(config, policy_url, config.model.policy, SELECTION_SAMPLING)

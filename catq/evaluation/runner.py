@@ -123,10 +123,11 @@ async def evaluate_problem(problem: EvalProblem, models: EvalModels, config: Con
 async def reference_outcome(group: RolloutGroup, estimator: str, known: str, models: EvalModels,
                             estimate: EstimateFn, config: Config):
     from catq.teacher.judging import score_math
+    from catq.teacher.verify_pool import off_loop
 
     ref = await estimate(group, estimator, anchor=models.anchor, policy=models.selector,
                          include_question=config.anchor.include_question, options=config.anchor)
-    rewards, _ = score_math(group.rollouts, ref.reference_answer)
+    rewards, _ = await off_loop(score_math, group.rollouts, ref.reference_answer)
     return judge_outcome(ref.reference_answer, known, ref.majority_answer, rewards,
                          ref.reference, ref.format_fallback, ref.answer_primed)
 

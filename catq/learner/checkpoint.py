@@ -4,7 +4,9 @@ A checkpoint is one file ``<checkpoint_dir>/step-<step:08d>.pt`` holding the pol
 dict, the optimizer's, the step, the policy version, the RNG states and the ids of the scored
 stream entries already trained into these weights. It is written to a temp file in the same
 directory, fsynced, then renamed, so the newest complete file is always a valid resume point;
-older ones are pruned (the last ``keep`` stay).
+older ones are pruned (the last ``keep`` stay). Should the newest be unreadable all the same (a
+disk that lied about fsync, a file damaged later), resuming logs a warning naming it and falls
+back to the one before.
 
 The trained-entry ids make training exactly-once across crashes: the learner acknowledges a
 scored entry only after a checkpoint that includes its update is on disk, and a restarted learner
@@ -25,9 +27,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
 import torch
 
+from catq.learner.publish import fsync_dir
+
+log = structlog.get_logger("catq.learner.checkpoint")
 CHECKPOINT_RE = re.compile(r"^step-(\d{8,})\.pt$")
+PAYLOAD_KEYS = frozenset({"model", "optimizer", "step", "policy_version", "trained_ids", "rng"})
 MAX_TRAINED_IDS = 100_000
 """Trained entry ids kept in a checkpoint; far more than can ever be pending at once."""
 
@@ -86,7 +93,7 @@ def save_checkpoint(directory: Path, model, optimizer, state: TrainingState, kee
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     finally:
         tmp.unlink(missing_ok=True)
     for _, old in list_checkpoints(directory)[:-keep]:
@@ -94,13 +101,42 @@ def save_checkpoint(directory: Path, model, optimizer, state: TrainingState, kee
     return target
 
 
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none of them can be read."""
+
+
 def load_latest(directory: Path, model, optimizer) -> TrainingState | None:
-    """Restore model, optimizer and RNG from the newest checkpoint; None when there is none."""
+    """Restore model, optimizer and RNG from the newest readable checkpoint; None when there is
+    none. An unreadable one (truncated, corrupt) is skipped with a warning naming it, and the one
+    before it is used; :class:`CheckpointError` when every one is unreadable (starting over
+    would forget what is already trained and published)."""
     checkpoints = list_checkpoints(directory)
     if not checkpoints:
         return None
-    _, path = checkpoints[-1]
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    for _, path in reversed(checkpoints):
+        payload = _read(path)
+        if payload is not None:
+            return _restore(payload, model, optimizer)
+    raise CheckpointError(f"no readable checkpoint in {directory} "
+                          f"(tried {', '.join(p.name for _, p in checkpoints)})")
+
+
+def _read(path: Path) -> dict | None:
+    """The checkpoint's payload, fully read and checked before anything is restored from it (a
+    failed load_state_dict can leave a model half-overwritten); None when it is unreadable."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        missing = PAYLOAD_KEYS - set(payload)
+        if missing:
+            raise ValueError(f"missing {sorted(missing)}")
+        return payload
+    except Exception as exc:  # torch.load raises many kinds on a damaged file
+        log.warning("unreadable checkpoint skipped; trying the one before it", checkpoint=str(path),
+                    error=str(exc) or type(exc).__name__)
+        return None
+
+
+def _restore(payload: dict, model, optimizer) -> TrainingState:
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     _set_rng_state(payload["rng"])
@@ -134,10 +170,3 @@ def _flatten(python_state: tuple):
     yield from internal
     yield gauss
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

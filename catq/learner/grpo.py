@@ -29,11 +29,13 @@ reports as behaviour log-probs, so at version 0 the ratio is 1 up to numerics.
 
 Groups whose rewards are all equal have zero advantage everywhere and carry no signal: they are
 skipped (no forward, no KL) and counted. A batch with no signal left takes no optimizer step.
+Nor does a batch whose loss or gradient norm is NaN or infinite (:class:`NonFiniteStep`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -85,41 +87,79 @@ def group_advantages(rewards: list[float], eps: float = ADV_EPS) -> list[float] 
     return ((r - r.mean()) / (std + eps)).tolist()
 
 
-def prepare_batch(groups: list[ScoredGroup]) -> PreparedBatch:
-    """Turn scored groups into training samples; zero-variance groups are skipped and counted.
-    Rollouts with no tokens are left out (nothing to train on)."""
-    batch = PreparedBatch(samples=[])
-    for scored in groups:
-        group = scored.group
-        batch.rewards.extend(scored.rewards)
-        if len(scored.rewards) != len(group.rollouts):
-            raise ValueError(
-                f"group {group.prompt.prompt_id}: {len(scored.rewards)} rewards for "
-                f"{len(group.rollouts)} rollouts"
-            )
-        advantages = group_advantages(scored.rewards)
-        if advantages is None:
-            batch.groups_skipped += 1
+@dataclass
+class PreparedGroup:
+    """One scored group checked and turned into training samples (empty without signal)."""
+
+    samples: list[TrainSample]
+    rewards: list[float]
+    has_signal: bool
+
+
+class StepCancelled(Exception):
+    """The step was asked to stop between micro-batches; no update was applied."""
+
+
+class NonFiniteStep(Exception):
+    """The step's loss or gradient norm is NaN or infinite; no update was applied (the message
+    says which)."""
+
+
+def prepare_group(scored: ScoredGroup, vocab_size: int | None = None) -> PreparedGroup:
+    """Check one scored group and compute its samples and advantages, once. Raises ValueError
+    when it cannot be trained on (mismatched lengths, a token id outside ``[0, vocab_size)``).
+    Rollouts with no tokens are left out."""
+    group = scored.group
+    if vocab_size is not None:
+        check_token_ids(scored, vocab_size)
+    if len(scored.rewards) != len(group.rollouts):
+        raise ValueError(f"group {group.prompt.prompt_id}: {len(scored.rewards)} rewards for "
+                         f"{len(group.rollouts)} rollouts")
+    advantages = group_advantages(scored.rewards)
+    if advantages is None:
+        return PreparedGroup([], list(scored.rewards), has_signal=False)
+    samples = []
+    for rollout, adv in zip(group.rollouts, advantages):
+        if not rollout.token_ids:
             continue
-        batch.groups_used += 1
-        for rollout, adv in zip(group.rollouts, advantages):
-            if not rollout.token_ids:
-                continue
-            if len(rollout.logprobs) != len(rollout.token_ids):
-                raise ValueError(
-                    f"group {group.prompt.prompt_id}: {len(rollout.logprobs)} behaviour "
-                    f"log-probs for {len(rollout.token_ids)} tokens"
-                )
-            batch.samples.append(
-                TrainSample(
-                    prompt_ids=list(group.prompt_token_ids),
-                    completion_ids=list(rollout.token_ids),
-                    behaviour_logprobs=list(rollout.logprobs),
-                    advantage=float(adv),
-                    policy_version=group.policy_version,
-                )
-            )
+        if len(rollout.logprobs) != len(rollout.token_ids):
+            raise ValueError(f"group {group.prompt.prompt_id}: {len(rollout.logprobs)} behaviour "
+                             f"log-probs for {len(rollout.token_ids)} tokens")
+        samples.append(TrainSample(
+            prompt_ids=list(group.prompt_token_ids),
+            completion_ids=list(rollout.token_ids),
+            behaviour_logprobs=list(rollout.logprobs),
+            advantage=float(adv),
+            policy_version=group.policy_version,
+        ))
+    return PreparedGroup(samples, list(scored.rewards), has_signal=True)
+
+
+def check_token_ids(scored: ScoredGroup, vocab_size: int) -> None:
+    """Raise ValueError naming the first token id (prompt or completion) the model has no
+    embedding for: the forward pass would fail on it, on every retry."""
+    group = scored.group
+    ids = itertools.chain(group.prompt_token_ids, *(r.token_ids for r in group.rollouts))
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"group {group.prompt.prompt_id}: token id {bad} is outside the model's "
+                         f"vocabulary [0, {vocab_size})")
+
+
+def combine(groups: list[PreparedGroup]) -> PreparedBatch:
+    """One batch of prepared groups; zero-variance groups are counted, not trained on."""
+    batch = PreparedBatch(samples=[])
+    for group in groups:
+        batch.rewards.extend(group.rewards)
+        batch.samples.extend(group.samples)
+        batch.groups_used += group.has_signal
+        batch.groups_skipped += not group.has_signal
     return batch
+
+
+def prepare_batch(groups: list[ScoredGroup]) -> PreparedBatch:
+    """Turn scored groups into training samples; zero-variance groups are skipped and counted."""
+    return combine([prepare_group(g) for g in groups])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,10 +316,15 @@ def train_step(
     batch: PreparedBatch,
     cfg: StepConfig,
     anchor=None,
+    should_stop=None,
 ) -> dict:
     """One GRPO optimizer step over ``batch`` with gradient accumulation over micro-batches of
-    ``cfg.micro_batch_rollouts`` rollouts. The loss is the mean over every completion token of
-    the batch, so accumulation gives exactly the full-batch gradient. Returns step metrics;
+    ``cfg.micro_batch_rollouts`` rollouts. ``should_stop()`` is asked before each micro-batch:
+    when it says yes the gradients are dropped and :class:`StepCancelled` is raised (a stopping
+    learner does not wait for a long step; its groups stay pending and are trained later). A
+    loss or gradient norm that is not finite raises :class:`NonFiniteStep` before the optimizer
+    moves: weights and optimizer state stay as they were. The loss is the mean over every
+    completion token of the batch, so accumulation gives exactly the full-batch gradient. Returns step metrics;
     takes no step (``"updated": False``, with ``kl`` and ``clip_frac`` 0.0 so every step's
     metrics carry them) when no sample carries signal."""
     started = time.perf_counter()
@@ -294,6 +339,9 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     sums = {"pg": 0.0, "kl": 0.0, "clipped": 0, "capped": 0, "ratio": 0.0, "entropy": 0.0}
     for start in range(0, len(samples), cfg.micro_batch_rollouts):
+        if should_stop is not None and should_stop():
+            optimizer.zero_grad(set_to_none=True)
+            raise StepCancelled(f"stopped after {start} of {len(samples)} rollouts")
         mb = collate(samples[start : start + cfg.micro_batch_rollouts], device)
         anchor_logp = None
         if anchor is not None and cfg.loss.kl_coef > 0:
@@ -310,6 +358,7 @@ def train_step(
                            ("capped", terms.capped), ("ratio", terms.ratio_sum)):
             sums[key] += value
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+    _refuse_nonfinite(sums, float(grad_norm), total_tokens, cfg.loss.kl_coef, optimizer)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - started
@@ -330,6 +379,17 @@ def train_step(
         "step_time_s": elapsed,
         "tokens_per_s": total_tokens / elapsed if elapsed > 0 else math.inf,
     }
+
+
+def _refuse_nonfinite(sums: dict, grad_norm: float, tokens: int, kl_coef: float, optimizer) -> None:
+    """Raise :class:`NonFiniteStep` (gradients dropped) rather than let one NaN or inf, from a
+    bad behaviour log-prob or reward, poison the weights and the optimizer's moments for good."""
+    loss = (sums["pg"] + kl_coef * sums["kl"]) / tokens
+    reason = ("non-finite loss" if not math.isfinite(loss)
+              else "non-finite gradient norm" if not math.isfinite(grad_norm) else None)
+    if reason is not None:
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteStep(reason)
 
 
 def _reward_metrics(batch: PreparedBatch) -> dict:

@@ -1,8 +1,10 @@
 """Publishing policy weights: ``<weights_dir>/v<version>/``, atomically, then a message.
 
 The learner writes a complete HF-format directory (safetensors + config + tokenizer) into a temp
-directory beside the target and renames it into place, so an engine never sees a half-written
-version; only then does it XADD a WeightsPublished on ``weights``. Old versions are pruned,
+directory beside the target, fsyncs every file and the directory, renames it into place and
+fsyncs ``weights_dir``, so an engine never sees a half-written version and an announced version
+survives a power loss; only then does it announce a WeightsPublished on ``weights`` (fenced by
+the learner's lease, :mod:`catq.learner.lease`). Old versions are pruned,
 keeping the newest ``keep_versions`` (a syncer still loading one of those is safe; one lagging by
 more than that many versions finds its path gone and moves on to the newest).
 """
@@ -49,14 +51,41 @@ def write_weights(model, tokenizer, weights_dir: Path, version: int) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         staging.chmod(0o755)
+        fsync_tree(staging)
         if target.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".old-v{version}-", dir=weights_dir))
             os.replace(target, trash / target.name)
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(staging, target)
+        fsync_dir(weights_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file under ``directory``, then each directory (children before parents), so
+    the contents are on disk before a rename makes them visible."""
+    directory = Path(directory)
+    for path in sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_file():
+            _fsync_file(path)
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 
 
 def prune_versions(weights_dir: Path, keep: int) -> list[int]:
@@ -90,7 +119,21 @@ def is_inside(path: str | Path, weights_dir: Path) -> bool:
     return resolved != root and resolved.is_relative_to(root)
 
 
-async def announce(bus, version: int, path: Path, step: int) -> str:
-    """XADD a WeightsPublished for a directory already in place; returns the entry id."""
+def version_of_dir(path: str | Path, weights_dir: Path) -> int | None:
+    """The version ``path`` holds when it resolves to a ``v<N>`` directory directly inside
+    ``weights_dir``, else None. What a path names, not what a message claims, is its version."""
+    try:
+        resolved = Path(path).resolve()
+        root = Path(weights_dir).resolve()
+    except (OSError, RuntimeError):
+        return None
+    match = VERSION_DIR_RE.match(resolved.name)
+    return int(match.group(1)) if match and resolved.parent == root else None
+
+
+async def announce(lease, version: int, path: Path, step: int) -> None:
+    """Announce a directory already in place: a WeightsPublished on ``weights`` and the run's
+    policy version, in one step fenced by the learner's ``lease`` (:mod:`catq.learner.lease`);
+    raises LeaseLost, with nothing written, when another learner has taken over."""
     message = WeightsPublished(policy_version=version, path=str(Path(path).resolve()), step=step)
-    return await bus.publish("weights", message)
+    await lease.publish(version, message)

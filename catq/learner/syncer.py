@@ -9,9 +9,18 @@ that the engine's ``/model_info`` reports that version. On start it syncs to the
 already published. It also re-checks the engines every heartbeat, so an engine that restarted
 (back on its initial weights) is brought forward again without waiting for a new version.
 
+An engine that refuses our key (HTTP 401/403) stops the syncer with a ConfigError: no version
+is refused for it. An update answered 400 after which the engine reports the new version anyway
+(SGLang does this when the cache flush after a load fails) counts as done.
+
 A message whose path is not inside ``weights_dir`` is refused and dead-lettered: the stream is
 writable by anything that can reach Redis, and an engine must only load what the learner wrote.
 (The catq engine enforces the same rule itself with ``--weights-dir``; SGLang does not.)
+For the same reason the version is taken from the ``v<N>`` directory the path names
+(catq/learner/publish.py), never from the number the message claims: a message whose path is no
+``v<N>`` directory of the weights dir, or whose claimed version differs from it, is refused too.
+So a forged "v99" pointing at v1 cannot make every later genuine version look old. An engine is
+never moved backwards: it is updated only when it reports an older version than the target.
 
 Why its own process rather than a task inside each rollout worker:
 - rollout scales to many copies over the same engines; one syncer per run updates each engine
@@ -32,20 +41,23 @@ from pathlib import Path
 
 import structlog
 
+from catq import metrics
 from catq.config import Config
-from catq.log import default_worker_id, setup_logging
 from catq.messages import DeadLetter, WeightsPublished, encode
+from catq.topology import DEAD, WEIGHTS
 
 ROLE = "syncer"
 
 
-def parse_version(reported: str | None) -> int:
-    """The engine's weight_version as an int: "default", None or anything non-numeric is 0
-    (the initial weights)."""
-    try:
-        return int(reported) if reported is not None else 0
-    except ValueError:
-        return 0
+@dataclass(frozen=True)
+class Target:
+    """A version to bring engines to: its number (from its directory name) and where it is."""
+
+    version: int
+    path: str
+    entry_id: str
+    message: WeightsPublished
+    """The message as published, for a dead letter."""
 
 
 @dataclass
@@ -56,44 +68,56 @@ class Syncer:
     """policy engine URL -> EngineClient."""
     log: structlog.BoundLogger
     worker_id: str = ROLE
-    target: WeightsPublished | None = None
+    target: Target | None = None
     """The newest valid published version."""
     refused_versions: set = field(default_factory=set)
     """Versions an engine rejected (4xx): never retried."""
     last_id: str = "0"
-    target_id: str = ""
-    """Stream entry id of the target message."""
 
     async def start(self) -> None:
         """Sync to the newest version published before we started."""
-        last = await self.bus.last("weights", WeightsPublished)
+        last = await self.bus.last(WEIGHTS.name, WeightsPublished)
         if last is not None:
             entry_id, message = last
             self.last_id = entry_id
             await self.consider(entry_id, message)
 
     async def consider(self, entry_id: str, message: WeightsPublished) -> None:
-        """Validate a message; refuse (dead-letter) one outside the weights dir, else make it the
-        target if it is newer."""
-        from catq.learner.publish import is_inside
-
-        if not is_inside(message.path, self.config.weights_dir):
-            error = f"refused: path {message.path!r} is outside the weights dir {self.config.weights_dir}"
-            await self.dead_letter(entry_id, message, error)
+        """Validate a message; refuse (dead-letter) one that names no published version
+        directory, else make it the target if its directory's version is newer."""
+        error, version = self.check(message)
+        if error:
+            await self.dead_letter(entry_id, message, f"refused: {error}")
             return
-        if self.target is None or message.policy_version > self.target.policy_version:
-            self.target, self.target_id = message, entry_id
+        if self.target is None or version > self.target.version:
+            path = str(Path(message.path).resolve())
+            self.target = Target(version, path, entry_id, message)
+
+    def check(self, message: WeightsPublished) -> tuple[str, int]:
+        """(why the message is refused or "", the version its directory holds)."""
+        from catq.learner.publish import is_inside, version_of_dir
+
+        weights_dir = self.config.weights_dir
+        if not is_inside(message.path, weights_dir):
+            return f"path {message.path!r} is outside the weights dir {weights_dir}", 0
+        version = version_of_dir(message.path, weights_dir)
+        if version is None:
+            return f"path {message.path!r} is no v<N> version directory of {weights_dir}", 0
+        if version != message.policy_version:
+            return (f"message claims version {message.policy_version} but its path "
+                    f"{message.path!r} holds version {version}"), version
+        return "", version
 
     async def dead_letter(self, entry_id: str, message: WeightsPublished, error: str) -> None:
         self.log.error("weights refused", entry_id=entry_id, version=message.policy_version, error=error)
         await self.bus.publish(
-            "dead",
-            DeadLetter(stream="weights", entry_id=entry_id, payload=encode(message), error=error,
+            DEAD.name,
+            DeadLetter(stream=WEIGHTS.name, entry_id=entry_id, payload=encode(message), error=error,
                        attempts=1, worker=self.worker_id),
         )
 
     async def poll(self, block_ms: int) -> None:
-        entries = await self.bus.read_all("weights", WeightsPublished, after_id=self.last_id,
+        entries = await self.bus.read_all(WEIGHTS.name, WeightsPublished, after_id=self.last_id,
                                           block_ms=block_ms)
         for entry_id, message in entries:
             self.last_id = entry_id
@@ -101,20 +125,21 @@ class Syncer:
 
     async def sync_all(self) -> None:
         """Bring every engine to the target; failures are logged and retried on the next pass."""
-        if self.target is None or self.target.policy_version in self.refused_versions:
+        if self.target is None or self.target.version in self.refused_versions:
             return
         await asyncio.gather(*(self.sync_engine(url, client) for url, client in self.clients.items()))
 
     async def sync_engine(self, url: str, client) -> None:
-        from catq.engines.client import EngineError
+        from catq.engines.client import EngineError, parse_version
 
         target = self.target
-        version = str(target.policy_version)
-        log = self.log.bind(engine=url, version=target.policy_version)
+        version = str(target.version)
+        log = self.log.bind(engine=url, version=target.version)
         try:
             current = await client.weight_version()
-            if parse_version(current) >= target.policy_version:
-                return
+            metrics.SERVED_VERSION.labels(url).set(parse_version(current))
+            if parse_version(current) >= target.version:
+                return  # already there, or ahead: never move an engine backwards
             if not Path(target.path).is_dir():
                 log.warning("published weights gone (pruned?); waiting for a newer version",
                             path=target.path)
@@ -123,9 +148,13 @@ class Syncer:
             await client.update_weights_from_disk(target.path, weight_version=version)
             reported = await client.weight_version()
         except EngineError as exc:
-            if exc.status is not None and 400 <= exc.status < 500:
-                self.refused_versions.add(target.policy_version)
-                await self.dead_letter(self.target_id, target, f"engine {url} refused the update: {exc}")
+            if exc.refused and await self._serves(client, version):
+                # SGLang answers 400 when the cache flush after a load fails, the weights loaded
+                log.warning("engine reported a failed update but serves the new version", error=str(exc))
+                return
+            if exc.refused:
+                self.refused_versions.add(target.version)
+                await self.dead_letter(target.entry_id, target.message, f"engine {url} refused the update: {exc}")
             else:
                 log.warning("engine update failed; will retry", error=str(exc))
             return
@@ -135,7 +164,18 @@ class Syncer:
         if reported != version:
             log.error("engine reports another version after update", reported=reported)
             return
-        log.info("engine updated", seconds=round(time.perf_counter() - started, 3), path=target.path)
+        seconds = time.perf_counter() - started
+        metrics.weights_reloaded(url, target.version, seconds)
+        log.info("engine updated", seconds=round(seconds, 3), path=target.path)
+
+    @staticmethod
+    async def _serves(client, version: str) -> bool:
+        from catq.engines.client import EngineError
+
+        try:
+            return await client.weight_version() == version
+        except (EngineError, OSError, asyncio.TimeoutError):
+            return False
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
@@ -151,27 +191,20 @@ class Syncer:
 
 async def run(config: Config) -> None:
     """Run the syncer until SIGTERM/SIGINT."""
-    from catq.bus import Bus
-    from catq.engines.client import EngineClient
-    from catq.runtime import heartbeat_loop, install_stop_signals
+    from catq.runtime import run_role
 
-    worker_id = default_worker_id(ROLE)
-    log = setup_logging(ROLE, worker_id)
-    stop = asyncio.Event()
-    install_stop_signals(stop)
-    bus = Bus(config.redis_url, config.run, config.bus)
-    clients = {
-        url: EngineClient(url, timeout_s=config.engines.request_timeout_s,
-                          max_attempts=config.engines.max_attempts)
-        for url in config.engines.policy_urls
-    }
-    heartbeat = asyncio.create_task(heartbeat_loop(bus, ROLE, worker_id, config.worker.heartbeat_s))
-    log.info("syncer started", engines=list(clients), weights_dir=str(config.weights_dir))
+    await run_role(config, ROLE, serve)
+
+
+async def serve(ctx) -> None:
+    from catq.engines.client import EngineClient
+
+    config = ctx.config
+    clients = {url: EngineClient.from_config(config.engines, url) for url in config.engines.policy_urls}
     try:
-        await Syncer(config, bus, clients, log, worker_id=worker_id).run(stop)
+        ctx.serving()
+        ctx.log.info("syncer started", engines=list(clients), weights_dir=str(config.weights_dir))
+        await Syncer(config, ctx.bus, clients, ctx.log, worker_id=ctx.worker_id).run(ctx.stop)
     finally:
-        heartbeat.cancel()
-        await asyncio.gather(heartbeat, return_exceptions=True)
         for client in clients.values():
             await client.close()
-        await bus.close()

@@ -19,7 +19,6 @@ import torch
 
 from catq.config import Config
 from catq.learner import checkpoint, grpo, publish
-from catq.messages import ScoredGroup
 
 
 @dataclass
@@ -69,6 +68,11 @@ class Trainer:
         )
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids the policy has embeddings for (may exceed the tokenizer's length)."""
+        return self.policy.get_input_embeddings().num_embeddings
+
+    @property
     def trained_id_set(self) -> set[str]:
         """Entry ids already in these weights (cached per step)."""
         cached = getattr(self, "_trained_cache", None)
@@ -77,11 +81,13 @@ class Trainer:
             self._trained_cache = cached
         return cached[1]
 
-    def train(self, groups: list[ScoredGroup], entry_ids: list[str]) -> dict:
+    def train(self, groups: list[grpo.PreparedGroup], entry_ids: list[str], should_stop=None) -> dict:
         """One optimizer step on ``groups``; records them as trained. Returns the step's metrics
-        (the worker adds ``policy_version``: only it knows whether this step publishes)."""
-        batch = grpo.prepare_batch(groups)
-        metrics = grpo.train_step(self.policy, self.optimizer, batch, self.step_config, anchor=self.anchor)
+        (the worker adds ``policy_version``: only it knows whether this step publishes). Raises
+        :class:`grpo.StepCancelled`, with nothing changed, when ``should_stop()`` says so."""
+        batch = grpo.combine(groups)
+        metrics = grpo.train_step(self.policy, self.optimizer, batch, self.step_config, anchor=self.anchor,
+                                  should_stop=should_stop)
         self.state.step += 1
         self.state.groups_trained += batch.groups_used
         self.state.add_trained(entry_ids)

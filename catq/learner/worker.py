@@ -2,33 +2,51 @@
 
     catq worker learner --config configs/demo.toml      (or python -m workers.learner)
 
-One learner per run (it alone holds trainable weights). Its loop:
+One learner per run (it alone holds trainable weights), enforced by a lease in Redis with a
+fencing token (:mod:`catq.learner.lease`): a learner takes it before loading its checkpoint (a
+second one waits for it), every commit and announcement is fenced by it, and a learner that lost
+it exits 1 with a one-line message instead of publishing. Its loop:
 
 1. Read ``scored`` (consumer group "learner"). Each delivery is first checked: an entry already
-   trained into the restored checkpoint is acked and skipped (redelivery after a crash); a group
-   more than ``learner.max_staleness`` versions older than the current policy is dropped, counted
-   and acked; a group whose rewards are all equal carries no signal and is skipped, counted and
-   acked. Everything else waits in the batch buffer.
+   trained into the restored checkpoint is acked and skipped (redelivery after a crash), and so
+   is a group whose (prompt id, policy version) is already trained (recorded in Redis at each
+   commit, for ``bus.result_ttl_s``) or buffered under another entry id (a duplicate entry; its
+   status is left alone, it is logged and counted); a group more than ``learner.max_staleness``
+   versions older than the current policy is dropped, counted and acked; a group whose rewards
+   are all equal carries no signal and is skipped, counted and acked (those two get status
+   "set_aside", with why). Everything else is checked and prepared
+   for training (advantages, samples) once, and waits in the batch buffer.
 2. With ``batch_groups`` groups (or a partial batch after ``batch_timeout_s``), take one GRPO
    step (:mod:`catq.learner.grpo`) in a thread, so the event loop keeps the heartbeat going.
+   A stop signal abandons the step at the next micro-batch boundary (nothing applied, nothing
+   acked: the groups are trained by the next learner). A step whose loss or gradient norm is
+   NaN or infinite applies nothing either: it is logged and counted, and its groups are acked
+   with status "set_aside" (why: "non-finite loss" or "non-finite gradient norm").
 3. Append the step's line to ``<run_dir>/metrics.jsonl``. Every ``checkpoint_every`` steps —
    and always on a step that publishes — save a checkpoint (:mod:`catq.learner.checkpoint`)
-   that lists the entry ids trained so far, and only then ack those entries. A crash therefore
-   loses no scored work (unacked entries come back) and trains nothing twice (the checkpoint
+   that lists the entry ids trained so far, and only then record their (prompt, version) pairs,
+   ack those entries and set their prompts' status to "trained" (with ``trained_in_version``).
+   A crash therefore loses no scored work (unacked entries come back) and trains nothing twice (the checkpoint
    says what is in the weights). A restarted learner drops the metrics lines of steps newer
    than its checkpoint (they died with the process and are redone), so each step is logged once.
-4. Every ``publish_every`` steps, bump the policy version, write ``<weights_dir>/v<version>/``,
-   announce it on ``weights`` and set the run's policy version in Redis (rollout's backpressure
-   reads it). A learner that died between checkpoint and announcement announces on restart.
+4. Every ``publish_every`` steps, bump the policy version, write ``<weights_dir>/v<version>/``
+   (fsynced), then announce it on ``weights`` and set the run's policy version in Redis
+   (rollout's backpressure reads it) in one fenced step. A learner that died between checkpoint
+   and announcement announces on restart.
+5. At ``learner.max_steps`` it stops, and a learner started at ``max_steps`` reads nothing (a
+   read would count as a delivery of each pending entry, dead-lettering them after a few
+   restarts).
 
 Held entries must not be reclaimed from under the learner: a batch can take minutes on CPU,
 longer than the bus's claim idle time, and a self-reclaim would count as a failed delivery. So
 the learner uses a fixed consumer name and its own bus settings with a very long claim idle time,
 and on start reclaims its previous incarnation's pending entries at once (the one moment a
-short idle time is right: no other learner can be holding them). Each restart counts as a
+short idle time is right: the lease says no other learner can be holding them). Each restart counts as a
 delivery, so an entry held through more than ``bus.max_attempts`` learner crashes is
 dead-lettered by the bus — which also ends a crash loop on a group that kills the learner.
-Groups that cannot be trained on (mismatched lengths) are dead-lettered at intake.
+Groups that cannot be trained on (mismatched lengths, a token id outside the policy's
+vocabulary) are dead-lettered at intake, each on its own: one bad group costs neither its batch
+nor a crash loop.
 
 Each ``metrics.jsonl`` line is one optimizer step; ``catq eval --run RUN --plot`` draws the
 training curves from these keys (with ``learner.tensorboard`` the numeric ones are also written
@@ -44,13 +62,15 @@ to ``<run_dir>/tb/``, :mod:`catq.learner.tensorboard`):
 - ``reward_mean``, ``kl``, ``clip_frac`` and the rest of :func:`catq.learner.grpo.train_step`'s
   metrics; ``kl`` and ``clip_frac`` are 0.0 on a step that took no update.
 - ``signal_frac``: of the groups that reached the learner since the last line (this batch, plus
-  zero-variance groups set aside at intake; stale and already-trained groups not counted), the
-  fraction with signal: ``groups_used / (groups_used + groups_skipped +
+  zero-variance groups set aside at intake; stale, already-trained and duplicate groups not
+  counted), the fraction with signal: ``groups_used / (groups_used + groups_skipped +
   groups_skipped_zero_variance)``.
 - ``reference_present_frac``: of those same groups, the fraction whose reference had a final
   answer (:func:`has_reference`).
 - ``staleness`` (histogram: versions behind -> groups), the ``groups_*`` counts of
   :class:`Counts`, and ``entry_ids``.
+- ``skipped_nonfinite``: steps skipped since the previous line because their loss or gradient
+  norm was not finite (they took no update and got no line of their own).
 """
 
 from __future__ import annotations
@@ -65,10 +85,18 @@ from pathlib import Path
 
 import structlog
 
+from catq import metrics as prometheus
+from catq.bus import LeaseLost
 from catq.config import BusConfig, Config
+from catq.learner.grpo import NonFiniteStep, StepCancelled, prepare_group
+from catq.learner.lease import Lease
 from catq.learner.tensorboard import TensorBoardLog
-from catq.log import default_worker_id, setup_logging
 from catq.messages import ScoredGroup
+from catq.results import Status
+from catq.topology import SCORED, WEIGHTS
+
+LEARNER_SUMMARY = ("step", "policy_version", "reward_mean", "signal_frac", "kl", "loss", "step_time_s", "time")
+"""The metrics line's keys `catq top` shows."""
 
 ROLE = "learner"
 GROUP = "learner"
@@ -89,12 +117,18 @@ class Counts:
     zero_variance_with_reference: int = 0
     """Of ``skipped_zero_variance``, those whose reference had a final answer."""
     skipped_trained: int = 0
+    skipped_duplicate: int = 0
+    """Groups whose (prompt id, policy version) was already trained or held (another entry)."""
+    skipped_nonfinite: int = 0
+    """Optimizer steps skipped because their loss or gradient norm was not finite."""
 
     def as_dict(self) -> dict:
         return {
             "groups_dropped_stale": self.dropped_stale,
             "groups_skipped_zero_variance": self.skipped_zero_variance,
             "groups_skipped_already_trained": self.skipped_trained,
+            "groups_skipped_duplicate": self.skipped_duplicate,
+            "skipped_nonfinite": self.skipped_nonfinite,
         }
 
 
@@ -111,16 +145,25 @@ class LearnerLoop:
     """Deliveries accepted for training, oldest first."""
     held: list = field(default_factory=list)
     """Deliveries trained into the current weights but not yet checkpointed (not acked)."""
+    results: object = None
+    """The ResultStore the learner writes its verdicts to (None: nobody is told)."""
+    prepared: dict = field(default_factory=dict)
+    """Entry id -> its group prepared for training (:func:`catq.learner.grpo.prepare_group`)."""
     counts: Counts = field(default_factory=Counts)
     buffer_since: float | None = None
     started: float = field(default_factory=time.monotonic)
     """Monotonic time this loop was made: ``elapsed_s`` counts from here."""
     tensorboard: TensorBoardLog | None = None
     """Mirror of the metrics lines; opened from ``learner.tensorboard`` when not given."""
+    lease: Lease | None = None
+    """The learner lease this process holds; fences commits and announcements. When not given,
+    an unacquired one: its token is none Redis handed out, so it can publish nothing."""
 
     def __post_init__(self) -> None:
         if self.tensorboard is None:
             self.tensorboard = TensorBoardLog.open(self.config)
+        if self.lease is None:
+            self.lease = Lease(self.bus, ROLE)
 
     def close(self) -> None:
         if self.tensorboard is not None:
@@ -131,11 +174,11 @@ class LearnerLoop:
         return {d.entry_id for d in self.buffer} | {d.entry_id for d in self.held}
 
     async def intake(self, deliveries: list) -> None:
-        """Sort fresh deliveries into the buffer or ack them at once (trained/stale/no signal)."""
-        from catq.learner.grpo import group_advantages
-
+        """Sort fresh deliveries into the buffer or ack them at once (trained/stale/no signal).
+        Each group is checked and prepared for training here, once."""
         known, trained = self.known_ids, self.trainer.trained_id_set
-        done_now = []
+        taken = self.held_pairs | await self.bus.trained_pairs([pair_of(d.message) for d in deliveries])
+        done_now, set_aside = [], []
         for delivery in deliveries:
             if delivery.entry_id in known:
                 continue  # a redelivery of something we hold
@@ -143,23 +186,42 @@ class LearnerLoop:
             if delivery.entry_id in trained:
                 self.counts.skipped_trained += 1
                 done_now.append(delivery)
+            elif pair_of(message) in taken:
+                self.skip_duplicate(delivery)
+                done_now.append(delivery)
             elif self.staleness(message) > self.config.learner.max_staleness:
                 self.counts.dropped_stale += 1
-                done_now.append(delivery)
-            elif (problem := malformed(message)) is not None:
-                await self.bus.dead_letter(delivery, GROUP, problem)
-            elif group_advantages(message.rewards) is None:
+                set_aside.append((delivery, f"stale: {self.staleness(message)} versions behind the policy"))
+            elif isinstance(prepared := prepare(message, self.trainer.vocab_size), str):
+                await self.bus.dead_letter(delivery, GROUP, prepared)
+            elif not prepared.has_signal:
                 self.counts.skipped_zero_variance += 1
                 self.counts.zero_variance_with_reference += has_reference(message)
-                done_now.append(delivery)
+                set_aside.append((delivery, "no signal: every answer got the same reward"))
             else:
                 self.buffer.append(delivery)
+                self.prepared[delivery.entry_id] = prepared
                 known.add(delivery.entry_id)
-        if done_now:
-            await self.bus.ack(done_now, GROUP)
+                taken.add(pair_of(message))
+        if done_now or set_aside:
+            await self.bus.ack(done_now + [d for d, _ in set_aside], GROUP)
+            await self.tell(set_aside)
             self.log.info("groups set aside", buffered=len(self.buffer), **self.counts.as_dict())
         if self.buffer and self.buffer_since is None:
             self.buffer_since = time.monotonic()
+
+    @property
+    def held_pairs(self) -> set[tuple[str, int]]:
+        """(prompt id, policy version) of every group buffered or trained but not committed."""
+        return {pair_of(d.message) for d in self.buffer + self.held}
+
+    def skip_duplicate(self, delivery) -> None:
+        """Count and log a group whose (prompt, version) is already trained or held: another
+        entry carrying the same group (a retried XADD upstream). Its status is left alone."""
+        self.counts.skipped_duplicate += 1
+        prompt_id, version = pair_of(delivery.message)
+        self.log.info("duplicate group skipped: this prompt and policy version is already trained or held",
+                      entry_id=delivery.entry_id, prompt_id=prompt_id, policy_version=version)
 
     def staleness(self, message: ScoredGroup) -> int:
         return self.trainer.state.policy_version - message.group.policy_version
@@ -171,8 +233,10 @@ class LearnerLoop:
         waited = time.monotonic() - (self.buffer_since or time.monotonic())
         return bool(self.buffer) and cfg.batch_timeout_s > 0 and waited >= cfg.batch_timeout_s
 
-    async def step(self) -> None:
-        """Take one training step on the oldest buffered groups; checkpoint/publish when due."""
+    async def step(self, stop: asyncio.Event | None = None) -> None:
+        """Take one training step on the oldest buffered groups; checkpoint/publish when due.
+        When ``stop`` is set mid-step, the step is abandoned at a micro-batch boundary and its
+        groups go back to the buffer (unacked: a restarted learner trains them)."""
         cfg = self.config.learner
         batch, self.buffer = self.buffer[: cfg.batch_groups], self.buffer[cfg.batch_groups :]
         self.buffer_since = time.monotonic() if self.buffer else None
@@ -181,17 +245,32 @@ class LearnerLoop:
         if stale:  # the policy moved on while they waited in the buffer
             self.counts.dropped_stale += len(stale)
             await self.bus.ack(stale, GROUP)
+            await self.tell([(d, "stale: the policy moved on while it waited") for d in stale])
+            for d in stale:
+                self.prepared.pop(d.entry_id, None)
         if not fresh:
             return
         histogram = Counter(str(self.staleness(d.message)) for d in fresh)
-        metrics = await asyncio.to_thread(
-            self.trainer.train, [d.message for d in fresh], [d.entry_id for d in fresh]
-        )
+        try:
+            metrics = await asyncio.to_thread(
+                self.trainer.train, [self.prepared[d.entry_id] for d in fresh], [d.entry_id for d in fresh],
+                stop.is_set if stop is not None else None,  # a bool read: safe from the training thread
+            )
+        except StepCancelled:
+            self.buffer[:0] = fresh
+            self.log.info("step abandoned: stopping", groups=len(fresh))
+            return
+        except NonFiniteStep as exc:
+            await self.skip_nonfinite(fresh, str(exc))
+            return
+        for d in fresh:
+            self.prepared.pop(d.entry_id, None)
         self.held.extend(fresh)
         publish = self.trainer.state.step % cfg.publish_every == 0
         line = self.metrics_line(metrics, fresh, histogram, publish)
         self.counts = Counts()
         self.write_metrics(line)
+        await self.report_step(line)
         if publish or self.trainer.state.step % cfg.checkpoint_every == 0:
             await self.commit(publish=publish)
         self.log.info(
@@ -207,6 +286,25 @@ class LearnerLoop:
             step_s=round(line["step_time_s"], 2),
         )
 
+    async def skip_nonfinite(self, batch: list, why: str) -> None:
+        """A step that would have applied NaN/inf took no update: its groups are set aside (acked,
+        so they cannot poison the next learner too) and the skip is counted in the next line."""
+        self.counts.skipped_nonfinite += 1
+        for d in batch:
+            self.prepared.pop(d.entry_id, None)
+        await self.bus.ack(batch, GROUP)
+        await self.tell([(d, f"{why}: its training step was skipped") for d in batch])
+        self.log.warning("step skipped: not finite", reason=why, step=self.trainer.state.step + 1,
+                         entry_ids=[d.entry_id for d in batch])
+
+    async def report_step(self, line: dict) -> None:
+        """The step's numbers to /metrics and to Redis (`catq top`); a failure here only logs."""
+        prometheus.learner_step(line)
+        try:
+            await self.bus.set_learner_step({k: line[k] for k in LEARNER_SUMMARY if k in line})
+        except Exception as exc:
+            self.log.warning("could not record the step for catq top", error=str(exc) or type(exc).__name__)
+
     def metrics_line(self, metrics: dict, fresh: list, histogram: Counter, publish: bool) -> dict:
         """The step's metrics.jsonl line (keys: see the module docstring)."""
         messages = [d.message for d in fresh]
@@ -221,38 +319,66 @@ class LearnerLoop:
         }
 
     async def commit(self, publish: bool = False) -> None:
-        """Checkpoint (publishing first bumps the version), then ack the held entries the
-        checkpoint covers, then write and announce the new weights."""
+        """Checkpoint (publishing first bumps the version), then record the held groups'
+        (prompt, version) pairs as trained, ack the entries and tell their clients, then write and
+        announce the new weights. Raises LeaseLost, before writing anything, once another
+        learner holds the lease."""
+        await self.lease.check()  # a replaced learner must not overwrite its successor's checkpoint
         if publish:
             self.trainer.state.policy_version += 1
         await asyncio.to_thread(self.trainer.save_checkpoint)
         if self.held:
+            await self.bus.record_trained([pair_of(d.message) for d in self.held], self.config.bus.result_ttl_s)
             await self.bus.ack(self.held, GROUP)
+            await self.tell_trained(self.held, self.trainer.state.policy_version + (not publish))
             self.held = []
         if publish:
             await self.announce_current()
+
+    async def tell_trained(self, deliveries: list, version: int) -> None:
+        """Status "trained" for each group's prompt; ``trained_in_version``: the first published
+        version whose weights include it (this one when it publishes now, else the next)."""
+        self.log.info("trained on", step=self.trainer.state.step, version=version,
+                      prompt_ids=[d.message.group.prompt.prompt_id for d in deliveries])
+        if self.results is None:
+            return
+        for d in deliveries:
+            await self.results.update(d.message.group.prompt.prompt_id, status=Status.TRAINED,
+                                      trained_in_version=version, trained_step=self.trainer.state.step)
+
+    async def tell(self, set_aside: list) -> None:
+        """Status "set_aside" (with why) for groups the learner will not train on."""
+        if self.results is None:
+            return
+        for d, why in set_aside:
+            await self.results.update(d.message.group.prompt.prompt_id, status=Status.SET_ASIDE, set_aside=why)
 
     async def announce_current(self) -> None:
         from catq.learner import publish
 
         state = self.trainer.state
         path = await asyncio.to_thread(self.trainer.write_weights)
-        await publish.announce(self.bus, state.policy_version, path, state.step)
-        await self.bus.set_policy_version(state.policy_version)
+        await publish.announce(self.lease, state.policy_version, path, state.step)
         removed = publish.prune_versions(self.config.weights_dir, self.config.learner.keep_versions)
         self.log.info("published", version=state.policy_version, path=str(path), pruned=removed)
 
     async def ensure_announced(self) -> None:
         """On start: if the checkpoint's version was never announced (crash in between), publish
-        it now; then tell Redis the current version."""
+        it now; then tell Redis the current version. A checkpoint older than the announced
+        version (the newest was unreadable) continues from the announced number, so versions
+        never repeat: engines and rollouts already carry it."""
         from catq.messages import WeightsPublished
 
         version = self.trainer.state.policy_version
-        last = await self.bus.last("weights", WeightsPublished)
+        last = await self.bus.last(WEIGHTS.name, WeightsPublished)
         announced = last[1].policy_version if last else 0
         if version > announced:
             await self.announce_current()
-        await self.bus.set_policy_version(version)
+        elif announced > version:
+            self.log.warning("checkpoint is older than the announced policy; numbering continues "
+                             "from the announced version", checkpoint_version=version, announced=announced)
+            self.trainer.state.policy_version = version = announced
+        await self.lease.publish(version)
 
     @property
     def metrics_path(self) -> Path:
@@ -285,7 +411,7 @@ class LearnerLoop:
     async def read(self, bus) -> list:
         cfg = self.config.learner
         return await bus.read(
-            "scored", GROUP, CONSUMER,
+            SCORED.name, GROUP, CONSUMER,
             count=max(1, cfg.batch_groups - len(self.buffer)),
             message_type=ScoredGroup,
             block_ms=self.config.bus.block_ms,
@@ -303,7 +429,7 @@ class LearnerLoop:
         try:
             await asyncio.sleep(2 * STARTUP_CLAIM_IDLE_MS / 1000)
             deliveries = await startup.read(
-                "scored", GROUP, CONSUMER, count=count, message_type=ScoredGroup, block_ms=1
+                SCORED.name, GROUP, CONSUMER, count=count, message_type=ScoredGroup, block_ms=1
             )
             await self.intake(deliveries)
         finally:
@@ -312,6 +438,9 @@ class LearnerLoop:
     def _bus_config(self, claim_idle_ms: int) -> BusConfig:
         return self.config.bus.model_copy(update={"claim_idle_ms": claim_idle_ms})
 
+    def done(self) -> bool:
+        return self.trainer.state.step >= self.config.learner.max_steps
+
     async def run(self, stop: asyncio.Event) -> None:
         try:
             dropped = self.forget_lost_steps()
@@ -319,11 +448,16 @@ class LearnerLoop:
                 self.log.info("metrics of uncheckpointed steps dropped; they will be redone",
                               lines=dropped)
             await self.ensure_announced()
+            if self.done():
+                # Read nothing: each read of a pending entry counts as a delivery, and a learner
+                # restarted at max_steps again and again would dead-letter work it never does.
+                self.log.info("max_steps reached: reading nothing", step=self.trainer.state.step,
+                              max_steps=self.config.learner.max_steps)
+                return
             await self.reclaim_previous()
-            max_steps = self.config.learner.max_steps
-            while not stop.is_set() and self.trainer.state.step < max_steps:
+            while not stop.is_set() and not self.done():
                 if self.batch_ready():
-                    await self.step()
+                    await self.step(stop)
                     continue
                 await self.intake(await self.read(self.bus))
             if self.held:
@@ -333,29 +467,54 @@ class LearnerLoop:
 
 
 async def run(config: Config) -> None:
-    """Run the learner until SIGTERM/SIGINT or ``learner.max_steps``."""
-    from catq.bus import Bus
-    from catq.learner.trainer import Trainer
-    from catq.runtime import heartbeat_loop, install_stop_signals
+    """Run the learner until SIGTERM/SIGINT or ``learner.max_steps``. A learner that lost its
+    lease to another exits 1 with a one-line message."""
+    from catq.runtime import run_role
 
-    worker_id = default_worker_id(ROLE)
-    log = setup_logging(ROLE, worker_id)
-    stop = asyncio.Event()
-    install_stop_signals(stop)
-    bus_config = config.bus.model_copy(update={"claim_idle_ms": HOLD_CLAIM_IDLE_MS})
-    bus = Bus(config.redis_url, config.run, bus_config)
-    heartbeat = asyncio.create_task(heartbeat_loop(bus, ROLE, worker_id, config.worker.heartbeat_s))
     try:
-        tensorboard = TensorBoardLog.open(config)  # before the model load: a missing extra fails fast
-        trainer = await asyncio.to_thread(Trainer.from_config, config)
-        log.info("learner ready", step=trainer.state.step, version=trainer.state.policy_version,
-                 device=str(trainer.device))
-        await LearnerLoop(config, bus, trainer, log, tensorboard=tensorboard).run(stop)
-        log.info("learner stopped", step=trainer.state.step, version=trainer.state.policy_version)
+        await run_role(config, ROLE, serve,
+                       bus_config=config.bus.model_copy(update={"claim_idle_ms": HOLD_CLAIM_IDLE_MS}))
+    except LeaseLost as exc:
+        raise SystemExit(f"catq learner: {exc}") from None
+
+
+async def serve(ctx) -> None:
+    """Wait for the lease, then load (the checkpoint its previous holder left) and train."""
+    lease = Lease.for_learner(ctx.bus, ctx.worker_id, ctx.config.worker.heartbeat_s)
+    if not await lease.acquire(ctx.stop, ctx.log, poll_s=ctx.config.worker.heartbeat_s):
+        return  # stopped while waiting
+    done = asyncio.Event()
+    keeper = asyncio.create_task(lease.keep(ctx.config.worker.heartbeat_s, ctx.stop.set, ctx.log, done))
+    try:
+        await train(ctx, lease)
     finally:
-        heartbeat.cancel()
-        await asyncio.gather(heartbeat, return_exceptions=True)
-        await bus.close()
+        done.set()
+        await asyncio.wait([keeper], timeout=5)
+        await _release(lease, ctx.log)
+    if lease.lost:
+        raise LeaseLost(lease.lost_message())
+
+
+async def train(ctx, lease: Lease) -> None:
+    from catq.learner.trainer import Trainer
+
+    tensorboard = TensorBoardLog.open(ctx.config)  # before the model load: a missing extra fails fast
+    trainer = await asyncio.to_thread(Trainer.from_config, ctx.config)
+    ctx.log.info("learner ready", step=trainer.state.step, version=trainer.state.policy_version,
+                 device=str(trainer.device))
+    loop = LearnerLoop(ctx.config, ctx.bus, trainer, ctx.log, tensorboard=tensorboard, results=ctx.results,
+                       lease=lease)
+    if not loop.done():  # one with no steps left exits at once: it never serves
+        ctx.serving()
+    await loop.run(ctx.stop)
+    ctx.log.info("learner stopped", step=trainer.state.step, version=trainer.state.policy_version)
+
+
+async def _release(lease: Lease, log) -> None:
+    try:
+        await asyncio.wait_for(lease.release(), 5)
+    except Exception as exc:  # it expires on its own
+        log.warning("could not release the learner lease", error=str(exc) or type(exc).__name__)
 
 
 def _step_of(line: str) -> int:
@@ -386,14 +545,16 @@ def group_fractions(metrics: dict, messages: list[ScoredGroup], counts: Counts) 
     }
 
 
-def malformed(message: ScoredGroup) -> str | None:
-    """Why a scored group cannot be trained on (it is dead-lettered), or None."""
-    from catq.learner.grpo import prepare_batch
+def pair_of(message: ScoredGroup) -> tuple[str, int]:
+    """What the learner trains at most once: (prompt id, policy version the rollouts came from)."""
+    return message.group.prompt.prompt_id, message.group.policy_version
 
-    try:
-        prepare_batch([message])
-    except ValueError as exc:
-        return f"malformed scored group: {exc}"
+
+def prepare(message: ScoredGroup, vocab_size: int | None = None):
+    """The group prepared for training, or why it cannot be trained on (it is dead-lettered)."""
     if not message.group.prompt_token_ids:
         return "malformed scored group: no prompt_token_ids"
-    return None
+    try:
+        return prepare_group(message, vocab_size)
+    except ValueError as exc:
+        return f"malformed scored group: {exc}"

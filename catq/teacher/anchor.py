@@ -15,20 +15,19 @@ from __future__ import annotations
 
 from catq.bus import Output
 from catq.config import Config, SamplingConfig
-from catq.messages import ReferencedGroup, RolloutGroup
+from catq.engines.client import parse_version
+from catq.messages import RolloutGroup
+from catq.results import Status
 from catq.runtime import DeadLetterError, WorkerContext, run_worker
 from catq.teacher.estimators import estimate_reference
-from catq.teacher.rollout import parse_version
 from catq.teacher.rubric import RubricParseError, draft_rubric
+from catq.topology import REFERENCES
 
 SELECTION_SAMPLING = SamplingConfig(temperature=0.0, top_p=1.0, top_k=-1, max_new_tokens=16)
 """Self best-of-N: the policy only has to name a number."""
 
 
 class AnchorHandler:
-    input_stream = "groups"
-    input_type = RolloutGroup
-
     def __init__(self, ctx: WorkerContext, anchor, policy=None):
         self.ctx = ctx
         self.anchor = anchor
@@ -45,21 +44,17 @@ class AnchorHandler:
         rubric_fields: dict[str, object] = {}
         if prompt.task == "open":
             rubric, rubric_fields = await self.open_rubric(prompt.prompt_id, ref.reference, question)
-        referenced = ReferencedGroup(
-            group, ref.reference, ref.estimator, ref.anchor_output, format_fallback=ref.format_fallback,
-            reference_answer=ref.reference_answer, majority_answer=ref.majority_answer, rubric=rubric,
-            anchor_version=await self.anchor_version(),
-        )
+        referenced = ref.referenced(group, rubric=rubric, anchor_version=await self.anchor_version())
         self.ctx.log.info("referenced", estimator=ref.estimator, format_fallback=ref.format_fallback,
                           reference_answer=ref.reference_answer, majority_answer=ref.majority_answer,
                           criteria=len(rubric))
         await self.ctx.results.update(
-            prompt.prompt_id, status="referenced", cat_answer=ref.reference, reference_answer=ref.reference_answer,
+            prompt.prompt_id, status=Status.REFERENCED, cat_answer=ref.reference, reference_answer=ref.reference_answer,
             majority_answer=ref.majority_answer, rubric=rubric, estimator=ref.estimator,
             format_fallback=ref.format_fallback, anchor_version=referenced.anchor_version,
             answer_primed=ref.answer_primed, synthesis_answers=ref.synthesis_answers, **rubric_fields,
         )
-        return [Output("references", referenced)]
+        return [Output(REFERENCES.name, referenced)]
 
     async def open_rubric(self, prompt_id: str, reference: str,
                           question: str | None) -> tuple[list[str], dict[str, object]]:

@@ -123,7 +123,7 @@ def engine_chat(config: Config, url: str, model: str, sampling: SamplingConfig) 
     from catq.engines.client import EngineClient
     from catq.engines.tokenizer import ChatTokenizer
 
-    client = EngineClient(url, timeout_s=config.engines.request_timeout_s, max_attempts=config.engines.max_attempts)
+    client = EngineClient.from_config(config.engines, url)
     return EngineChat(client, ChatTokenizer(model, config.model.cache_dir or None), sampling)
 
 

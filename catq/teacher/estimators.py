@@ -22,13 +22,19 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Awaitable, Protocol
 
 from catq.config import AnchorConfig
-from catq.messages import Rollout, RolloutGroup
+from catq.messages import ReferencedGroup, Rollout, RolloutGroup
 from catq.teacher import prompts
-from catq.teacher.answers import _matching_braces, answers_equivalent, final_answer, last_boxed
+from catq.teacher.answers import (
+    _matching_braces,
+    answers_equivalent,
+    final_answer,
+    last_boxed,
+)
+from catq.teacher.verify_pool import off_loop
 
 ESTIMATORS = ("synthesis", "majority", "self_bon", "min_ppl")
 
@@ -58,6 +64,11 @@ class Reference:
     """synthesis: the answer came from a primed final-answer continuation (s stated none)."""
     synthesis_answers: list[str | None] = field(default_factory=list)
     """synthesis with k > 1 samples: each sample's final answer, in draw order."""
+
+    def referenced(self, group: RolloutGroup, *, rubric: list[str], anchor_version: int) -> ReferencedGroup:
+        """The anchor's message for ``group``: this estimate plus the rubric drafted from it."""
+        shared = {f.name: getattr(self, f.name) for f in fields(ReferencedGroup) if hasattr(self, f.name)}
+        return ReferencedGroup(group=group, rubric=rubric, anchor_version=anchor_version, **shared)
 
 
 _UNIFIED = re.compile(
@@ -231,7 +242,7 @@ async def synthesize(group: RolloutGroup, anchor: ChatFn, options: AnchorConfig,
     if len(refs) == 1:
         return refs[0]
     answers = [r.reference_answer for r in refs]
-    winners = majority_vote(answers) if group.prompt.task == "math" else []
+    winners = await off_loop(majority_vote, answers) if group.prompt.task == "math" else []
     chosen = refs[winners[0]] if winners else refs[0]
     chosen.synthesis_answers = answers
     return chosen
@@ -258,7 +269,7 @@ async def estimate_reference(
         question = group.prompt.question if include_question else None
         ref = await synthesize(group, anchor, options or AnchorConfig(), question)
     elif estimator == "majority":
-        ref = majority_reference(group)
+        ref = await off_loop(majority_reference, group)
     elif estimator == "self_bon":
         if policy is None:
             raise ValueError("self_bon needs the policy model")
@@ -269,6 +280,6 @@ async def estimate_reference(
     else:
         raise ValueError(f"unknown estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
     if task == "math" and ref.majority_answer is None:
-        winners = majority_vote([final_answer(t) for t in texts])
+        winners = await off_loop(majority_vote, [final_answer(t) for t in texts])
         ref.majority_answer = final_answer(texts[winners[0]]) if winners else None
     return ref

@@ -14,14 +14,13 @@ from __future__ import annotations
 from catq.bus import Output
 from catq.config import Config
 from catq.messages import ReferencedGroup
+from catq.results import Status
 from catq.runtime import WorkerContext, run_worker
 from catq.teacher.judging import score_group
+from catq.topology import SCORED
 
 
 class JudgeHandler:
-    input_stream = "references"
-    input_type = ReferencedGroup
-
     def __init__(self, ctx: WorkerContext, judge):
         self.ctx = ctx
         self.judge = judge
@@ -33,12 +32,12 @@ class JudgeHandler:
         reward_mean = sum(scored.rewards) / len(scored.rewards) if scored.rewards else 0.0
         self.ctx.log.info("scored", rewards=scored.rewards, unparsed_verdicts=unparsed)
         await self.ctx.results.update(
-            prompt.prompt_id, status="scored", rewards=scored.rewards, reward_mean=reward_mean,
+            prompt.prompt_id, status=Status.SCORED, rewards=scored.rewards, reward_mean=reward_mean,
             rollout_answers=scored.rollout_answers,
             verdicts=[{"rollout": v.rollout_index, "criterion": v.criterion_index, "satisfied": v.satisfied,
                        "raw": v.raw, "parsed": v.parsed} for v in scored.verdicts],
         )
-        return [Output("scored", scored)]
+        return [Output(SCORED.name, scored)]
 
     async def close(self) -> None:
         await self.judge.close()

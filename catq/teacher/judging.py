@@ -26,6 +26,7 @@ from catq.messages import ReferencedGroup, Rollout, ScoredGroup, Verdict
 from catq.teacher import prompts
 from catq.teacher.answers import answers_equivalent, final_answer
 from catq.teacher.estimators import ChatFn
+from catq.teacher.verify_pool import off_loop
 
 _YES_NO = re.compile(r"(yes|no)(?![a-z])", re.IGNORECASE)
 
@@ -122,7 +123,7 @@ async def score_group(referenced: ReferencedGroup, judge: ChatFn | None, config:
     """The ScoredGroup of a referenced group; ``judge`` is only called for open prompts."""
     group = referenced.group
     if group.prompt.task == "math":
-        rewards, answers = score_math(group.rollouts, referenced.reference_answer)
+        rewards, answers = await off_loop(score_math, group.rollouts, referenced.reference_answer)
         verdicts: list[Verdict] = []
     else:
         if judge is None:

@@ -23,28 +23,32 @@ until the syncer has updated the engine.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from catq.bus import Output
 from catq.config import Config
+from catq.engines.client import parse_version
 from catq.messages import Prompt, Rollout, RolloutGroup
+from catq.results import Status
 from catq.runtime import DeadLetterError, WorkerContext, run_worker
+from catq.topology import GROUPS, downstream_of
 
-PIPELINE_GROUPS = (("groups", "anchor"), ("references", "judge"), ("scored", "learner"))
+PIPELINE_GROUPS = tuple((s.name, s.consumer) for s in downstream_of("rollout"))
 """(stream, consumer group) pairs whose unconsumed entries are groups not yet trained on."""
 
 BACKPRESSURE_REFRESH_S = 1.0
 
+ABORT_RETRIES = 3
+"""Times a group is sampled again when the engine aborted some of its rollouts (a weight update
+with ``abort_all_requests``, ``/pause_generation``): aborted rollouts are never trained on."""
+ABORT_RETRY_WAIT_S = 1.0
 
-def parse_version(weight_version: str | None) -> int:
-    """The engine's reported weight_version as a policy version: "7" or "v7" -> 7;
-    None, "default" or anything unnumbered -> 0 (the initial weights)."""
-    if not weight_version:
-        return 0
-    text = str(weight_version).strip().lower().removeprefix("v")
-    return int(text) if text.isdigit() else 0
+
+class AbortedGroupError(RuntimeError):
+    """The engine kept aborting rollouts of this group; the entry stays pending for a retry."""
 
 
 @dataclass
@@ -52,33 +56,42 @@ class BackpressureState:
     backlog_groups: int
     learner_version: int
     engine_version: int
+    backlog_by_role: dict[str, int] = field(default_factory=dict)
+    """Of the backlog, the groups waiting for each downstream role (anchor, judge, learner)."""
 
     def reason(self, max_staleness: int, groups_per_version: int) -> str | None:
         """Why rollout must wait, or None when it may go on."""
         limit = (max_staleness + 1) * groups_per_version
         if self.backlog_groups >= limit:
-            return f"{self.backlog_groups} groups not yet trained on (limit {limit})"
+            waits = ", ".join(f"{role} {count}" for role, count in self.backlog_by_role.items() if count)
+            return (f"{self.backlog_groups} groups not yet trained on (limit {limit})"
+                    + (f"; waiting for {waits}" if waits else ""))
         if self.learner_version - self.engine_version > max_staleness:
             return (f"engine weights v{self.engine_version} are more than {max_staleness} versions "
-                    f"behind the learner's v{self.learner_version}")
+                    f"behind the learner's v{self.learner_version}; waiting for the syncer")
         return None
 
 
 async def pipeline_backlog(bus, *, with_learner: bool = True) -> int:
-    """Groups produced by rollout and not yet consumed by the learner (see module docstring).
-    A stage whose consumer group does not exist yet has consumed nothing: its whole stream
-    counts (pipeline streams are not trimmed before their group exists). Without a learner
-    (``with_learner=False``: CaT for inference only) ``scored`` is not a backlog."""
+    """Groups produced by rollout and not yet consumed by the learner (see module docstring)."""
+    return sum((await backlog_by_role(bus, with_learner=with_learner)).values())
+
+
+async def backlog_by_role(bus, *, with_learner: bool = True) -> dict[str, int]:
+    """Per downstream role, the groups waiting for it. A stage whose consumer group does not
+    exist yet has consumed nothing: its whole stream counts (pipeline streams are not trimmed
+    before their group exists). Without a learner (``with_learner=False``: CaT for inference
+    only) ``scored`` is not a backlog."""
     stages = PIPELINE_GROUPS if with_learner else PIPELINE_GROUPS[:-1]
     stats = await bus.stats(tuple(stream for stream, _ in stages))
-    total = 0
+    out = {}
     for stream, group in stages:
         infos = [g for g in stats[stream]["groups"] if g["group"] == group]
         if infos:
-            total += int(infos[0]["pending"]) + int(infos[0]["lag"] or 0)
+            out[group] = int(infos[0]["pending"]) + int(infos[0]["lag"] or 0)
         else:
-            total += int(stats[stream]["length"])
-    return total
+            out[group] = int(stats[stream]["length"])
+    return out
 
 
 class Backpressure:
@@ -117,8 +130,8 @@ class Backpressure:
         if learner_version - engine_version > self.max_staleness:  # maybe synced since: ask
             engine_version = min(await self.engine_versions())
             self.last_engine_version = engine_version
-        backlog = await pipeline_backlog(self.ctx.bus, with_learner=self.ctx.config.roles.learner > 0)
-        return BackpressureState(backlog, learner_version, engine_version)
+        by_role = await backlog_by_role(self.ctx.bus, with_learner=self.ctx.config.roles.learner > 0)
+        return BackpressureState(sum(by_role.values()), learner_version, engine_version, by_role)
 
 
 async def sample_group(client, tokenizer, prompt: Prompt, config: Config) -> RolloutGroup:
@@ -139,9 +152,6 @@ async def sample_group(client, tokenizer, prompt: Prompt, config: Config) -> Rol
 
 
 class RolloutHandler:
-    input_stream = "prompts"
-    input_type = Prompt
-
     def __init__(self, ctx: WorkerContext, clients: list, tokenizer):
         self.ctx = ctx
         self.clients = clients
@@ -159,19 +169,30 @@ class RolloutHandler:
         group = await self.roll_out(prompt)
         self.backpressure.last_engine_version = group.policy_version
         await self.ctx.results.update(
-            prompt.prompt_id, status="rolled_out", task=prompt.task, question=prompt.question,
+            prompt.prompt_id, status=Status.ROLLED_OUT, task=prompt.task, question=prompt.question,
             rollouts=[r.text for r in group.rollouts], policy_version=group.policy_version,
         )
-        return [Output("groups", group)]
+        return [Output(GROUPS.name, group)]
 
     async def roll_out(self, prompt: Prompt) -> RolloutGroup:
+        for attempt in range(1, ABORT_RETRIES + 1):
+            group = await self._sample(prompt)
+            aborted = sum(r.finish_reason == "abort" for r in group.rollouts)
+            if not aborted:
+                return group
+            self.ctx.log.warning("engine aborted rollouts; sampling the group again",
+                                 aborted=aborted, attempt=attempt)
+            await asyncio.sleep(ABORT_RETRY_WAIT_S * attempt)
+        raise AbortedGroupError(f"the policy engine aborted rollouts in {ABORT_RETRIES} tries")
+
+    async def _sample(self, prompt: Prompt) -> RolloutGroup:
         from catq.engines.client import EngineError
 
         client = self.clients[next(self._next_client)]
         try:
             return await sample_group(client, self.tokenizer, prompt, self.ctx.config)
         except EngineError as exc:
-            if exc.status is not None and 400 <= exc.status < 500:  # this prompt can never work
+            if exc.refused:  # this prompt can never work
                 raise DeadLetterError(f"policy engine refused the prompt: {exc}") from exc
             raise
 
@@ -181,15 +202,22 @@ class RolloutHandler:
 
 
 async def build_rollout_handler(ctx: WorkerContext) -> RolloutHandler:
-    from catq.engines.client import EngineClient
+    """Clients for every policy engine, each checked first: a missing API key or temperature-
+    scaled log-probs stop the role with a ConfigError before any prompt is taken."""
+    from catq.engines.client import EngineClient, check_raw_logprobs
     from catq.engines.tokenizer import ChatTokenizer
 
     config = ctx.config
-    clients = [
-        EngineClient(url, timeout_s=config.engines.request_timeout_s, max_attempts=config.engines.max_attempts)
-        for url in config.engines.policy_urls
-    ]
+    clients = [EngineClient.from_config(config.engines, url) for url in config.engines.policy_urls]
     tokenizer = ChatTokenizer(config.model.policy, config.model.cache_dir or None)
+    probe = tokenizer.encode_chat([{"role": "user", "content": "What is 2 + 2?"}])
+    try:
+        for client in clients:
+            await check_raw_logprobs(client, probe)
+    except BaseException:
+        for client in clients:
+            await client.close()
+        raise
     return RolloutHandler(ctx, clients, tokenizer)
 
 

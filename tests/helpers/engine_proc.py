@@ -55,17 +55,23 @@ class EngineProcess:
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
 
-    def start(self) -> EngineProcess:
+    def argv(self) -> list[str]:
         args = [sys.executable, "-m", "catq", "engine", "--model", self.model, "--port", str(self.port),
                 "--device", self.device, "--max-batch", str(self.max_batch), *self.extra_args]
         if self.weights_dir is not None:
             self.weights_dir.mkdir(parents=True, exist_ok=True)
             args += ["--weights-dir", str(self.weights_dir)]
+        return args
+
+    def environment(self) -> dict[str, str]:
+        return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **self.env}
+
+    def start(self) -> EngineProcess:
         fd, log_name = tempfile.mkstemp(prefix=f"catq-engine-{self.port}-", suffix=".log")
         self.log_path = Path(log_name)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **self.env}
         with os.fdopen(fd, "w") as log:
-            self.proc = subprocess.Popen(args, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(self.argv(), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                         env=self.environment())
         self._wait_healthy()
         return self
 
@@ -102,6 +108,33 @@ class EngineProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class SGLangProcess(EngineProcess):
+    """Real SGLang (``python -m sglang.launch_server``) on the CPU, from catq's cached SGLang
+    environment (installed on first use), started exactly as `catq up` starts a ``kind =
+    "sglang"``, ``device = "cpu"`` engine. ``api_key``/``admin_api_key`` become its flags."""
+
+    def __init__(self, model: str = "default", *, api_key: str = "", admin_api_key: str = "", **kwargs):
+        kwargs.setdefault("startup_timeout_s", 300.0)
+        super().__init__(model, **kwargs)
+        self.api_key, self.admin_api_key = api_key, admin_api_key
+
+    def argv(self) -> list[str]:
+        from catq.engines.models import resolve_model_path
+        from catq.engines.sglang_env import SGLangEnvError, ensure_env, server_argv
+
+        try:
+            python = ensure_env(say=lambda text: print(text, file=sys.stderr))
+        except SGLangEnvError as exc:
+            pytest.fail(f"real SGLang could not be installed, so its tests cannot run: {exc}", pytrace=False)
+        return server_argv(python, str(resolve_model_path(self.model)), host="127.0.0.1", port=self.port,
+                           device="cpu", api_key=self.api_key, admin_api_key=self.admin_api_key)
+
+    def environment(self) -> dict[str, str]:
+        from catq.engines.sglang_env import server_env
+
+        return server_env({**super().environment()}, "cpu")
 
 
 @pytest.fixture

@@ -9,7 +9,14 @@ import pytest
 
 from catq.bus import Bus, Output
 from catq.config import BusConfig
-from catq.messages import ChatMessage, DeadLetter, Prompt, WeightsPublished, decode, encode
+from catq.messages import (
+    ChatMessage,
+    DeadLetter,
+    Prompt,
+    WeightsPublished,
+    decode,
+    encode,
+)
 
 
 def prompt(text: str = "q", pid: str | None = None) -> Prompt:
@@ -65,6 +72,28 @@ async def test_redelivered_done_entry_is_acked_not_returned(bus):
     assert (await bus.redis.xpending(bus.key("prompts"), "g"))["pending"] == 0
 
 
+async def test_a_duplicate_entry_of_done_work_is_acked_where_it_arrives(bus):
+    first = await bus.publish("prompts", prompt("a"))
+    (d,) = await bus.read("prompts", "g", "c", count=1, message_type=Prompt)
+    await bus.complete(d, "g", [Output("echoed", d.message)])
+    await bus.publish("prompts", prompt("a"))  # a retried XADD whose first reply was lost
+    other = await bus.publish("prompts", prompt("b"))
+    got = await bus.read("prompts", "g", "c", count=10, message_type=Prompt)
+    assert [x.entry_id for x in got] == [other]
+    assert [s for s, _ in await outputs_of(bus, "echoed")] == [first]
+    assert (await bus.redis.xpending(bus.key("prompts"), "g"))["pending"] == 1  # only "b"
+
+
+async def test_duplicates_in_flight_together_produce_one_output(bus):
+    await bus.publish("prompts", prompt("a"))
+    await bus.publish("prompts", prompt("a"))
+    one, two = await bus.read("prompts", "g", "c", count=10, message_type=Prompt)
+    await bus.complete(one, "g", [Output("echoed", one.message)])
+    await bus.complete(two, "g", [Output("echoed", two.message)])
+    assert len(await outputs_of(bus, "echoed")) == 1
+    assert (await bus.redis.xpending(bus.key("prompts"), "g"))["pending"] == 0
+
+
 async def test_undecodable_entry_goes_to_dead_at_once(bus):
     await bus.ensure_group("prompts", "g")
     await bus.redis.xadd(bus.key("prompts"), {"message": b"\xc1garbage"})
@@ -83,18 +112,36 @@ async def test_wrong_message_type_is_dead_lettered(bus):
     assert "expected Prompt" in letter.error
 
 
-async def test_exhausted_entry_dead_lettered_after_max_attempts(bus):
+async def test_entry_dead_lettered_at_its_max_attempts_th_failure_not_at_a_redelivery(bus):
     entry = await bus.publish("prompts", prompt("a"))
-    attempts = []
+    failures = []
     for _ in range(bus.config.max_attempts):
         (d,) = await bus.read("prompts", "g", "c", count=1, message_type=Prompt)
-        attempts.append(d.attempts)
-        await asyncio.sleep(0.3)  # never completed
-    assert attempts == [1, 2, 3]
+        failures.append(d.failures)
+        await bus.record_failure(d, "g")
+        await asyncio.sleep(0.3)  # never completed: reclaimed
+    assert failures == [0, 1, 2]
     assert await bus.read("prompts", "g", "c", count=1, message_type=Prompt) == []
     (_, letter) = await bus.last("dead", DeadLetter)
-    assert letter.entry_id == entry and letter.attempts == 3 and "max_attempts=3" in letter.error
+    assert letter.entry_id == entry and "failed 3 times (max_attempts=3)" in letter.error
     assert (await bus.redis.xpending(bus.key("prompts"), "g"))["pending"] == 0
+
+
+async def test_redeliveries_without_failures_are_capped_by_max_deliveries(run_name, redis_url):
+    bus = Bus(redis_url, run_name, BusConfig(claim_idle_ms=100, block_ms=50, max_deliveries=4))
+    try:
+        entry = await bus.publish("prompts", prompt("a"))
+        attempts = []
+        for _ in range(4):  # a worker that dies on it each time: deliveries, no failures counted
+            (d,) = await bus.read("prompts", "g", "c", count=1, message_type=Prompt)
+            attempts.append(d.attempts)
+            await asyncio.sleep(0.2)
+        assert attempts == [1, 2, 3, 4]
+        assert await bus.read("prompts", "g", "c", count=1, message_type=Prompt) == []
+        (_, letter) = await bus.last("dead", DeadLetter)
+        assert letter.entry_id == entry and "max_deliveries=4" in letter.error
+    finally:
+        await bus.close()
 
 
 async def test_keep_alive_stops_reclaim(bus):
@@ -152,9 +199,9 @@ async def test_trimming_under_load_never_drops_unacked(run_name, redis_url):
     published: list[str] = []
     total = 400
 
-    async def produce(b: Bus, n: int) -> None:
+    async def produce(b: Bus, n: int, tag: str) -> None:
         for i in range(n):
-            published.append(await b.publish("prompts", prompt(f"p{i}")))
+            published.append(await b.publish("prompts", prompt(f"{tag}{i}")))
             if i % 10 == 0:
                 await asyncio.sleep(0)
 
@@ -172,7 +219,7 @@ async def test_trimming_under_load_never_drops_unacked(run_name, redis_url):
     await buses[0].ensure_group("echoed", "collector")
     stop = asyncio.Event()
     consumers = [asyncio.create_task(consume(buses[i], f"c{i}", stop)) for i in (2, 3)]
-    await asyncio.gather(produce(buses[0], total // 2), produce(buses[1], total // 2))
+    await asyncio.gather(produce(buses[0], total // 2, "a"), produce(buses[1], total // 2, "b"))
     outputs = buses[0].key("echoed")
     for _ in range(300):
         if await buses[0].redis.xlen(outputs) >= total:

@@ -15,7 +15,8 @@ import redis as sync_redis
 
 from catq.cli import main
 from catq.messages import ChatMessage, Prompt, Rollout, RolloutGroup, decode, encode
-from catq.ops import format_entry
+from catq.ops import json_line
+from catq.readable import entry_block
 
 from .procs import ROOT, free_port, start_bus_worker, stop_process
 
@@ -37,7 +38,7 @@ def test_submit_tail_status(capsys, redis_url, run_name):
     assert code == 0
     (pid,) = out.split()
     assert [p.prompt_id for p in prompts_in(redis_url, run_name)] == [pid]
-    code, out, _ = cli(capsys, "tail", "prompts", *common)
+    code, out, _ = cli(capsys, "tail", "prompts", "--json", *common)
     line = json.loads(out.strip())
     assert code == 0 and line["type"] == "Prompt" and line["prompt_id"] == pid
     code, out, _ = cli(capsys, "status", *common)
@@ -85,19 +86,44 @@ def test_submit_wait_prints_scored_result(capsys, redis_url, run_name):
                                                 "cat_answer": "42"}
 
 
+def test_submit_wait_until_trained_waits_past_scored_for_the_learner(capsys, redis_url, run_name):
+    def score_then_train() -> None:
+        client = sync_redis.Redis.from_url(redis_url)
+        for _ in range(100):
+            entries = client.xrange(f"catq:{run_name}:prompts")
+            if entries:
+                key = f"catq:{run_name}:result:{decode(entries[0][1][b'message']).prompt_id}"
+                client.hset(key, mapping={"status": '"scored"'})
+                time.sleep(1.0)  # --wait --until trained must not stop at "scored"
+                client.hset(key, mapping={"status": '"trained"', "trained_in_version": "3"})
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=score_then_train)
+    thread.start()
+    code, out, _ = cli(capsys, "submit", "6*7?", "--wait", "--until", "trained", "--timeout", "10",
+                       "--run", run_name, "--redis-url", redis_url)
+    thread.join()
+    result = json.loads(out.strip().split("\n")[1])
+    assert code == 0 and (result["status"], result["trained_in_version"]) == ("trained", 3)
+
+
 def test_submit_wait_times_out_nonzero(capsys, redis_url, run_name):
     code, out, err = cli(capsys, "submit", "q", "--wait", "--timeout", "0.5", "--run", run_name,
                          "--redis-url", redis_url)
     assert code == 1 and "timed out" in err and '"status": "queued"' in out
 
 
-def test_tail_shortens_token_lists_and_survives_garbage():
+def test_tail_summarises_token_lists_and_survives_garbage():
     group = RolloutGroup(prompt=Prompt("p", "math", [ChatMessage("user", "q")]), prompt_token_ids=list(range(50)),
                          rollouts=[Rollout("t", list(range(1000)), [-0.123456] * 1000, "stop")], policy_version=1)
-    line = json.loads(format_entry("1-0", encode(group)))
-    assert line["type"] == "RolloutGroup" and line["rollouts"][0]["token_ids"].endswith("(1000 items)")
-    assert len(format_entry("1-0", encode(group))) < 2000
-    assert json.loads(format_entry("2-0", b"junk"))["type"] == "<undecodable>"
+    title, rows = entry_block("groups", "1-0", encode(group))
+    assert "RolloutGroup" in title and "prompt p" in title
+    assert ("answer 0", "[1000 tok, stop] t") in rows and sum(len(v) for _, v in rows) < 500
+    line = json.loads(json_line("1-0", encode(group)))
+    assert line["rollouts"][0]["token_ids"] == list(range(1000))
+    assert json.loads(json_line("2-0", b"junk"))["type"] == "<undecodable>"
+    assert entry_block("dead", "2-0", b"junk")[1][0][0] == "error"
 
 
 def test_unknown_stream_and_unreachable_redis(capsys):

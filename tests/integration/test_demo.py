@@ -15,7 +15,7 @@ from tests.helpers.engine_proc import free_port
 
 from .procs import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # training alone may take its 8-minute cap
 
 
 def short_demo_config(tmp_path) -> str:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from catq.config import IngestConfig
 from catq.ingest import make_app
@@ -112,7 +113,9 @@ async def test_auth_off_and_health_and_metrics(bus, client_for):
     assert (await (await client.get("/healthz")).json())["status"] == "ok"
     text = await (await client.get("/metrics")).text()
     run = bus.run
-    assert f'catq_stream_length{{run="{run}",stream="prompts"}} 1' in text
-    assert f'catq_group_pending{{run="{run}",stream="prompts",group="rollout"}} 1' in text
-    assert f'catq_dead_letters{{run="{run}"}} 0' in text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("catq_stream_length", (("run", run), ("stream", "prompts")))] == 1
+    assert samples[("catq_group_pending", (("group", "rollout"), ("run", run), ("stream", "prompts")))] == 1
+    assert samples[("catq_dead_letters", (("run", run),))] == 0
     assert "# TYPE catq_stream_length gauge" in text

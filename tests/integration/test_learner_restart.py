@@ -19,7 +19,13 @@ from catq.bus import Bus
 from catq.engines.models import tiny_model_dir
 from catq.learner import checkpoint
 from catq.messages import (
-    ChatMessage, Prompt, ReferencedGroup, Rollout, RolloutGroup, ScoredGroup, WeightsPublished,
+    ChatMessage,
+    Prompt,
+    ReferencedGroup,
+    Rollout,
+    RolloutGroup,
+    ScoredGroup,
+    WeightsPublished,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -17,6 +17,7 @@ from catq.config import BusConfig
 from catq.messages import ChatMessage, DeadLetter, Prompt, decode
 from catq.results import ResultStore
 from catq.runtime import run_worker
+from catq.topology import PROMPTS
 from tests.conftest import make_config
 
 from .procs import free_port, start_bus_worker, stop_process, wait_for
@@ -75,7 +76,7 @@ async def test_poison_and_failing_entries_are_dead_lettered_and_worker_goes_on(b
     letters = await wait_for(lambda: _dead(bus, 2), timeout=15, what="two dead letters")
     by_id = {d.entry_id: d for d in letters}
     assert by_id[ids["poison"]].error == "poison prompt" and by_id[ids["poison"]].attempts == 1
-    assert "not completed after 2 deliveries" in by_id[ids["fail"]].error
+    assert by_id[ids["fail"]].error == "failed 2 times; last: asked to fail"
     late = await bus.publish("prompts", prompt("ok3"))
     await wait_for(lambda: _has_output(bus, late), what="output after the dead letters")
     assert sorted(t for _, t in await echoed(bus)) == ["ok1", "ok2", "ok3"]
@@ -84,8 +85,38 @@ async def test_poison_and_failing_entries_are_dead_lettered_and_worker_goes_on(b
     results = ResultStore(bus, 60)
     poisoned, failed = await results.get("poison"), await results.get("fail")
     assert poisoned["status"] == "dead" and poisoned["error"] == "poison prompt"
-    assert failed["status"] == "dead" and "not completed after 2 deliveries" in failed["error"]
+    assert failed["status"] == "dead" and failed["error"] == "failed 2 times; last: asked to fail"
     assert await results.get("ok1") is None  # only dead letters write results here
+
+
+async def test_a_dependency_down_longer_than_max_attempts_reclaims_costs_nothing(
+        bus, run_name, redis_url, workers, tmp_path):
+    down = tmp_path / "engine-down"
+    down.touch()
+    entry = await bus.publish("prompts", prompt(f"down:{down}"))
+    workers(redis_url, run_name, "--claim-idle-ms", "300", "--max-attempts", "2")
+    await wait_for(lambda: pending_ids(bus), timeout=30, what="the worker to take the entry")
+    await asyncio.sleep(3.0)  # ten claim-idle periods, five times max_attempts
+    assert await bus.redis.xlen(bus.key("dead")) == 0
+    before = await bus.publish("prompts", prompt("ok-while-down"))
+    await asyncio.sleep(1.0)
+    assert not await _has_output(bus, before)  # the worker reads nothing new while it waits
+    down.unlink()
+    await wait_for(lambda: _has_output(bus, before), timeout=15, what="work after the engine is back")
+    await wait_for(lambda: _has_output(bus, entry), timeout=15, what="the waiting entry")
+    assert await bus.redis.xlen(bus.key("dead")) == 0
+    assert await pending_ids(bus) == []
+
+
+async def test_a_hung_handler_is_abandoned_at_its_deadline_and_dead_lettered_at_max_attempts(
+        bus, run_name, redis_url, workers):
+    hung = await bus.publish("prompts", prompt("hang"))
+    proc = workers(redis_url, run_name, "--claim-idle-ms", "300", "--max-attempts", "2", "--deadline", "0.5")
+    (letter,) = await wait_for(lambda: _dead(bus, 1), timeout=15, what="the hung entry dead-lettered")
+    assert letter.entry_id == hung and "ran past the message deadline (0.5 s)" in letter.error
+    ok = await bus.publish("prompts", prompt("ok"))
+    await wait_for(lambda: _has_output(bus, ok), what="the worker still working")
+    assert proc.poll() is None
 
 
 async def _dead(bus: Bus, n: int) -> list[DeadLetter] | None:
@@ -99,7 +130,7 @@ async def _has_output(bus: Bus, entry_id: str) -> bool:
 
 async def test_sigterm_finishes_or_leaves_pending_never_acks_without_output(bus, run_name, redis_url, workers):
     texts = ["sleep:1.0", "sleep:1.0", "sleep:60", "sleep:60"]
-    ids = [await bus.publish("prompts", prompt(t)) for t in texts]
+    ids = [await bus.publish("prompts", prompt(t, f"p{i}")) for i, t in enumerate(texts)]
     proc = workers(redis_url, run_name, "--worker-id", "w", "--concurrency", "4", "--grace", "2.5")
     await wait_for(lambda: _count_is(pending_ids(bus, "w"), 4), what="all four in flight")
     proc.send_signal(signal.SIGTERM)
@@ -180,9 +211,6 @@ async def _all_done(bus: Bus, published: list[str]) -> bool:
 class CountingHandler:
     """In-process handler: records concurrency, logs through structlog, can pause reading."""
 
-    input_stream = "prompts"
-    input_type = Prompt
-
     def __init__(self):
         self.active = self.peak = 0
         self.is_ready = True
@@ -215,7 +243,7 @@ async def test_in_process_worker_bounds_concurrency_pauses_and_tags_log_lines(bu
 
     for i in range(6):
         await bus.publish("prompts", prompt(f"q{i}"))
-    task = asyncio.create_task(run_worker(config, "echo", build, worker_id="inproc", stop=stop))
+    task = asyncio.create_task(run_worker(config, "echo", build, stream=PROMPTS, worker_id="inproc", stop=stop))
     await asyncio.sleep(1.0)
     assert await echoed(bus) == [] and await pending_ids(bus) == []  # not ready: nothing read
     handler.is_ready = True
@@ -229,3 +257,30 @@ async def test_in_process_worker_bounds_concurrency_pauses_and_tags_log_lines(bu
     assert len(handling) == 6
     assert {(line["role"], line["worker"]) for line in handling} == {("echo", "inproc")}
     assert sorted(line["prompt_id"] for line in handling) == [f"q{i}" for i in range(6)]
+
+
+class KeyRefusedHandler:
+    """Every message meets an engine that refuses our key."""
+
+    async def handle(self, message):
+        from catq.engines.client import EngineAuthError
+
+        raise EngineAuthError("http://engine", 401, "Unauthorized")
+
+
+async def test_configuration_error_stops_the_worker_and_dead_letters_nothing(bus, run_name, redis_url):
+    """A wrong or missing engine key is no property of the prompt: the worker stops with the
+    configuration error, the entry stays pending for a worker that has the key."""
+    from catq.config import ConfigError
+
+    config = make_config(run_name, redis_url, worker={"heartbeat_s": 0.2}, bus={"block_ms": 50})
+    await bus.publish("prompts", prompt("q0"))
+
+    async def build(ctx):
+        return KeyRefusedHandler()
+
+    with pytest.raises(ConfigError, match="HTTP 401"):
+        await asyncio.wait_for(run_worker(config, "echo", build, stream=PROMPTS, worker_id="keyless",
+                                          stop=asyncio.Event()), 20)
+    assert len(await pending_ids(bus)) == 1
+    assert await bus.redis.xlen(bus.key("dead")) == 0

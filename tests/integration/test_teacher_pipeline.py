@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from catq.messages import ChatMessage, DeadLetter, Prompt, ReferencedGroup, ScoredGroup, new_prompt_id
+from catq.messages import (
+    ChatMessage,
+    DeadLetter,
+    Prompt,
+    ReferencedGroup,
+    ScoredGroup,
+    new_prompt_id,
+)
 from catq.results import ResultStore
 from tests.helpers.engine_proc import EngineProcess
 from tests.integration.procs import ROOT, stop_process, wait_for

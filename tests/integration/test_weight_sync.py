@@ -1,10 +1,13 @@
 """Weight sync end to end: the learner publishes, the syncer (a real process) updates a real catq
 engine server, /model_info and the following generate report the new version; a
-WeightsPublished pointing outside the weights dir is refused and dead-lettered."""
+WeightsPublished pointing outside the weights dir is refused and dead-lettered, and one whose
+claimed version is not its directory's (a forged "v99" pointing at v1) is refused without
+freezing later genuine versions."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 
 import pytest
@@ -14,7 +17,11 @@ from catq.engines.client import EngineClient
 from catq.engines.models import tiny_model_dir
 from catq.messages import DeadLetter, WeightsPublished, decode
 from tests.helpers.engine_proc import engine_factory  # noqa: F401  (fixture)
-from tests.integration.test_learner_restart import make_scored, start_learner, write_config
+from tests.integration.test_learner_restart import (
+    make_scored,
+    start_learner,
+    write_config,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -93,5 +100,60 @@ async def test_learner_publishes_syncer_updates_engine_and_refuses_outside_paths
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
             assert proc.wait(timeout=60) == 0
+        await client.close()
+        await bus.close()
+
+
+async def wait_dead_letter(bus: Bus, entry_id: str, timeout: float = 30.0) -> DeadLetter:
+    for _ in range(int(timeout * 4)):
+        for _, payload in await bus.tail_raw("dead", 10):
+            letter = decode(payload, expected=DeadLetter)
+            if letter.entry_id == entry_id:
+                return letter
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"entry {entry_id} was never dead-lettered")
+
+
+async def test_a_forged_version_number_is_refused_and_later_versions_still_apply(
+    tmp_path, run_name, redis_url, engine_factory  # noqa: F811
+):
+    """The syncer takes the version from the v<N> directory, not from the message: "v99" with
+    v1's path is refused, the engine stays on v2, and v3 published afterwards is applied."""
+    model = tiny_model_dir(tmp_path)
+    run_dir = tmp_path / "runs" / run_name
+    weights = run_dir / "weights"
+    engine = engine_factory(model=str(model), weights_dir=weights)
+    config = write_config(tmp_path, run_name, redis_url, model,
+                          extra=f'[engines]\npolicy_urls = ["{engine.url}"]')
+    bus = Bus(redis_url, run_name)
+    client = EngineClient(engine.url, timeout_s=30)
+
+    async def publish_version(version: int, claimed: int | None = None, of: int | None = None) -> str:
+        path = weights / f"v{of or version}"
+        if not path.exists():
+            shutil.copytree(model, path)
+        return await bus.publish("weights", WeightsPublished(
+            policy_version=claimed or version, path=str(path.resolve()), step=version))
+
+    syncer = start_learner(config, tmp_path / "syncer.log", role="syncer")
+    try:
+        await publish_version(1)
+        await wait_version(client, "1")
+        await publish_version(2)
+        await wait_version(client, "2")
+
+        forged_id = await publish_version(99, of=1)
+        letter = await wait_dead_letter(bus, forged_id)
+        assert "claims version 99" in letter.error and "holds version 1" in letter.error
+        await asyncio.sleep(1.0)
+        assert await client.weight_version() == "2"  # neither moved back to v1 nor called v99
+
+        await publish_version(3)
+        await wait_version(client, "3")
+        (completion,) = await client.generate([1, 2, 3], max_new_tokens=2, temperature=0.0)
+        assert completion.weight_version == "3"
+    finally:
+        syncer.send_signal(signal.SIGTERM)
+        assert syncer.wait(timeout=60) == 0
         await client.close()
         await bus.close()

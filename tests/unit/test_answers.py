@@ -2,7 +2,12 @@
 
 import pytest
 
-from catq.teacher.answers import answers_equivalent, final_answer, is_text_answer, last_boxed
+from catq.teacher.answers import (
+    answers_equivalent,
+    final_answer,
+    is_text_answer,
+    last_boxed,
+)
 
 EXTRACTION = [
     ("So the result is \\boxed{42}.", "42"),

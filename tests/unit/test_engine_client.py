@@ -19,11 +19,14 @@ ITEM = {"text": "4", "output_ids": [19, 2], "meta_info": {
 
 @pytest.fixture
 async def scripted():
-    """Serve replies from a script: a list of (status, json body), one per request."""
+    """Serve replies from a script: a list of (status, json body), one per request (but
+    /v1/models, which always says the context is 64 tokens)."""
     script: list[tuple[int, object]] = []
     hits: list[str] = []
 
     async def reply(request: web.Request) -> web.Response:
+        if request.path == "/v1/models":  # the client reads the context length once, unscripted
+            return web.json_response({"object": "list", "data": [{"id": "m", "max_model_len": 64}]})
         hits.append(request.path)
         status, body = script.pop(0) if script else (500, {"error": {"message": "script empty"}})
         return web.json_response(body, status=status)

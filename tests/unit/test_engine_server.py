@@ -218,7 +218,9 @@ async def test_info_health_and_control_routes(server):
     models = await get(url, "/v1/models")
     assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
     assert (await get(url, "/get_model_info"))["weight_version"] == "default"
-    assert (await get(url, "/get_weight_version")) == {"weight_version": "default"}
+    assert (await get(url, "/server_info"))["weight_version"] == "default"
+    async with aiohttp.ClientSession() as http, http.get(url + "/get_weight_version") as resp:
+        assert resp.status == 404  # not an SGLang route
     for path in ("/pause_generation", "/continue_generation"):
         status, reply = await post(url, path, {})
         assert status == 200 and reply["status"] == "ok"

@@ -7,12 +7,29 @@ import pytest
 
 from catq.config import load_config
 from catq.engines.client import Completion
-from catq.evaluation.command import differences, evaluate_versions, parse_estimators, version_result
+from catq.evaluation.command import (
+    differences,
+    evaluate_versions,
+    parse_estimators,
+    version_result,
+)
 from catq.evaluation.datasets import EvalProblem
 from catq.evaluation.records import scaling_sizes, summarize
 from catq.evaluation.report import render
-from catq.evaluation.runner import EvalError, EvalModels, PolicyVersion, evaluate_version, resolve_versions
-from catq.evaluation.stats import bootstrap_mean, mean_interval, paired_difference, pass_at_k, wilson
+from catq.evaluation.runner import (
+    EvalError,
+    EvalModels,
+    PolicyVersion,
+    evaluate_version,
+    resolve_versions,
+)
+from catq.evaluation.stats import (
+    bootstrap_mean,
+    mean_interval,
+    paired_difference,
+    pass_at_k,
+    wilson,
+)
 from catq.messages import ChatMessage
 
 # -- interval math -------------------------------------------------------------------------------

@@ -7,8 +7,17 @@ from importlib import resources
 import pytest
 
 from catq.evaluation import datasets
-from catq.evaluation.datasets import (BUNDLED, KINDS, SUFFIX, WORD_TEMPLATES, DatasetError, bundled_names,
-                                      generate, load_problems, split)
+from catq.evaluation.datasets import (
+    BUNDLED,
+    KINDS,
+    SUFFIX,
+    WORD_TEMPLATES,
+    DatasetError,
+    bundled_names,
+    generate,
+    load_problems,
+    split,
+)
 from catq.messages import ChatMessage
 
 ARITHMETIC = re.compile(r"What is (\d+) ([+*]) (\d+)\? " + re.escape(SUFFIX))

@@ -8,7 +8,12 @@ import torch
 from catq.learner import grpo
 from catq.learner.grpo import LossConfig, StepConfig, TrainSample
 from catq.messages import (
-    Prompt, ChatMessage, ReferencedGroup, Rollout, RolloutGroup, ScoredGroup,
+    ChatMessage,
+    Prompt,
+    ReferencedGroup,
+    Rollout,
+    RolloutGroup,
+    ScoredGroup,
 )
 
 VOCAB = 64
@@ -70,6 +75,41 @@ def test_steps_raise_positive_and_lower_negative_responses():
             assert a > b, (i, b, a)
         else:
             assert a < b, (i, b, a)
+
+
+def test_a_step_asked_to_stop_between_micro_batches_leaves_the_weights_unchanged():
+    model = tiny_model()
+    g = scored_group(model, [1, 2], [[3, 4], [5, 6, 7], [8], [9, 10]], [1.0, 0.0, 0.5, 0.2])
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = grpo.make_optimizer(model, lr=1e-2)
+    asked = []
+    stop_after_first = lambda: asked.append(1) or len(asked) > 1  # noqa: E731
+    with pytest.raises(grpo.StepCancelled):
+        grpo.train_step(model, opt, grpo.prepare_batch([g]), StepConfig(micro_batch_rollouts=2),
+                        should_stop=stop_after_first)
+    assert len(asked) == 2  # checked before each micro-batch; stopped before the second
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("poison", ["logprob", "reward"])
+def test_a_step_with_a_nan_loss_is_refused_and_leaves_weights_and_optimizer_unchanged(poison):
+    model = tiny_model()
+    opt = grpo.make_optimizer(model, lr=1e-2)
+    good = scored_group(model, [1, 2], [[3, 4], [5, 6, 7]], [1.0, 0.0])
+    grpo.train_step(model, opt, grpo.prepare_batch([good]), StepConfig())  # moments to protect
+    bad = scored_group(model, [1, 2], [[8, 9], [10]], [1.0, 0.0])
+    if poison == "logprob":
+        bad.group.rollouts[0].logprobs[1] = float("nan")
+    else:
+        bad.rewards[1] = float("nan")  # NaN advantages
+    before = [p.detach().clone() for p in model.parameters()]
+    moments = [s["exp_avg"].clone() for s in opt.state.values()]
+    with pytest.raises(grpo.NonFiniteStep, match="non-finite loss"):
+        grpo.train_step(model, opt, grpo.prepare_batch([good, bad]), StepConfig())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(moments, opt.state.values()))
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_micro_batching_accumulates_the_full_batch_gradient():

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import random
+from pathlib import Path
 
+import pytest
 import torch
+from structlog.testing import capture_logs
 
 from catq.learner import checkpoint, grpo, publish
 from tests.unit.test_grpo import scored_group, tiny_model
@@ -75,3 +79,53 @@ def test_is_inside_weights_dir(tmp_path):
     assert not publish.is_inside("/etc", weights)
     (weights / "link").symlink_to(tmp_path)
     assert not publish.is_inside(weights / "link" / "x", weights)
+
+
+def test_published_files_and_directories_are_fsynced_before_they_appear(tmp_path, monkeypatch):
+    synced, real_fsync, real_replace = [], os.fsync, os.replace
+    weights = tmp_path / "weights"
+
+    def fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        if Path(dst).parent == weights:  # the rename that makes a version visible
+            inside = {p.relative_to(src) for p in Path(src).rglob("*")}
+            assert inside and inside <= {p.relative_to(src) for p in synced if p.is_relative_to(src)}
+            assert Path(src) in synced
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = publish.write_weights(tiny_model(), None, weights, 1)
+    assert synced[-1] == weights and (path / "config.json").exists()
+
+
+def test_resume_falls_back_to_the_previous_checkpoint_when_the_newest_is_truncated(tmp_path):
+    model = tiny_model()
+    opt = grpo.make_optimizer(model, lr=1e-2)
+    checkpoint.save_checkpoint(tmp_path, model, opt, checkpoint.TrainingState(step=1, trained_ids=["1-0"]))
+    saved = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    newest = checkpoint.save_checkpoint(tmp_path, model, opt, checkpoint.TrainingState(step=2))
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a partial write
+
+    restored = tiny_model(seed=9)
+    with capture_logs() as logs:
+        state = checkpoint.load_latest(tmp_path, restored, grpo.make_optimizer(restored, lr=1e-2))
+    assert state.step == 1 and state.trained_ids == ["1-0"]
+    assert all(torch.equal(a, b) for a, b in zip(saved, restored.parameters()))
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert len(warnings) == 1 and warnings[0]["checkpoint"] == str(newest)
+
+
+def test_resume_refuses_to_start_over_when_no_checkpoint_is_readable(tmp_path):
+    model = tiny_model()
+    opt = grpo.make_optimizer(model, lr=1e-2)
+    path = checkpoint.save_checkpoint(tmp_path, model, opt, checkpoint.TrainingState(step=1))
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError, match="step-00000001.pt"):
+        checkpoint.load_latest(tmp_path, model, opt)

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import structlog
 
 from catq.config import load_config
-from catq.engines.client import EngineError
-from catq.learner.syncer import Syncer, parse_version
+from catq.engines.client import EngineError, parse_version
+from catq.learner.syncer import Syncer
 from catq.messages import DeadLetter, WeightsPublished
 
 
@@ -112,3 +112,58 @@ async def test_transport_errors_are_retried(tmp_path):
     engine.update_weights_from_disk = real
     await syncer.sync_all()
     assert engine.version == "1"
+
+
+async def test_a_forged_version_number_neither_loads_nor_freezes_later_versions(tmp_path):
+    """A message claiming v99 with the path of v1 is refused (the directory says 1); v2 and v3
+    published afterwards still reach the engine."""
+    engine = FakeEngine()
+    syncer = make(tmp_path, engine)
+    v1_path = published(tmp_path, 1, 1)[1].path
+    syncer.bus.entries = [published(tmp_path, 1, 1),
+                          ("2-0", WeightsPublished(policy_version=99, path=v1_path, step=99)),
+                          published(tmp_path, 2, 3)]
+    await syncer.poll(block_ms=1)
+    await syncer.sync_all()
+    assert engine.version == "2" and syncer.target.version == 2
+    (stream, letter), = syncer.bus.published
+    assert letter.entry_id == "2-0" and "claims version 99" in letter.error
+    syncer.bus.entries.append(published(tmp_path, 3, 4))
+    await syncer.poll(block_ms=1)
+    await syncer.sync_all()
+    assert [v for _, v in engine.updates] == ["2", "3"]
+
+
+async def test_only_version_directories_of_the_weights_dir_are_loaded(tmp_path):
+    engine = FakeEngine()
+    syncer = make(tmp_path, engine)
+    inner = tmp_path / "weights" / "v1" / "v7"
+    inner.mkdir(parents=True)
+    odd = tmp_path / "weights" / "latest"
+    odd.mkdir()
+    syncer.bus.entries = [("1-0", WeightsPublished(policy_version=7, path=str(inner), step=7)),
+                          ("2-0", WeightsPublished(policy_version=8, path=str(odd), step=8))]
+    await syncer.poll(block_ms=1)
+    await syncer.sync_all()
+    assert syncer.target is None and engine.updates == []
+    assert all("no v<N> version directory" in letter.error for _, letter in syncer.bus.published)
+
+
+async def test_a_symlinked_version_dir_counts_as_the_version_it_points_at(tmp_path):
+    engine = FakeEngine()
+    syncer = make(tmp_path, engine)
+    _, v2 = published(tmp_path, 2, 1)
+    (tmp_path / "weights" / "v9").symlink_to(v2.path)
+    syncer.bus.entries = [("1-0", v2),
+                          ("2-0", WeightsPublished(policy_version=9, path=str(tmp_path / "weights" / "v9"), step=9))]
+    await syncer.poll(block_ms=1)
+    assert syncer.target.version == 2 and len(syncer.bus.published) == 1
+
+
+async def test_an_engine_ahead_of_the_target_is_never_moved_back(tmp_path):
+    engine = FakeEngine(version="5")
+    syncer = make(tmp_path, engine)
+    syncer.bus.entries = [published(tmp_path, 3, 1)]
+    await syncer.start()
+    await syncer.sync_all()
+    assert engine.updates == [] and engine.version == "5"

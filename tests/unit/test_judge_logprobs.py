@@ -53,6 +53,8 @@ async def scripted():
     requests: list[dict] = []
 
     async def reply(request: web.Request) -> web.Response:
+        if request.path == "/v1/models":  # the client reads the context length once, unscripted
+            return web.json_response({"object": "list", "data": [{"id": "m", "max_model_len": 2048}]})
         requests.append(await request.json())
         status, body = replies.pop(0)
         return web.json_response(body, status=status)

@@ -6,7 +6,12 @@ import pytest
 
 from catq.config import JudgeConfig
 from catq.messages import ChatMessage, Prompt, ReferencedGroup, Rollout, RolloutGroup
-from catq.teacher.judging import apply_length_penalty, parse_yes_no, score_group, score_math
+from catq.teacher.judging import (
+    apply_length_penalty,
+    parse_yes_no,
+    score_group,
+    score_math,
+)
 
 
 def rollouts(texts, tokens=3):

@@ -9,6 +9,8 @@ from catq.messages import (
     SCHEMA_VERSION,
     ChatMessage,
     DeadLetter,
+    Float32s,
+    Int32s,
     MessageDecodeError,
     Prompt,
     ReferencedGroup,
@@ -107,8 +109,27 @@ def test_garbage_raises(data):
 
 def test_wrong_element_type_in_token_list_raises():
     raw = msgpack.unpackb(encode(sample_group()))
-    raw["body"]["rollouts"][0]["token_ids"][1] = "two"
+    raw["body"]["rollouts"][0]["token_ids"] = [1, "two"]  # a plain list (older producer), bad
     with pytest.raises(MessageDecodeError, match="token_ids"):
+        decode(msgpack.packb(raw))
+
+
+def test_token_ids_and_logprobs_travel_packed_and_come_back_equal():
+    group = sample_group()
+    raw = msgpack.unpackb(encode(group))
+    packed = raw["body"]["rollouts"][0]["token_ids"]
+    assert isinstance(packed, msgpack.ExtType) and len(packed.data) == 4 * len(group.rollouts[0].token_ids)
+    back = decode(encode(group))
+    assert back == group and back.rollouts[0].token_ids == list(group.rollouts[0].token_ids)
+    assert isinstance(back.rollouts[0].token_ids, Int32s) and isinstance(back.rollouts[0].logprobs, Float32s)
+
+
+def test_a_plain_list_from_an_older_producer_is_accepted_and_a_malformed_pack_is_not():
+    raw = msgpack.unpackb(encode(sample_group()))
+    raw["body"]["prompt_token_ids"] = [1, 2, 3]
+    assert decode(msgpack.packb(raw)).prompt_token_ids == [1, 2, 3]
+    raw["body"]["prompt_token_ids"] = msgpack.ExtType(1, b"\x01\x02\x03")  # not a whole int32
+    with pytest.raises(MessageDecodeError, match="malformed packed array"):
         decode(msgpack.packb(raw))
 
 

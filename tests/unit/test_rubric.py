@@ -4,7 +4,12 @@ import time
 
 import pytest
 
-from catq.teacher.rubric import MAX_CRITERIA, RubricParseError, parse_rubric, render_rubric
+from catq.teacher.rubric import (
+    MAX_CRITERIA,
+    RubricParseError,
+    parse_rubric,
+    render_rubric,
+)
 
 CRITERIA = [f"The response mentions point {i}." for i in range(1, 6)]
 

@@ -8,8 +8,19 @@ from catq.runtime import DeadLetterError
 from catq.teacher.anchor import AnchorHandler
 from catq.teacher.prompts import RUBRIC_PREFIX
 from catq.teacher.rollout import RolloutHandler
-from catq.teacher.rubric import RubricParseError, draft_rubric, merge_drafts, normalise_criterion
-from tests.unit.test_teacher_roles import FakeChat, FakeEngine, FakeTokenizer, make_ctx, prompt
+from catq.teacher.rubric import (
+    RubricParseError,
+    draft_rubric,
+    merge_drafts,
+    normalise_criterion,
+)
+from tests.unit.test_teacher_roles import (
+    FakeChat,
+    FakeEngine,
+    FakeTokenizer,
+    make_ctx,
+    prompt,
+)
 
 
 def xml(*criteria):

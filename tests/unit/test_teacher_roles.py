@@ -6,11 +6,12 @@ import pytest
 import structlog
 
 from catq.config import load_config
+from catq.engines.client import parse_version
 from catq.messages import ChatMessage, Prompt, RolloutGroup
 from catq.runtime import DeadLetterError, WorkerContext
 from catq.teacher.anchor import AnchorHandler
 from catq.teacher.judge import JudgeHandler
-from catq.teacher.rollout import BackpressureState, RolloutHandler, parse_version
+from catq.teacher.rollout import BackpressureState, RolloutHandler
 
 RUBRIC = "<rubric>" + "".join(f"<criterion>c{i}</criterion>" for i in range(5)) + "</rubric>"
 
@@ -247,3 +248,35 @@ async def test_openai_judge_endpoint(monkeypatch):
     with pytest.raises(ValueError):
         await chat([{"role": "user", "content": "?"}], prefix="x")
     await chat.close()
+
+
+async def test_rollout_samples_a_group_again_when_the_engine_aborted_some_rollouts(monkeypatch):
+    import catq.teacher.rollout as rollout
+
+    monkeypatch.setattr(rollout, "ABORT_RETRY_WAIT_S", 0.0)
+
+    class AbortingOnce(FakeEngine):
+        async def generate(self, ids, **kwargs):
+            group = await super().generate(ids, **kwargs)
+            if len(self.calls) == 1:  # a weight update aborted the first try mid-way
+                group[1].finish_reason = "abort"
+            return group
+
+    engine = AbortingOnce(["\\boxed{4}"] * 8)
+    group = await RolloutHandler(make_ctx(), [engine], FakeTokenizer()).roll_out(prompt())
+    assert len(engine.calls) == 2 and all(r.finish_reason == "stop" for r in group.rollouts)
+
+    class AlwaysAborting(FakeEngine):
+        async def generate(self, ids, **kwargs):
+            group = await super().generate(ids, **kwargs)
+            group[0].finish_reason = "abort"
+            return group
+
+    with pytest.raises(rollout.AbortedGroupError):  # left pending for a later retry, never trained
+        await RolloutHandler(make_ctx(), [AlwaysAborting(["x"] * 8)], FakeTokenizer()).roll_out(prompt())
+
+
+def test_backpressure_says_which_downstream_role_it_waits_for():
+    state = BackpressureState(10, 0, 0, {"anchor": 7, "judge": 0, "learner": 3})
+    assert state.reason(max_staleness=4, groups_per_version=2).endswith("waiting for anchor 7, learner 3")
+    assert "waiting for the syncer" in BackpressureState(0, 5, 0).reason(max_staleness=4, groups_per_version=2)

@@ -1,0 +1,29 @@
+"""[resources]: `catq up` shares the cores out so engines and the learner do not oversubscribe."""
+
+from catq.config import EngineSpec, load_config
+from catq.launcher import thread_env, thread_plan
+
+
+def config_with(engines: int, **resources):
+    config = load_config(None)
+    config.engines.launch = [EngineSpec(name=f"e{i}", port=30000 + i) for i in range(engines)]
+    config.resources = config.resources.model_copy(update=resources)
+    return config
+
+
+def test_learner_gets_half_the_cores_and_the_engines_share_the_rest():
+    plan = thread_plan(config_with(2), cores=16)
+    assert (plan.learner, plan.engine, plan.role) == (8, 4, 1)
+    assert plan.for_role("learner") == 8 and plan.for_role("judge") == 1
+
+
+def test_every_process_gets_at_least_one_thread_on_a_small_machine():
+    plan = thread_plan(config_with(2), cores=2)
+    assert (plan.learner, plan.engine) == (1, 1)
+
+
+def test_explicit_settings_win_and_external_engines_take_no_share():
+    config = config_with(1, cores=8, learner_threads=2)
+    config.engines.launch.append(EngineSpec(name="far", port=31000, kind="external"))
+    assert thread_plan(config, cores=64).engine == 6
+    assert thread_env(3) == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}
