@@ -3,14 +3,20 @@ default model, against a bare forward/backward/AdamW loop on the same batch, in 
 
     python bench/learner.py [--model default] [--groups 2] [--group-size 4] [--prompt-tokens 64]
                             [--completion-tokens 128] [--micro-batch 8] [--rounds 3] [--device auto]
+                            [--anchor-logprobs engine|learner]
 
 The bare loop is the floor for this model on this machine: one forward over prompt + completion,
 a log-softmax gather on the completion tokens, backward, AdamW. The learner step adds what GRPO
-needs on top: the frozen anchor's forward for the KL term (a second forward, no backward), the
-clipped/capped objective, entropy and metrics, grad clipping. It is reported with and without
-the KL term so the anchor's share is visible. Rounds rotate the order and the median of each is
-reported (the machine is shared). Peak memory: max RSS of the process on CPU (it includes both
-models), torch.cuda.max_memory_allocated on CUDA.
+needs on top: the KL term, the clipped/capped objective, entropy and metrics, grad clipping. It
+is reported with and without the KL term so the anchor's share is visible.
+
+``--anchor-logprobs`` says where the KL term's π0 log-probs come from, as
+``learner.anchor_logprobs`` does: "engine" (the default: they arrive with each group from the
+anchor engine, whose prefill is the anchor engine's work, so this process loads only the policy)
+or "learner" (this process holds a frozen anchor and runs its forward on every micro-batch). Run
+both to compare peak memory. Rounds rotate the order and the median of each is reported (the
+machine is shared). Peak memory: max RSS of the process on CPU (every model it loaded),
+torch.cuda.max_memory_allocated on CUDA.
 """
 
 from __future__ import annotations
@@ -37,13 +43,17 @@ from catq.messages import (
 
 
 def make_groups(args, vocab: int) -> list[ScoredGroup]:
+    """Random groups; with ``--anchor-logprobs engine`` each rollout carries π0 log-probs as the
+    anchor engine attaches them (random numbers here: their values do not change the cost)."""
     rng = random.Random(0)
     groups = []
+    engine = args.anchor_logprobs == "engine"
     for g in range(args.groups):
         rollouts = [
             Rollout(text="", token_ids=[rng.randrange(vocab) for _ in range(args.completion_tokens)],
                     logprobs=[-rng.uniform(1, 10) for _ in range(args.completion_tokens)],
-                    finish_reason="length")
+                    finish_reason="length",
+                    anchor_logprobs=[-rng.uniform(1, 10) for _ in range(args.completion_tokens)] if engine else None)
             for _ in range(args.group_size)
         ]
         prompt = Prompt(prompt_id=f"bench{g}", task="math", messages=[ChatMessage("user", "q")])
@@ -90,11 +100,14 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--anchor-logprobs", choices=["engine", "learner"], default="engine")
     args = parser.parse_args()
 
     device = torch.device(resolve_device(args.device))
     policy = load_causal_lm(args.model, device=str(device)).train()
-    anchor = load_causal_lm(args.model, device=str(device)).requires_grad_(False).eval()
+    anchor = None
+    if args.anchor_logprobs == "learner":
+        anchor = load_causal_lm(args.model, device=str(device)).requires_grad_(False).eval()
     optimizer = grpo.make_optimizer(policy, lr=1e-7)
     batch = grpo.prepare_batch(make_groups(args, policy.config.vocab_size))
     tokens = sum(len(s.completion_ids) for s in batch.samples)
@@ -123,6 +136,7 @@ def main() -> None:
             times[name].append(timed(phases[name], device))
 
     print(f"model={args.model} device={device} threads={torch.get_num_threads()} "
+          f"anchor log-probs from the {args.anchor_logprobs} "
           f"batch={len(batch.samples)} rollouts x ({args.prompt_tokens} prompt + "
           f"{args.completion_tokens} completion) tokens, micro-batch {args.micro_batch}, "
           f"rounds={args.rounds} (median)")
@@ -135,7 +149,8 @@ def main() -> None:
         print(f"  peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (cuda max allocated)")
     else:
         rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(f"  peak memory: {rss_gib:.2f} GiB (max RSS, both models)")
+        models = "policy and anchor" if anchor is not None else "policy only"
+        print(f"  peak memory: {rss_gib:.2f} GiB (max RSS, {models})")
 
 
 if __name__ == "__main__":

@@ -265,6 +265,12 @@ class LearnerConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     kl_coef: float = Field(1e-3, ge=0)
     """Coefficient of the KL penalty to the frozen anchor (paper: 1e-3)."""
+    anchor_logprobs: Literal["engine", "learner"] = "engine"
+    """Where the KL term's anchor log-probs come from. "engine": the anchor role asks the anchor
+    engine (which already holds π0) in a prefill-only request and attaches them to the group, so
+    the learner holds only the policy. "learner": the learner loads its own frozen copy of
+    ``model.anchor`` and runs it on every micro-batch (for anchor engines that cannot return
+    input log-probs)."""
     clip_eps: float = Field(0.2, gt=0)
     """PPO clip range for the importance ratio."""
     behaviour_weight_cap: float = Field(2.0, ge=1.0)

@@ -144,10 +144,16 @@ class Rollout:
     token_ids); see catq.engines for which distribution they come from."""
     finish_reason: str
     """"stop", "length" or "abort", as the engine reported it."""
+    anchor_logprobs: Float32s | None = None
+    """Log-prob of each generated token under the frozen anchor π0, for the learner's KL term;
+    the anchor role asks the anchor engine for them (a prefill, no new tokens) when
+    ``learner.anchor_logprobs = "engine"``. None until then, or when the learner computes them."""
 
     def __post_init__(self) -> None:
         self.token_ids = _as(Int32s, self.token_ids)
         self.logprobs = _as(Float32s, self.logprobs)
+        if self.anchor_logprobs is not None:
+            self.anchor_logprobs = _as(Float32s, self.anchor_logprobs)
 
 
 @dataclass

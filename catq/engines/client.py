@@ -272,6 +272,29 @@ class EngineClient(HttpJsonClient):
         ]
         return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
 
+    async def completion_logprobs(self, prompt_ids: list[int], completions: list[list[int]]) -> list[list[float]]:
+        """This engine's log-prob of every token of each completion after ``prompt_ids``: one
+        prefill-only request (SGLang's ``max_new_tokens: 0`` with ``return_logprob`` and
+        ``logprob_start_len`` at the completion, read from ``input_token_logprobs``). How the
+        anchor engine serves π0's log-probs for the learner's KL term."""
+        wanted = [i for i, c in enumerate(completions) if len(c)]
+        values: list[list[float]] = [[] for _ in completions]
+        if not wanted:
+            return values
+        start = len(prompt_ids)
+        payload = {"input_ids": [list(prompt_ids) + list(completions[i]) for i in wanted],
+                   # T=1, no top-p/k: a server that scales or renormalises input log-probs by the
+                   # sampling parameters leaves raw ones alone.
+                   "sampling_params": {"max_new_tokens": 0, "temperature": 1.0, "top_p": 1.0, "top_k": -1},
+                   "return_logprob": True, "logprob_start_len": start}
+        reply = await self.request("POST", "/generate", payload)
+        items = reply if isinstance(reply, list) else [reply]
+        if len(items) != len(wanted):
+            raise EngineError(f"/generate returned {len(items)} items for {len(wanted)} prefills")
+        for i, item in zip(wanted, items, strict=True):
+            values[i] = parse_input_logprobs(item, list(completions[i]))
+        return values
+
     async def update_weights_from_disk(self, model_path: str, weight_version: str | None = None,
                                        abort_all_requests: bool = False) -> dict:
         """Load new weights; the reply {"success", "message", "num_paused_requests"}."""
@@ -362,6 +385,19 @@ def parse_completion(item: dict, return_logprob: bool, *, top_logprobs: bool = F
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise EngineError(f"malformed /generate item ({type(exc).__name__}: {exc}): {str(item)[:300]}") from None
+
+
+def parse_input_logprobs(item: dict, expected_ids: list[int]) -> list[float]:
+    """The log-probs of ``expected_ids`` from a prefill item's ``input_token_logprobs``;
+    EngineError unless the engine scored exactly those tokens, each with a number."""
+    try:
+        entries = item["meta_info"]["input_token_logprobs"]
+        ids = [int(entry[1]) for entry in entries]
+        if ids != expected_ids:
+            raise ValueError(f"scored {len(ids)} tokens, expected the {len(expected_ids)} of the completion")
+        return [float(entry[0]) for entry in entries]
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise EngineError(f"malformed prefill item ({type(exc).__name__}: {exc}): {str(item)[:300]}") from None
 
 
 def _aborted(item: dict, meta: dict, reason: dict) -> Completion:

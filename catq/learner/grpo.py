@@ -65,6 +65,8 @@ class TrainSample:
     behaviour_logprobs: list[float]
     advantage: float
     policy_version: int = 0
+    anchor_logprobs: list[float] | None = None
+    """π0's log-prob of each completion token when the anchor engine supplied them."""
 
 
 @dataclass
@@ -125,12 +127,17 @@ def prepare_group(scored: ScoredGroup, vocab_size: int | None = None) -> Prepare
         if len(rollout.logprobs) != len(rollout.token_ids):
             raise ValueError(f"group {group.prompt.prompt_id}: {len(rollout.logprobs)} behaviour "
                              f"log-probs for {len(rollout.token_ids)} tokens")
+        anchor = rollout.anchor_logprobs
+        if anchor is not None and len(anchor) != len(rollout.token_ids):
+            raise ValueError(f"group {group.prompt.prompt_id}: {len(anchor)} anchor log-probs for "
+                             f"{len(rollout.token_ids)} tokens")
         samples.append(TrainSample(
             prompt_ids=list(group.prompt_token_ids),
             completion_ids=list(rollout.token_ids),
             behaviour_logprobs=list(rollout.logprobs),
             advantage=float(adv),
             policy_version=group.policy_version,
+            anchor_logprobs=None if anchor is None else list(anchor),
         ))
     return PreparedGroup(samples, list(scored.rewards), has_signal=True)
 
@@ -174,6 +181,9 @@ class MicroBatch:
     completion_lens: list[int]
     behaviour_logprobs: torch.Tensor  # (N,) completion tokens of all rows, concatenated
     advantages: torch.Tensor          # (N,) each row's advantage repeated over its tokens
+    anchor_logprobs: torch.Tensor | None = None
+    """(N,) π0's log-probs as the anchor engine gave them, NaN for rows without; None when no
+    row has them."""
 
 
 def collate(samples: list[TrainSample], device: torch.device | str = "cpu", pad_id: int = 0) -> MicroBatch:
@@ -195,7 +205,16 @@ def collate(samples: list[TrainSample], device: torch.device | str = "cpu", pad_
         completion_lens=[len(s.completion_ids) for s in samples],
         behaviour_logprobs=behaviour.to(device),
         advantages=advantages.to(device),
+        anchor_logprobs=_anchor_column(samples, device),
     )
+
+
+def _anchor_column(samples: list[TrainSample], device) -> torch.Tensor | None:
+    if all(s.anchor_logprobs is None for s in samples):
+        return None
+    nan = float("nan")
+    values = [lp for s in samples for lp in (s.anchor_logprobs or [nan] * len(s.completion_ids))]
+    return torch.tensor(values, dtype=torch.float32).to(device)
 
 
 def completion_logits(model, mb: MicroBatch) -> torch.Tensor:
@@ -246,6 +265,8 @@ class LossTerms:
     capped: int
     ratio_sum: float
     tokens: int
+    kl_tokens: int = 0
+    """Tokens with an anchor log-prob, i.e. under the KL term."""
 
 
 def policy_loss(
@@ -256,7 +277,9 @@ def policy_loss(
     anchor_logp: torch.Tensor | None = None,
 ) -> LossTerms:
     """The per-token clipped, capped objective plus the k3 KL to the anchor, summed over tokens.
-    All arguments are flat (N,) tensors over completion tokens; only ``logp`` carries grad."""
+    All arguments are flat (N,) tensors over completion tokens; only ``logp`` carries grad. A
+    NaN in ``anchor_logp`` (a rollout the anchor engine did not score) puts that token outside
+    the KL term: its KL is 0 with no gradient."""
     log_ratio = (logp - behaviour_logp).clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)
     capped_ratio = torch.clamp(ratio, max=cfg.behaviour_weight_cap)
@@ -268,9 +291,13 @@ def policy_loss(
     # [1-ε, 1+ε], or when the cap binds.
     clip_hit = (clipped < unclipped) & ((ratio < 1.0 - cfg.clip_eps) | (ratio > 1.0 + cfg.clip_eps))
     cap_hit = (ratio > cfg.behaviour_weight_cap) & (unclipped <= clipped)
+    kl_tokens = 0
     if anchor_logp is not None and cfg.kl_coef > 0:
+        known = ~torch.isnan(anchor_logp)
+        anchor_logp = torch.where(known, anchor_logp, logp.detach())  # delta 0: k3 and its slope are 0
         delta = (anchor_logp - logp).clamp(-20.0, 20.0)
         kl = torch.exp(delta) - delta - 1.0
+        kl_tokens = int(known.sum().item())
     else:
         kl = torch.zeros_like(logp)
     total = pg + cfg.kl_coef * kl
@@ -282,6 +309,7 @@ def policy_loss(
         capped=int(cap_hit.sum().item()),
         ratio_sum=ratio.detach().sum().item(),
         tokens=int(logp.numel()),
+        kl_tokens=kl_tokens,
     )
 
 
@@ -332,18 +360,18 @@ def train_step(
     samples = batch.samples
     total_tokens = sum(len(s.completion_ids) for s in samples)
     if total_tokens == 0:
-        return {**metrics, "updated": False, "kl": 0.0, "clip_frac": 0.0, "tokens": 0,
+        return {**metrics, "updated": False, "kl": 0.0, "kl_coverage": 0.0, "clip_frac": 0.0, "tokens": 0,
                 "step_time_s": time.perf_counter() - started}
     device = next(policy.parameters()).device
     policy.train()
     optimizer.zero_grad(set_to_none=True)
-    sums = {"pg": 0.0, "kl": 0.0, "clipped": 0, "capped": 0, "ratio": 0.0, "entropy": 0.0}
+    sums = {"pg": 0.0, "kl": 0.0, "clipped": 0, "capped": 0, "ratio": 0.0, "entropy": 0.0, "kl_tokens": 0}
     for start in range(0, len(samples), cfg.micro_batch_rollouts):
         if should_stop is not None and should_stop():
             optimizer.zero_grad(set_to_none=True)
             raise StepCancelled(f"stopped after {start} of {len(samples)} rollouts")
         mb = collate(samples[start : start + cfg.micro_batch_rollouts], device)
-        anchor_logp = None
+        anchor_logp = mb.anchor_logprobs  # from the anchor engine, when it supplied them
         if anchor is not None and cfg.loss.kl_coef > 0:
             with torch.no_grad(), _autocast(device, cfg.autocast_bf16):
                 anchor_logp, _ = token_logprobs(completion_logits(anchor, mb), mb)
@@ -355,7 +383,7 @@ def train_step(
         sums["entropy"] += entropy_sum(logp_all)
         del logits, logp_all
         for key, value in (("pg", terms.pg_sum), ("kl", terms.kl_sum), ("clipped", terms.clipped),
-                           ("capped", terms.capped), ("ratio", terms.ratio_sum)):
+                           ("capped", terms.capped), ("ratio", terms.ratio_sum), ("kl_tokens", terms.kl_tokens)):
             sums[key] += value
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
     _refuse_nonfinite(sums, float(grad_norm), total_tokens, cfg.loss.kl_coef, optimizer)
@@ -369,6 +397,7 @@ def train_step(
         "loss": pg + cfg.loss.kl_coef * kl,
         "pg_loss": pg,
         "kl": kl,
+        "kl_coverage": sums["kl_tokens"] / total_tokens,
         "clip_frac": (sums["clipped"] + sums["capped"]) / total_tokens,
         "cap_frac": sums["capped"] / total_tokens,
         "ratio_mean": sums["ratio"] / total_tokens,

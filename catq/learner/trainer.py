@@ -1,9 +1,11 @@
 """The learner's training state: policy, frozen anchor, optimizer, step and version.
 
 Synchronous and file-bound (no Redis); :mod:`catq.learner.worker` calls it from a thread.
-The policy starts from ``model.policy``, or from the newest checkpoint when there is one. The
-anchor π0 is a second, frozen copy loaded from ``model.anchor`` even when both name the same
-weights: the policy is trained in place, the anchor must never move.
+The policy starts from ``model.policy``, or from the newest checkpoint when there is one. The KL
+term's anchor log-probs normally arrive with each group from the anchor engine
+(``learner.anchor_logprobs = "engine"``); with "learner" the anchor π0 is a second, frozen copy
+loaded here from ``model.anchor`` even when both name the same weights: the policy is trained in
+place, the anchor must never move.
 
 Device: ``learner.device`` ("auto" = CUDA when present). Weights and optimizer state are fp32
 everywhere; on CUDA the forward passes run under bf16 autocast.
@@ -43,7 +45,7 @@ class Trainer:
         policy = load_causal_lm(config.model.policy, device=str(device), cache_dir=cache_dir)
         policy.train()
         anchor = None
-        if cfg.kl_coef > 0:
+        if cfg.kl_coef > 0 and cfg.anchor_logprobs == "learner":
             anchor = load_causal_lm(config.model.anchor, device=str(device), cache_dir=cache_dir)
             anchor.requires_grad_(False).eval()
         optimizer = grpo.make_optimizer(policy, cfg.lr, cfg.weight_decay)

@@ -9,13 +9,19 @@ drafts a rubric from s (catq.teacher.rubric.draft_rubric: several drafts merged 
 ``anchor.rubric_min_criteria``). A short rubric is used and flagged ``rubric_short`` in the
 prompt's result; a group whose drafts give no usable criterion is dead-lettered with the reason.
 ``self_bon`` asks the policy (the first policy engine).
+
+With ``learner.anchor_logprobs = "engine"`` (and a KL term), the anchor engine also scores every
+rollout's tokens under π0 in one prefill-only request, run beside the estimate, and the group
+carries them (``Rollout.anchor_logprobs``) to the learner, which then holds only the policy.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 from catq.bus import Output
 from catq.config import Config, SamplingConfig
-from catq.engines.client import parse_version
+from catq.engines.client import EngineError, parse_version
 from catq.messages import RolloutGroup
 from catq.results import Status
 from catq.runtime import DeadLetterError, WorkerContext, run_worker
@@ -38,8 +44,10 @@ class AnchorHandler:
         config = self.ctx.config.anchor
         prompt = group.prompt
         question = prompt.question if config.include_question else None
-        ref = await estimate_reference(group, config.estimator, anchor=self.anchor, policy=self.policy,
-                                       include_question=config.include_question, options=config)
+        ref, _ = await asyncio.gather(
+            estimate_reference(group, config.estimator, anchor=self.anchor, policy=self.policy,
+                               include_question=config.include_question, options=config),
+            self.attach_anchor_logprobs(group))
         rubric: list[str] = []
         rubric_fields: dict[str, object] = {}
         if prompt.task == "open":
@@ -55,6 +63,29 @@ class AnchorHandler:
             answer_primed=ref.answer_primed, synthesis_answers=ref.synthesis_answers, **rubric_fields,
         )
         return [Output(REFERENCES.name, referenced)]
+
+    @property
+    def wants_anchor_logprobs(self) -> bool:
+        learner = self.ctx.config.learner
+        return learner.kl_coef > 0 and learner.anchor_logprobs == "engine"
+
+    async def attach_anchor_logprobs(self, group: RolloutGroup) -> None:
+        """π0's log-prob of every rollout token, from the anchor engine, onto the rollouts. An
+        engine that refuses the prefill (4xx) leaves them unset: the learner then trains this
+        group without the KL term rather than losing it."""
+        if not self.wants_anchor_logprobs:
+            return
+        try:
+            values = await self.anchor.client.completion_logprobs(
+                group.prompt_token_ids, [r.token_ids for r in group.rollouts])
+        except EngineError as exc:
+            if not exc.refused:
+                raise
+            self.ctx.log.warning("anchor engine refused to score the rollouts; no KL term for this group",
+                                 error=str(exc))
+            return
+        for rollout, logprobs in zip(group.rollouts, values, strict=True):
+            rollout.anchor_logprobs = logprobs
 
     async def open_rubric(self, prompt_id: str, reference: str,
                           question: str | None) -> tuple[list[str], dict[str, object]]:

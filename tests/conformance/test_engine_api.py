@@ -151,6 +151,24 @@ async def test_behaviour_logprobs_agree_with_the_learner(engine, prompt_ids, mod
     assert mean < LOGPROB_AGREEMENT
 
 
+async def test_anchor_logprobs_from_a_prefill_agree_with_the_learner(engine, prompt_ids, model):
+    """The anchor engine's π0 log-probs for the KL term (a prefill with max_new_tokens 0, read
+    from input_token_logprobs) against the learner's own recomputation; an empty completion
+    costs no request and scores nothing."""
+    name, url, _ = engine
+    async with client(url) as c:
+        sampled = await c.generate(prompt_ids, n=3, max_new_tokens=24, temperature=1.0)
+        completions = [s.output_ids for s in sampled] + [[]]
+        scored = await c.completion_logprobs(prompt_ids, completions)
+    assert [len(s) for s in scored] == [len(c) for c in completions]
+    deltas = []
+    for completion, values in zip(completions[:-1], scored[:-1], strict=True):
+        deltas += [abs(a - b) for a, b in zip(values, learner_logprobs(model, prompt_ids, completion), strict=True)]
+    mean = sum(deltas) / len(deltas)
+    print(f"\n[{name}] anchor prefill vs learner log-probs: mean |delta| {mean:.2e} over {len(deltas)} tokens")
+    assert mean < LOGPROB_AGREEMENT
+
+
 # -- refusals, as SGLang refuses ------------------------------------------------------------------
 
 

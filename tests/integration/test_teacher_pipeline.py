@@ -145,6 +145,11 @@ async def test_math_and_open_prompts_are_scored(bus, workers):
         assert len(group.group.rollouts) == G and len(group.rewards) == G
         assert all(0.0 <= r <= 1.0 for r in group.rewards)
         assert all(r.token_ids and len(r.logprobs) == len(r.token_ids) for r in group.group.rollouts)
+        # The anchor engine scored every token under π0 for the learner's KL term; at version 0
+        # the policy is π0, so they are the behaviour log-probs up to numerics.
+        deltas = [abs(a - b) for r in group.group.rollouts
+                  for a, b in zip(r.anchor_logprobs, r.logprobs, strict=True)]
+        assert deltas and sum(deltas) / len(deltas) < 1e-3
         result = await results.get(prompt.prompt_id)
         assert result["status"] == "scored" and result["task"] == prompt.task
         assert result["cat_answer"] == group.referenced.reference and result["estimator"] == "synthesis"

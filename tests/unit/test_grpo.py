@@ -183,3 +183,63 @@ def test_on_policy_ratio_is_one_and_nothing_clipped():
     assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert metrics["clip_frac"] == 0.0
     assert metrics["entropy"] > 0
+
+
+def with_anchor_logprobs(group: ScoredGroup, anchor, rows: list[int]) -> ScoredGroup:
+    """``group`` with π0's log-probs attached to the rollouts at ``rows``, as the anchor engine
+    attaches them (the anchor model's own, computed here in-process)."""
+    samples = [TrainSample(group.group.prompt_token_ids, r.token_ids, r.logprobs, 0.0)
+               for r in group.group.rollouts]
+    for row, lp in enumerate(grpo.sequence_logprobs(anchor, samples)):
+        if row in rows:
+            group.group.rollouts[row].anchor_logprobs = lp.tolist()
+    return group
+
+
+def grads_after_step(policy, group: ScoredGroup, anchor=None) -> tuple[dict, list[torch.Tensor]]:
+    """The step's metrics and the gradients it took (SGD at lr 0 keeps the weights)."""
+    cfg = StepConfig(loss=LossConfig(kl_coef=0.5))
+    grads = []
+
+    class Keep(torch.optim.SGD):
+        def step(self, closure=None):
+            grads.extend(p.grad.detach().clone() for p in policy.parameters())
+
+    opt = Keep(policy.parameters(), lr=0.0)
+    metrics = grpo.train_step(policy, opt, grpo.prepare_batch([group]), cfg, anchor=anchor)
+    return metrics, grads
+
+
+def test_anchor_logprobs_from_the_engine_give_the_step_of_an_anchor_held_by_the_learner():
+    policy, anchor = tiny_model(seed=3), tiny_model(seed=5)
+    g = scored_group(policy, [1, 2, 3], [[4, 5, 6], [7, 8]], [1.0, 0.0])
+    held, held_grads = grads_after_step(policy, g, anchor=anchor)
+    supplied, supplied_grads = grads_after_step(policy, with_anchor_logprobs(g, anchor, rows=[0, 1]))
+    assert held["kl"] > 1e-4 and supplied["kl"] == pytest.approx(held["kl"], rel=1e-4)
+    assert supplied["kl_coverage"] == 1.0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(held_grads, supplied_grads))
+
+
+def test_a_rollout_without_anchor_logprobs_is_outside_the_kl_term():
+    policy, anchor = tiny_model(seed=3), tiny_model(seed=5)
+    g = scored_group(policy, [1, 2, 3], [[4, 5, 6], [7, 8]], [1.0, 0.0])
+    only_first, _ = grads_after_step(policy, with_anchor_logprobs(g, anchor, rows=[0]))
+    assert only_first["kl_coverage"] == pytest.approx(3 / 5) and only_first["kl"] > 0.0
+    # Per token: a NaN anchor log-prob gives KL 0 and the policy-gradient-only slope, no NaN.
+    cfg = LossConfig(kl_coef=0.5)
+    behaviour, adv = torch.tensor([-1.0, -2.0]), torch.tensor([1.0, 1.0])
+    logp = torch.tensor([-1.2, -2.5], requires_grad=True)
+    grpo.policy_loss(logp, behaviour, adv, cfg, torch.tensor([-0.3, float("nan")])).loss_sum.backward()
+    logp_pg = logp.detach().clone().requires_grad_(True)
+    terms = grpo.policy_loss(logp_pg, behaviour, adv, cfg, None)
+    terms.loss_sum.backward()
+    assert logp.grad[1].item() == pytest.approx(logp_pg.grad[1].item())
+    assert logp.grad[0].item() != pytest.approx(logp_pg.grad[0].item())
+
+
+def test_a_group_whose_anchor_logprobs_do_not_match_its_tokens_is_refused_at_intake():
+    policy = tiny_model()
+    g = scored_group(policy, [1, 2], [[3, 4, 5], [6, 7]], [1.0, 0.0])
+    g.group.rollouts[0].anchor_logprobs = [-1.0]
+    with pytest.raises(ValueError, match="1 anchor log-probs for 3 tokens"):
+        grpo.prepare_group(g)

@@ -89,3 +89,14 @@ def test_sglang_cpu_server_command_and_environment():
     assert env["PYTHONPATH"].split(":")[0] == str(STANDIN_DIR)
     gpu = server_env({}, "cuda")
     assert "SGLANG_USE_CPU_ENGINE" not in gpu and "PYTHONPATH" not in gpu
+
+
+def test_a_prefill_item_must_score_exactly_the_completion_tokens():
+    from catq.engines.client import parse_input_logprobs
+
+    item = {"meta_info": {"input_token_logprobs": [[-0.5, 7, None], [-1.5, 8, None]]}}
+    assert parse_input_logprobs(item, [7, 8]) == [-0.5, -1.5]
+    for bad, expected in ((item, [7, 9]), ({"meta_info": {}}, [7]),
+                          ({"meta_info": {"input_token_logprobs": [[None, 7, None]]}}, [7])):
+        with pytest.raises(EngineError, match="malformed prefill item"):
+            parse_input_logprobs(bad, expected)

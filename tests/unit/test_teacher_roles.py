@@ -6,7 +6,7 @@ import pytest
 import structlog
 
 from catq.config import load_config
-from catq.engines.client import parse_version
+from catq.engines.client import EngineError, parse_version
 from catq.messages import ChatMessage, Prompt, RolloutGroup
 from catq.runtime import DeadLetterError, WorkerContext
 from catq.teacher.anchor import AnchorHandler
@@ -58,6 +58,12 @@ class FakeEngine:
 
     async def weight_version(self):
         return self.version
+
+    async def completion_logprobs(self, prompt_ids, completions):
+        self.calls.append(("prefill", list(prompt_ids), [list(c) for c in completions]))
+        if getattr(self, "prefill_error", None):
+            raise self.prefill_error
+        return [[-1.0 - i for i in range(len(c))] for c in completions]
 
     async def close(self):
         pass
@@ -146,6 +152,38 @@ async def test_anchor_math_synthesis():
     fields = ctx.results.fields["p1"]
     assert fields["status"] == "referenced" and fields["cat_answer"] == ref.reference
     assert fields["estimator"] == "synthesis"
+
+
+async def test_anchor_attaches_the_anchor_engines_logprobs_for_the_kl_term():
+    ctx = make_ctx()
+    group = await RolloutHandler(ctx, [FakeEngine(["\\boxed{4}"] * 8)], FakeTokenizer()).roll_out(prompt())
+    anchor = FakeChat(["Unified response: \\boxed{4}"])
+    (out,) = await AnchorHandler(ctx, anchor).handle(group)
+    assert ("prefill", [1, 2, 3], [[7, 8]] * 8) in anchor.client.calls
+    assert all(r.anchor_logprobs == [-1.0, -2.0] for r in out.message.group.rollouts)
+
+
+async def test_no_prefill_without_a_kl_term_or_with_the_anchor_in_the_learner():
+    for learner in ({"kl_coef": 0.0}, {"anchor_logprobs": "learner"}):
+        ctx = make_ctx(learner=learner)
+        group = await RolloutHandler(ctx, [FakeEngine(["\\boxed{4}"] * 8)], FakeTokenizer()).roll_out(prompt())
+        anchor = FakeChat(["Unified response: \\boxed{4}"])
+        (out,) = await AnchorHandler(ctx, anchor).handle(group)
+        assert not [c for c in anchor.client.calls if c[0] == "prefill"]
+        assert all(r.anchor_logprobs is None for r in out.message.group.rollouts)
+
+
+async def test_an_anchor_engine_that_refuses_the_prefill_leaves_the_group_without_kl_not_lost():
+    ctx = make_ctx()
+    group = await RolloutHandler(ctx, [FakeEngine(["\\boxed{4}"] * 8)], FakeTokenizer()).roll_out(prompt())
+    anchor = FakeChat(["Unified response: \\boxed{4}"])
+    anchor.client.prefill_error = EngineError("input_token_logprobs unsupported", 400)
+    (out,) = await AnchorHandler(ctx, anchor).handle(group)
+    assert out.message.reference_answer == "4"
+    assert all(r.anchor_logprobs is None for r in out.message.group.rollouts)
+    anchor.client.prefill_error = EngineError("engine down")  # not a refusal: the runtime retries it
+    with pytest.raises(EngineError):
+        await AnchorHandler(ctx, anchor).handle(group)
 
 
 async def test_anchor_open_rubric_retried_then_dead_lettered():
