@@ -67,7 +67,7 @@ class EngineSpec(Section):
     without a GPU; on "cuda" it runs real SGLang from ``python``."""
     python: str = ""
     """Interpreter for an SGLang engine; "" = the cached CPU environment on "cpu", this
-    interpreter (`pip install 'catq[sglang]'`) on "cuda"."""
+    interpreter (`pip install 'catq[gpu]'`) on "cuda"."""
     policy: bool = False
     """A policy engine: the weight syncer keeps it on the newest published version."""
 

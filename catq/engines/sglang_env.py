@@ -10,7 +10,7 @@ flashinfer, sglang-kernel, cutlass-dsl, tilelang, deep-ep/gemm, flash-attn, torc
 one missing piece, ``sgl_kernel`` (PyPI has only CUDA builds), is catq's pure-torch stand-in in
 ``catq/engines/sglang_cpu``, put first on the server's PYTHONPATH only for ``device = "cpu"``.
 
-On a GPU host install the real thing instead (``pip install 'catq[sglang]'``) and use
+On a GPU host install the real thing instead (``pip install 'catq[gpu]'``) and use
 ``device = "cuda"``: catq then runs ``python -m sglang.launch_server`` from its own interpreter.
 
 The environment is keyed by the SGLang version and the dependency list (a change to either

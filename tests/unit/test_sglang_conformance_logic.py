@@ -100,3 +100,16 @@ def test_a_prefill_item_must_score_exactly_the_completion_tokens():
                           ({"meta_info": {"input_token_logprobs": [[None, 7, None]]}}, [7])):
         with pytest.raises(EngineError, match="malformed prefill item"):
             parse_input_logprobs(bad, expected)
+
+
+def test_the_gpu_extra_pins_the_sglang_release_catq_follows():
+    """The `gpu` extra installs the SGLang whose API catq's client and engine follow field for
+    field (and whose CPU environment the conformance suite runs against)."""
+    import tomllib
+    from pathlib import Path
+
+    from catq.engines.sglang_env import SGLANG_VERSION
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    assert project["optional-dependencies"]["gpu"] == [f"sglang=={SGLANG_VERSION}"]
+    assert not any("sglang" in d for d in project["dependencies"])
