@@ -2,6 +2,7 @@
 
     python bench/engine.py                      # default model, CPU, 8 clients x n=8 x 64 tokens
     python bench/engine.py --device cuda --max-new-tokens 128
+    python bench/engine.py --prefill-only --prefill-tokens 1500   # just the shared-prefill figure
 
 Three figures from one run, same model, prompts and sampling settings (T=0.7, top-p 0.8,
 top-k 20, as the rollout config):
@@ -11,6 +12,12 @@ top-k 20, as the rollout config):
               one after another: what a one-request-at-a-time server would do;
   one-batch   model.generate once over all 64 sequences (left-padded): the in-process ceiling.
 Generated tokens count each sequence up to and including its end-of-sequence token.
+
+A fourth figure, the shared prompt prefill: the engine prefills a prompt once for the n samples
+of a request and forks its KV cache n ways (catq.engines.batching.BatchGenerator.prefill). Timed
+on the generator itself with a long prompt (``--prefill-tokens``, the size of the anchor's
+synthesis prompts), against the same n rows made distinct by their first token, which the
+generator must prefill n times; printed as ``ratio shared/separate prefill`` (prefills per second).
 
 Measured (2026-11-22, 2 shared CPU cores under load from other processes, so noisy;
 `--max-new-tokens 16`): server 22.8 tok/s, in-process sequential 3.6 tok/s, in-process one
@@ -91,6 +98,48 @@ def bench_inprocess(model, tokenizer, prompts: list[list[int]], n: int, max_new_
     return tokens, time.perf_counter() - started
 
 
+def long_prompt(chat: ChatTokenizer, tokens: int) -> list[int]:
+    """A chat prompt of about ``tokens`` tokens: the questions repeated, as an anchor reads G answers."""
+    text = " ".join(QUESTIONS)
+    ids = chat.encode_chat([{"role": "user", "content": text}])
+    while len(ids) < tokens:
+        text += " " + " ".join(QUESTIONS)
+        ids = chat.encode_chat([{"role": "user", "content": text}])
+    return ids[-tokens:]
+
+
+def bench_prefill(model, tokenizer, prompt: list[int], n: int, rounds: int = 3) -> tuple[float, float]:
+    """Median seconds of one prefill of n rows of ``prompt`` (shared: one forward, the cache
+    forked n ways) and of n rows differing only in their first token (n forwards in one batch)."""
+    import statistics
+
+    from catq.engines.batching import BatchGenerator, Sequence
+    from catq.engines.sampling import SamplingParams
+
+    gen = BatchGenerator(model, tokenizer)
+    params = SamplingParams(max_new_tokens=1, **SAMPLING)
+    shared = [Sequence(list(prompt), params) for _ in range(n)]
+    separate = [Sequence([(prompt[0] + i) % gen.vocab_size, *prompt[1:]], params) for i in range(n)]
+    gen.prefill(shared[:1])  # warm-up
+    times: dict[str, list[float]] = {"shared": [], "separate": []}
+    for _ in range(rounds):
+        for name, seqs in (("shared", shared), ("separate", separate)):
+            started = time.perf_counter()
+            gen.prefill(seqs)
+            if gen.device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - started)
+    return statistics.median(times["shared"]), statistics.median(times["separate"])
+
+
+def report_prefill(model, chat: ChatTokenizer, args) -> None:
+    prompt = long_prompt(chat, args.prefill_tokens)
+    shared_s, separate_s = bench_prefill(model, chat.tokenizer, prompt, args.n)
+    print(f"prefill n={args.n} x {len(prompt)}-token prompt: shared {shared_s:6.2f} s, "
+          f"separate {separate_s:6.2f} s (median of 3)")
+    print(f"ratio shared/separate prefill: {separate_s / shared_s:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
@@ -99,9 +148,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--skip-one-batch", action="store_true")
+    parser.add_argument("--prefill-tokens", type=int, default=1500)
+    parser.add_argument("--prefill-only", action="store_true", help="only the shared-prefill figure")
     args = parser.parse_args()
     device = resolve_device(args.device)
     chat = ChatTokenizer(args.model)
+    if args.prefill_only:
+        report_prefill(load_causal_lm(args.model, device=device), chat, args)
+        return
     prompts = [chat.encode_chat([{"role": "user", "content": q}])
                for q in (QUESTIONS * args.clients)[: args.clients]]
     print(f"model={args.model} device={device} clients={args.clients} n={args.n} "
@@ -122,6 +176,7 @@ def main() -> None:
         report("in-process one batch", one_tokens, one_s)
         print(f"ratio server / in-process one batch:  {(server_tokens / server_s) / (one_tokens / one_s):.2f}")
     print(f"ratio server / in-process sequential: {(server_tokens / server_s) / (seq_tokens / seq_s):.2f}")
+    report_prefill(model, chat, args)
 
 
 def report(label: str, tokens: int, seconds: float) -> None:
