@@ -24,6 +24,7 @@ import statistics
 import time
 import uuid
 
+from catq.bus import run_key
 import redis.asyncio as aioredis
 
 from catq.bus import Bus
@@ -85,7 +86,7 @@ async def bus_loop(url: str, messages: list[RolloutGroup]) -> float:
                 done += 1
         return len(messages) / (time.perf_counter() - start)
     finally:
-        keys = [k async for k in bus.redis.scan_iter(match=f"catq:{run}:*", count=1000)]
+        keys = [k async for k in bus.redis.scan_iter(match=run_key(run, "*"), count=1000)]
         for i in range(0, len(keys), 500):
             await bus.redis.delete(*keys[i:i + 500])
         await bus.close()

@@ -3,7 +3,10 @@
 policy version, the learner's lease and fencing token, trained prompt/version pairs). No other
 module calls Redis.
 
-Every key of a run lives under ``catq:<run>:``; a stream ``prompts`` is ``catq:<run>:prompts``.
+Every key of a run lives under ``catq:{<run>}:`` (:func:`run_key`); a stream ``prompts`` is
+``catq:{<run>}:prompts``. The braces are a Redis Cluster hash tag: all of a run's keys hash to one
+slot, so every script, which touches several streams, runs on one node, and runs spread over a
+cluster (``bus.cluster``).
 Each entry has one field ``message`` (msgpack bytes, see catq.messages) and, for outputs, a
 field ``source`` with the id of the input entry that produced it.
 
@@ -321,6 +324,18 @@ class LeaseLost(Exception):
     """This holder's fencing token is no longer current: another holder took the lease."""
 
 
+def run_key(run: str, name: str) -> str:
+    """The Redis key ``name`` of ``run``: ``catq:{<run>}:<name>``, hash-tagged by run (see the
+    module docstring)."""
+    return f"catq:{{{run}}}:{name}"
+
+
+def legacy_run_key(run: str, name: str) -> str:
+    """Where a key lived before keys were hash-tagged (``catq:<run>:<name>``); see
+    :meth:`Bus.migrate_legacy_keys`."""
+    return f"catq:{run}:{name}"
+
+
 class Bus:
     """Streams of one run. Safe to share between the tasks of one event loop."""
 
@@ -341,12 +356,7 @@ class Bus:
         """How long to keep retrying when Redis is unreachable; None = until it is back."""
         self.trim_interval_s = trim_interval_s
         """A stream written by this bus is trimmed at most this often."""
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(
-            redis_url,
-            socket_timeout=SOCKET_TIMEOUT_S,
-            socket_connect_timeout=5,
-            retry=Retry(NoBackoff(), 0),  # retries are ours (retrying), with backoff and a log line
-        )
+        self.redis: aioredis.Redis = _client(redis_url, cluster=self.config.cluster)
         self._complete = self.redis.register_script(_COMPLETE)
         self._publish_once = self.redis.register_script(_PUBLISH_ONCE)
         self._trim = self.redis.register_script(_TRIM)
@@ -365,7 +375,7 @@ class Bus:
         """Called after an entry is dead-lettered (the runtime marks the prompt's result)."""
 
     def key(self, name: str) -> str:
-        return f"catq:{self.run}:{name}"
+        return run_key(self.run, name)
 
     def done_key(self, stream: str, group: str, entry_id: str) -> str:
         return self.key(f"done:{stream}:{group}:{entry_id}")
@@ -916,6 +926,21 @@ class Bus:
         await self.retrying(lambda: self.redis.set(self.key("policy_version"), int(version)),
                             "set policy version")
 
+    # -- key layout migration --
+
+    async def migrate_legacy_keys(self) -> list[str]:
+        """Rename this run's keys from the layout before hash tags (``catq:<run>:…``) to
+        ``catq:{<run>}:…``, streams with their consumer groups and pending entries; a key that
+        already exists under its new name is left where it is. For a single Redis (the old keys
+        of a run sit in many cluster slots), with the run stopped. Returns the renamed names."""
+        prefix = legacy_run_key(self.run, "")
+        renamed = []
+        async for raw in self.redis.scan_iter(match=prefix + "*", count=1000):
+            name = _s(raw)[len(prefix):]
+            if await self.retrying(lambda n=name: self.redis.renamenx(prefix + n, self.key(n)), "migrate key"):
+                renamed.append(name)
+        return sorted(renamed)
+
     # -- learner lease --
     # One holder of a named lease at a time (SET NX PX), and a fencing token (INCR) per
     # acquisition: a holder whose token is no longer the newest may not publish, even if it
@@ -1004,6 +1029,21 @@ class Bus:
 
         found = await self.retrying(read, "read trained")
         return {pair for pair, exists in zip(pairs, found) if exists}
+
+
+def _client(url: str, *, cluster: bool) -> aioredis.Redis:
+    """redis-py's client for ``url``; with ``cluster``, a Redis Cluster client that finds the
+    other nodes from this one (a run's keys share one hash slot, so every call goes to one node)."""
+    options = dict(
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=5,
+        retry=Retry(NoBackoff(), 0),  # retries are ours (retrying), with backoff and a log line
+    )
+    if cluster:
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(url, **options)
+    return aioredis.Redis.from_url(url, **options)
 
 
 async def redis_answers(url: str) -> bool:

@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, help="list: the newest N only")
     p.set_defaults(target="catq.dead:dead_command")
 
+    p = sub.add_parser("migrate-keys", help="move a stopped run's keys from catq:RUN: to catq:{RUN}: "
+                       "(the hash-tagged layout)")
+    _common(p)
+    p.set_defaults(target="catq.ops:migrate_keys_command")
+
     p = sub.add_parser("health", help="exit 0 if a live ROLE worker has a fresh heartbeat, else 1")
     _common(p)
     p.add_argument("role")

@@ -134,6 +134,10 @@ class BusConfig(Section):
     """Trim target per stream; entries some group has not acknowledged are never trimmed."""
     result_ttl_s: int = Field(7 * 24 * 3600, ge=1)
     """How long per-prompt results stay readable."""
+    cluster: bool = False
+    """``redis_url`` names one node of a Redis Cluster: the Bus uses a cluster client. Every key
+    of a run carries the run as its hash tag (``catq:{<run>}:…``), so a run lives on one node
+    and runs spread over the cluster."""
 
 
 class WorkerConfig(Section):
@@ -376,7 +380,8 @@ class MetricsConfig(Section):
 
 class Config(Section):
     run: str = "default"
-    """Run name; every Redis key of the run lives under catq:<run>:."""
+    """Run name; every Redis key of the run lives under catq:{<run>}: (so no braces, colons,
+    glob characters or spaces: the name is a Redis Cluster hash tag and a SCAN pattern)."""
     redis_url: str = "redis://127.0.0.1:6379"
     """A password goes in the URL (``redis://:PASSWORD@host:port``); catq never prints it. `catq
     up` starting its own Redis adds the run dir's password (catq/launcher.py)."""
@@ -398,8 +403,8 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_run_name(self) -> Config:
-        if not self.run or any(c in self.run for c in ": \t\n*?[]"):
-            raise ValueError(f"run name {self.run!r} must be non-empty without ':', spaces or globs")
+        if not self.run or any(c in self.run for c in ": \t\n*?[]{}\\"):
+            raise ValueError(f"run name {self.run!r} must be non-empty without ':', braces, spaces or globs")
         return self
 
     @property

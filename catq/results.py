@@ -1,6 +1,6 @@
 """Per-prompt results: what clients read back (``GET /v1/prompts/{id}``, ``catq submit --wait``).
 
-One Redis hash per prompt, ``catq:<run>:result:<prompt_id>``, each field JSON-encoded, merged
+One Redis hash per prompt, ``catq:{<run>}:result:<prompt_id>``, each field JSON-encoded, merged
 field by field as the prompt moves through the stages (its :class:`Status`), with a TTL
 refreshed on every write.
 """

@@ -37,7 +37,7 @@ in the role's Prometheus metrics (:mod:`catq.metrics`, served on ``/metrics`` wh
 gives the role a port) and in Redis for ``catq top``.
 
 While a message is in flight the runtime keeps its entry alive (so slow work is not reclaimed
-from a live worker) and a heartbeat key ``catq:<run>:heartbeat:<role>:<worker_id>`` with a
+from a live worker) and a heartbeat key ``catq:{<run>}:heartbeat:<role>:<worker_id>`` with a
 3-interval expiry says the worker lives (``catq health ROLE``; `catq up` waits for it).
 """
 

@@ -13,7 +13,7 @@ import uuid
 import pytest
 import redis
 
-from catq.bus import Bus
+from catq.bus import Bus, run_key
 from catq.config import BusConfig, Config, load_config
 
 DEFAULT_TEST_REDIS = "redis://127.0.0.1:6379"
@@ -35,7 +35,7 @@ def redis_url() -> str:
 def delete_run_keys(url: str, run: str) -> None:
     client = redis.Redis.from_url(url)
     try:
-        keys = list(client.scan_iter(match=f"catq:{run}:*", count=1000))
+        keys = list(client.scan_iter(match=run_key(run, "*"), count=1000))
         for i in range(0, len(keys), 500):
             client.delete(*keys[i:i + 500])
     finally:
@@ -44,7 +44,7 @@ def delete_run_keys(url: str, run: str) -> None:
 
 @pytest.fixture
 def run_name(redis_url: str):
-    """A fresh run namespace (catq:<run>:*) for this test, removed afterwards."""
+    """A fresh run namespace (catq:{<run>}:*) for this test, removed afterwards."""
     run = f"test-{uuid.uuid4().hex[:12]}"
     yield run
     delete_run_keys(redis_url, run)

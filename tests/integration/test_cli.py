@@ -11,6 +11,7 @@ import time
 import urllib.request
 
 import pytest
+from catq.bus import run_key
 import redis as sync_redis
 
 from catq.cli import main
@@ -29,7 +30,7 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 def prompts_in(redis_url: str, run: str) -> list[Prompt]:
     client = sync_redis.Redis.from_url(redis_url)
-    return [decode(f[b"message"]) for _, f in client.xrange(f"catq:{run}:prompts")]
+    return [decode(f[b"message"]) for _, f in client.xrange(run_key(run, "prompts"))]
 
 
 def test_submit_tail_status(capsys, redis_url, run_name):
@@ -69,10 +70,10 @@ def test_submit_wait_prints_scored_result(capsys, redis_url, run_name):
     def score_soon() -> None:
         client = sync_redis.Redis.from_url(redis_url)
         for _ in range(100):
-            entries = client.xrange(f"catq:{run_name}:prompts")
+            entries = client.xrange(run_key(run_name, "prompts"))
             if entries:
                 pid = decode(entries[0][1][b"message"]).prompt_id
-                client.hset(f"catq:{run_name}:result:{pid}", mapping={"status": '"scored"', "cat_answer": '"42"'})
+                client.hset(run_key(run_name, f"result:{pid}"), mapping={"status": '"scored"', "cat_answer": '"42"'})
                 return
             time.sleep(0.05)
 
@@ -90,9 +91,9 @@ def test_submit_wait_until_trained_waits_past_scored_for_the_learner(capsys, red
     def score_then_train() -> None:
         client = sync_redis.Redis.from_url(redis_url)
         for _ in range(100):
-            entries = client.xrange(f"catq:{run_name}:prompts")
+            entries = client.xrange(run_key(run_name, "prompts"))
             if entries:
-                key = f"catq:{run_name}:result:{decode(entries[0][1][b'message']).prompt_id}"
+                key = run_key(run_name, f"result:{decode(entries[0][1][b'message']).prompt_id}")
                 client.hset(key, mapping={"status": '"scored"'})
                 time.sleep(1.0)  # --wait --until trained must not stop at "scored"
                 client.hset(key, mapping={"status": '"trained"', "trained_in_version": "3"})

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from catq.bus import run_key
 import redis
 
 from tests.helpers.engine_proc import EngineProcess
@@ -43,17 +44,17 @@ def test_rollout_without_the_engine_key_exits_2_and_leaves_prompts_alone(tmp_pat
         client = redis.Redis.from_url(redis_url)
         assert run.returncode == 2, run.stderr[-2000:]
         assert "HTTP 401" in run.stderr and "api_key_env" in run.stderr
-        assert client.xlen(f"catq:{run_name}:dead") == 0
-        assert client.xlen(f"catq:{run_name}:groups") == 0
+        assert client.xlen(run_key(run_name, "dead")) == 0
+        assert client.xlen(run_key(run_name, "groups")) == 0
         keyed = subprocess.Popen([sys.executable, "-m", "catq", "worker", "rollout", "--config", str(config)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  env={**env, "TEST_POLICY_KEY": KEY})
         try:
             deadline = time.monotonic() + 240
-            while client.xlen(f"catq:{run_name}:groups") == 0 and time.monotonic() < deadline:
+            while client.xlen(run_key(run_name, "groups")) == 0 and time.monotonic() < deadline:
                 assert keyed.poll() is None, "the rollout worker with the key exited"
                 time.sleep(0.5)
         finally:
             stop_process(keyed)
-    assert client.xlen(f"catq:{run_name}:groups") == 1
-    assert client.xlen(f"catq:{run_name}:dead") == 0
+    assert client.xlen(run_key(run_name, "groups")) == 1
+    assert client.xlen(run_key(run_name, "dead")) == 0

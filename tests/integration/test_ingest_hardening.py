@@ -12,6 +12,7 @@ import time
 from urllib.parse import urlparse
 
 import pytest
+from catq.bus import run_key
 import redis as sync_redis
 from aiohttp.test_utils import TestClient, TestServer
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -288,7 +289,7 @@ def test_catq_submit_of_a_file_with_prompt_ids_twice_adds_them_once(capsys, redi
     out, err = capsys.readouterr()
     assert out.split() == ["a-1", "b-1", "a-1", "b-1"]
     assert "a-1 was already submitted (status queued)" in err
-    assert sync_redis.Redis.from_url(redis_url).xlen(f"catq:{run_name}:prompts") == 2
+    assert sync_redis.Redis.from_url(redis_url).xlen(run_key(run_name, "prompts")) == 2
 
 
 # -- 5. no open door ------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from catq.bus import run_key
 import redis
 
 from tests.helpers.engine_proc import free_port
@@ -126,7 +127,7 @@ def test_up_starts_its_own_redis_with_the_run_dirs_password_and_keeps_secrets_fr
             redis.Redis(port=port).ping()
         authed = redis.Redis(port=port, password=password)
         assert authed.ping()
-        authed.set(f"catq:{run_name}:marker", "1")
+        authed.set(run_key(run_name, "marker"), "1")
         children = child_pids(proc.pid)
         ingest = next(pid for pid, cmd in children.items() if "worker ingest" in cmd)
         redis_pid = next(pid for pid, cmd in children.items() if "redis-server" in cmd)
@@ -143,7 +144,7 @@ def test_up_starts_its_own_redis_with_the_run_dirs_password_and_keeps_secrets_fr
     try:
         wait_for(lambda: log.read_text().count("is up") == 2, 120, "the stack to be up again", proc)
         assert password_file.read_text().strip() == password
-        assert redis.Redis(port=port, password=password).get(f"catq:{run_name}:marker") == b"1"
+        assert redis.Redis(port=port, password=password).get(run_key(run_name, "marker")) == b"1"
     finally:
         stop_up(proc)
     assert password not in log.read_text()

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from catq.bus import run_key
 import redis
 
 from catq.messages import ChatMessage, Prompt, Rollout, RolloutGroup, encode
@@ -90,7 +91,7 @@ def test_a_starved_stage_is_named_when_its_role_is_down(tmp_path, redis_url, run
         client = redis.Redis.from_url(redis_url)
         for i in range(3):  # groups waiting for an anchor that is not running
             group = RolloutGroup(Prompt(f"p{i}", "math", [ChatMessage("user", "q")]), [1], [Rollout("2", [3], [-0.1], "stop")], 0)
-            client.xadd(f"catq:{run_name}:groups", {"message": encode(group)})
+            client.xadd(run_key(run_name, "groups"), {"message": encode(group)})
         wait_for(lambda: "stalled: groups: 3 waiting, no live anchor" in log.read_text(), 30, "a stall line", proc)
         status = catq("status", config=config)
         assert "STARVED groups: 3 waiting, no live anchor" in status.stdout

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from catq.bus import run_key
 import redis
 
 from catq.bus import Bus
@@ -36,7 +37,7 @@ PROMPTS = ["What is 2 + 3?", "What is 4 * 2?", "What is 6 + 1?", "What is 3 * 3?
 
 
 def write_config(tmp_path: Path, run: str, redis_url: str, kind: str = "catq",
-                 batch_groups: int = 2, extra: str = "") -> tuple[Path, str]:
+                 batch_groups: int = 2, extra: str = "", bus_extra: str = "") -> tuple[Path, str]:
     """A small stack config whose engines are of ``kind`` ("catq", or "sglang": real SGLang on
     the CPU); returns its path and the policy engine's URL."""
     policy_port, anchor_port, ingest_port = free_port(), free_port(), free_port()
@@ -65,6 +66,7 @@ port = {anchor_port}
 
 [bus]
 claim_idle_ms = 3000
+{bus_extra}
 
 [worker]
 grace_period_s = 10
@@ -142,7 +144,7 @@ def results_of(config: Config, ids: list[str]) -> list[dict | None]:
 
 
 def dead_count(config: Config) -> int:
-    return redis.Redis.from_url(config.redis_url).xlen(f"catq:{config.run}:dead")
+    return redis.Redis.from_url(config.redis_url).xlen(run_key(config.run, "dead"))
 
 
 def submit(config: Path, run: str, prompts: list[str] = PROMPTS) -> list[str]:
@@ -218,8 +220,9 @@ class RunningStack:
 
 
 @contextmanager
-def running_stack(tmp_path, redis_url, run_name, kind: str = "catq", batch_groups: int = 2, extra: str = ""):
-    config, policy_url = write_config(tmp_path, run_name, redis_url, kind, batch_groups, extra)
+def running_stack(tmp_path, redis_url, run_name, kind: str = "catq", batch_groups: int = 2, extra: str = "",
+                  bus_extra: str = ""):
+    config, policy_url = write_config(tmp_path, run_name, redis_url, kind, batch_groups, extra, bus_extra)
     log = tmp_path / "up.log"
     proc = start_up(config, log)
     children: dict[int, str] = {}
@@ -270,7 +273,7 @@ def test_up_runs_every_role_trains_publishes_and_stops_cleanly(stack, run_name):
 
 def heartbeat_pid(redis_url: str, run: str, role: str) -> int | None:
     client = redis.Redis.from_url(redis_url)
-    values = [client.get(k) for k in client.scan_iter(match=f"catq:{run}:heartbeat:{role}:*")]
+    values = [client.get(k) for k in client.scan_iter(match=run_key(run, f"heartbeat:{role}:*"))]
     pids = [json.loads(v)["pid"] for v in values if v]
     return pids[0] if len(pids) == 1 else None
 
