@@ -926,6 +926,22 @@ class Bus:
         await self.retrying(lambda: self.redis.set(self.key("policy_version"), int(version)),
                             "set policy version")
 
+    # -- policy engine replicas (catq/engines/replicas.py): url -> JSON entry, listed by the syncer --
+
+    def replicas_key(self, pool: str) -> str:
+        return self.key(f"replicas:{pool}")
+
+    async def list_replica(self, pool: str, url: str, entry: dict) -> None:
+        await self.retrying(lambda: self.redis.hset(self.replicas_key(pool), url, json.dumps(entry)),
+                            f"list replica {url}")
+
+    async def unlist_replica(self, pool: str, url: str) -> None:
+        await self.retrying(lambda: self.redis.hdel(self.replicas_key(pool), url), f"unlist replica {url}")
+
+    async def replicas(self, pool: str) -> dict[str, dict]:
+        raw = await self.retrying(lambda: self.redis.hgetall(self.replicas_key(pool)), f"read replicas {pool}")
+        return {_s(url): json.loads(value) for url, value in raw.items()}
+
     # -- key layout migration --
 
     async def migrate_legacy_keys(self) -> list[str]:

@@ -78,7 +78,11 @@ class EngineSpec(Section):
 
 class EnginesConfig(Section):
     policy_urls: list[str] = ["http://127.0.0.1:30000"]
-    """Policy engines (πt). Rollout spreads prompts across them; the syncer updates each."""
+    """Policy engines (πt): their replicas are kept on the newest weights by the syncer, and
+    rollout spreads its requests over those that are (catq/engines/replicas.py)."""
+    resolve_replicas: bool = True
+    """An http URL's host name stands for every IPv4 address it resolves to, one replica each
+    (compose's ``--scale policy=N`` behind one service name)."""
     anchor_url: str = "http://127.0.0.1:30001"
     """The frozen anchor engine (π0)."""
     judge_url: str = "http://127.0.0.1:30002"

@@ -3,11 +3,18 @@
     catq worker syncer --config configs/demo.toml      (or python -m workers.syncer)
 
 It reads every WeightsPublished on ``weights`` (no consumer group: like any reader of that
-stream it sees all of them), and brings each engine in ``engines.policy_urls`` to the newest
-version with ``POST /update_weights_from_disk {"model_path", "weight_version"}``, then checks
-that the engine's ``/model_info`` reports that version. On start it syncs to the newest version
-already published. It also re-checks the engines every heartbeat, so an engine that restarted
-(back on its initial weights) is brought forward again without waiting for a new version.
+stream it sees all of them), and brings each policy engine replica to the newest version with
+``POST /update_weights_from_disk {"model_path", "weight_version"}``, then checks that the
+engine's ``/model_info`` reports that version. On start it syncs to the newest version already
+published. Every heartbeat it finds the replicas again (each URL of ``engines.policy_urls``, one
+per address its host name resolves to: catq/engines/replicas.py) and re-checks them, so a
+replica that joined, or restarted back on its initial weights, is brought forward without
+waiting for a new version.
+
+It also keeps the run's replica registry, which rollout reads to spread its requests: a replica
+is listed (with the version it serves) only while it answers and serves the newest version, and
+is taken off the list before an update and whenever it stops answering. So rollout never sends
+a request to a replica that is loading weights or still on old ones.
 
 An engine that refuses our key (HTTP 401/403) stops the syncer with a ConfigError: no version
 is refused for it. An update answered 400 after which the engine reports the new version anyway
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +51,7 @@ import structlog
 
 from catq import metrics
 from catq.config import Config
+from catq.engines.replicas import POOL, discover, registry_entry
 from catq.messages import DeadLetter, WeightsPublished, encode
 from catq.topology import DEAD, WEIGHTS
 
@@ -65,7 +74,7 @@ class Syncer:
     config: Config
     bus: object
     clients: dict
-    """policy engine URL -> EngineClient."""
+    """policy engine replica URL -> EngineClient."""
     log: structlog.BoundLogger
     worker_id: str = ROLE
     target: Target | None = None
@@ -73,6 +82,10 @@ class Syncer:
     refused_versions: set = field(default_factory=set)
     """Versions an engine rejected (4xx): never retried."""
     last_id: str = "0"
+    make_client: Callable[[str], object] | None = None
+    """Builds a client for a replica found on a pass; None keeps ``clients`` fixed."""
+    down: set = field(default_factory=set)
+    """Replicas that did not answer on the last pass (logged once, when they go down)."""
 
     async def start(self) -> None:
         """Sync to the newest version published before we started."""
@@ -124,58 +137,105 @@ class Syncer:
             await self.consider(entry_id, message)
 
     async def sync_all(self) -> None:
-        """Bring every engine to the target; failures are logged and retried on the next pass."""
-        if self.target is None or self.target.version in self.refused_versions:
-            return
-        await asyncio.gather(*(self.sync_engine(url, client) for url, client in self.clients.items()))
+        """Find the replicas, bring each to the target and list those that serve it; failures
+        are logged and retried on the next pass."""
+        await self.refresh_replicas()
+        await asyncio.gather(*(self.sync_and_list(url, client) for url, client in self.clients.items()))
 
-    async def sync_engine(self, url: str, client) -> None:
+    async def refresh_replicas(self) -> None:
+        """Clients for replicas that appeared; close and unlist those that are gone."""
+        if self.make_client is None:
+            return
+        engines = self.config.engines
+        urls = await discover(engines.policy_urls, engines.resolve_replicas)
+        for url in urls:
+            if url not in self.clients:
+                self.log.info("policy replica found", engine=url)
+                self.clients[url] = self.make_client(url)
+        for url in [u for u in self.clients if u not in urls]:
+            self.log.info("policy replica gone", engine=url)
+            await self.clients.pop(url).close()
+            await self.bus.unlist_replica(POOL, url)
+
+    async def sync_and_list(self, url: str, client) -> None:
+        """Sync one replica, then list it if it serves what it should, else unlist it."""
+        serving = await self.sync_engine(url, client)
+        self._note_answering(url, serving is not None)
+        target = self.target
+        current = (serving is not None and (target is None or serving >= target.version
+                                            or target.version in self.refused_versions))
+        try:
+            if current:
+                await self.bus.list_replica(POOL, url, registry_entry(serving))
+            else:
+                await self.bus.unlist_replica(POOL, url)
+        except Exception as exc:  # Redis away: the entry ages out, and the next pass writes it
+            self.log.warning("could not update the replica registry", engine=url, error=str(exc))
+
+    def _note_answering(self, url: str, answering: bool) -> None:
+        if not answering and url not in self.down:
+            self.log.warning("policy replica not answering; unlisted until it is back", engine=url)
+            self.down.add(url)
+        elif answering and url in self.down:
+            self.log.info("policy replica answering again", engine=url)
+            self.down.discard(url)
+
+    async def sync_engine(self, url: str, client) -> int | None:
+        """Bring one replica to the target; return the version it serves afterwards (None when
+        it does not answer)."""
         from catq.engines.client import EngineError, parse_version
 
         target = self.target
-        version = str(target.version)
-        log = self.log.bind(engine=url, version=target.version)
+        log = self.log.bind(engine=url, version=target.version if target else None)
+        current = await self._serving(client)
+        if current is None:
+            return None
+        metrics.SERVED_VERSION.labels(url).set(current)
         try:
-            current = await client.weight_version()
-            metrics.SERVED_VERSION.labels(url).set(parse_version(current))
-            if parse_version(current) >= target.version:
-                return  # already there, or ahead: never move an engine backwards
+            if target is None or target.version in self.refused_versions or current >= target.version:
+                return current  # already there, or ahead: never move an engine backwards
             if not Path(target.path).is_dir():
                 log.warning("published weights gone (pruned?); waiting for a newer version",
                             path=target.path)
-                return
+                return current
+            await self.bus.unlist_replica(POOL, url)  # no rollout traffic while it loads
             started = time.perf_counter()
-            await client.update_weights_from_disk(target.path, weight_version=version)
-            reported = await client.weight_version()
+            await client.update_weights_from_disk(target.path, weight_version=str(target.version))
+            reported = parse_version(await client.weight_version())
         except EngineError as exc:
-            if exc.refused and await self._serves(client, version):
-                # SGLang answers 400 when the cache flush after a load fails, the weights loaded
-                log.warning("engine reported a failed update but serves the new version", error=str(exc))
-                return
-            if exc.refused:
-                self.refused_versions.add(target.version)
-                await self.dead_letter(target.entry_id, target.message, f"engine {url} refused the update: {exc}")
-            else:
-                log.warning("engine update failed; will retry", error=str(exc))
-            return
+            return await self._after_failed_update(url, client, exc, log)
         except (OSError, asyncio.TimeoutError) as exc:
             log.warning("engine unreachable; will retry", error=str(exc))
-            return
-        if reported != version:
+            return None
+        if reported != target.version:
             log.error("engine reports another version after update", reported=reported)
-            return
+            return reported
         seconds = time.perf_counter() - started
         metrics.weights_reloaded(url, target.version, seconds)
         log.info("engine updated", seconds=round(seconds, 3), path=target.path)
+        return target.version
+
+    async def _after_failed_update(self, url: str, client, exc, log) -> int | None:
+        target = self.target
+        serving = await self._serving(client)
+        if exc.refused and serving == target.version:
+            # SGLang answers 400 when the cache flush after a load fails, the weights loaded
+            log.warning("engine reported a failed update but serves the new version", error=str(exc))
+        elif exc.refused:
+            self.refused_versions.add(target.version)
+            await self.dead_letter(target.entry_id, target.message, f"engine {url} refused the update: {exc}")
+        else:
+            log.warning("engine update failed; will retry", error=str(exc))
+        return serving
 
     @staticmethod
-    async def _serves(client, version: str) -> bool:
-        from catq.engines.client import EngineError
+    async def _serving(client) -> int | None:
+        from catq.engines.client import EngineError, parse_version
 
         try:
-            return await client.weight_version() == version
+            return parse_version(await client.weight_version())
         except (EngineError, OSError, asyncio.TimeoutError):
-            return False
+            return None
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
@@ -200,11 +260,12 @@ async def serve(ctx) -> None:
     from catq.engines.client import EngineClient
 
     config = ctx.config
-    clients = {url: EngineClient.from_config(config.engines, url) for url in config.engines.policy_urls}
+    clients: dict = {}
     try:
         ctx.serving()
-        ctx.log.info("syncer started", engines=list(clients), weights_dir=str(config.weights_dir))
-        await Syncer(config, ctx.bus, clients, ctx.log, worker_id=ctx.worker_id).run(ctx.stop)
+        ctx.log.info("syncer started", engines=config.engines.policy_urls, weights_dir=str(config.weights_dir))
+        await Syncer(config, ctx.bus, clients, ctx.log, worker_id=ctx.worker_id,
+                     make_client=lambda url: EngineClient.from_config(config.engines, url)).run(ctx.stop)
     finally:
         for client in clients.values():
             await client.close()

@@ -2,8 +2,8 @@
 
     catq worker rollout --config configs/demo.toml      (or python -m workers.rollout)
 
-One ``generate`` call with ``n = G`` per prompt on a policy engine (round-robin over
-``engines.policy_urls``), the prompt chat-templated client-side with the policy's tokenizer, so
+One ``generate`` call with ``n = G`` per prompt on a policy engine replica (the least busy of
+those serving the newest weights: catq/engines/replicas.py), the prompt chat-templated client-side with the policy's tokenizer, so
 the token ids the learner trains on are exactly those the engine saw. Every rollout keeps its
 text, token ids, behaviour log-probs and finish reason; the group records the weight version
 the engine reported.
@@ -24,13 +24,13 @@ until the syncer has updated the engine.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from dataclasses import dataclass, field
 
 from catq.bus import Output
 from catq.config import Config
 from catq.engines.client import parse_version
+from catq.engines.replicas import ReplicaPicker
 from catq.messages import Prompt, Rollout, RolloutGroup
 from catq.results import Status
 from catq.runtime import DeadLetterError, WorkerContext, run_worker
@@ -152,15 +152,12 @@ async def sample_group(client, tokenizer, prompt: Prompt, config: Config) -> Rol
 
 
 class RolloutHandler:
-    def __init__(self, ctx: WorkerContext, clients: list, tokenizer):
+    def __init__(self, ctx: WorkerContext, replicas: ReplicaPicker | list, tokenizer):
+        """``replicas``: the policy replicas, or a plain list of engine clients to use as they are."""
         self.ctx = ctx
-        self.clients = clients
+        self.replicas = replicas if isinstance(replicas, ReplicaPicker) else ReplicaPicker.fixed(replicas)
         self.tokenizer = tokenizer
-        self._next_client = itertools.cycle(range(len(clients)))
-        self.backpressure = Backpressure(ctx, self._engine_versions)
-
-    async def _engine_versions(self) -> list[int]:
-        return [parse_version(await c.weight_version()) for c in self.clients]
+        self.backpressure = Backpressure(ctx, self.replicas.versions)
 
     async def ready(self) -> bool:
         return await self.backpressure.ready()
@@ -188,37 +185,43 @@ class RolloutHandler:
     async def _sample(self, prompt: Prompt) -> RolloutGroup:
         from catq.engines.client import EngineError
 
-        client = self.clients[next(self._next_client)]
-        try:
-            return await sample_group(client, self.tokenizer, prompt, self.ctx.config)
-        except EngineError as exc:
-            if exc.refused:  # this prompt can never work
-                raise DeadLetterError(f"policy engine refused the prompt: {exc}") from exc
-            raise
+        async with self.replicas.use() as (url, client):
+            try:
+                return await sample_group(client, self.tokenizer, prompt, self.ctx.config)
+            except EngineError as exc:
+                if exc.refused:  # this prompt can never work
+                    raise DeadLetterError(f"policy engine {url} refused the prompt: {exc}") from exc
+                raise
 
     async def close(self) -> None:
-        for client in self.clients:
-            await client.close()
+        await self.replicas.close()
 
 
 async def build_rollout_handler(ctx: WorkerContext) -> RolloutHandler:
-    """Clients for every policy engine, each checked first: a missing API key or temperature-
-    scaled log-probs stop the role with a ConfigError before any prompt is taken."""
-    from catq.engines.client import EngineClient, check_raw_logprobs
+    """The policy replicas, each checked before its first request: a missing API key or
+    temperature-scaled log-probs stop the role with a ConfigError (for the configured engines
+    that answer, before any prompt is taken; one that does not answer yet is checked once it does)."""
+    from catq.engines.client import EngineClient, EngineError, check_raw_logprobs
     from catq.engines.tokenizer import ChatTokenizer
 
     config = ctx.config
-    clients = [EngineClient.from_config(config.engines, url) for url in config.engines.policy_urls]
     tokenizer = ChatTokenizer(config.model.policy, config.model.cache_dir or None)
     probe = tokenizer.encode_chat([{"role": "user", "content": "What is 2 + 2?"}])
+    replicas = ReplicaPicker(ctx.bus, config.engines.policy_urls, config.worker.heartbeat_s,
+                             make_client=lambda url: EngineClient.from_config(config.engines, url),
+                             on_new=lambda client: check_raw_logprobs(client, probe))
     try:
-        for client in clients:
-            await check_raw_logprobs(client, probe)
+        for url in config.engines.policy_urls:
+            try:
+                await replicas.client(url)
+            except EngineError as exc:
+                if exc.refused:
+                    raise
+                ctx.log.warning("policy engine not answering yet", engine=url, error=str(exc))
     except BaseException:
-        for client in clients:
-            await client.close()
+        await replicas.close()
         raise
-    return RolloutHandler(ctx, clients, tokenizer)
+    return RolloutHandler(ctx, replicas, tokenizer)
 
 
 async def run(config: Config) -> None:

@@ -27,6 +27,14 @@ class FakeBus:
         self.published.append((stream, message))
         return "x-0"
 
+    listed: dict = field(default_factory=dict)
+
+    async def list_replica(self, pool, url, entry):
+        self.listed[url] = entry
+
+    async def unlist_replica(self, pool, url):
+        self.listed.pop(url, None)
+
 
 @dataclass
 class FakeEngine:
