@@ -311,6 +311,10 @@ class ResourcesConfig(Section):
     """CPU threads per process under `catq up` (OMP_NUM_THREADS, which torch's intra-op pool
     follows), so engines and the learner do not oversubscribe the machine's cores."""
 
+    enabled: bool = True
+    """false: `catq up` sets no thread count; each child keeps the environment's OMP_NUM_THREADS,
+    else torch's default (every core), as a launcher without this section would (the baseline
+    of ``bench/pipeline.py --compare-resources``)."""
     cores: int = Field(0, ge=0)
     """Cores to share out; 0: the cores this process may run on."""
     learner_threads: int = Field(0, ge=0)

@@ -212,8 +212,12 @@ class Stack:
 
     async def start(self) -> None:
         self.config.run_path.mkdir(parents=True, exist_ok=True)
-        self._say(f"threads: learner {self.threads.learner}, each engine {self.threads.engine}, "
-                  f"other roles {self.threads.role} ([resources])")
+        if self.config.resources.enabled:
+            self._say(f"threads: learner {self.threads.learner}, each engine {self.threads.engine}, "
+                      f"other roles {self.threads.role} ([resources])")
+        else:
+            self._say("threads: not allocated ([resources] enabled = false): each child uses "
+                      "OMP_NUM_THREADS from the environment, else torch's default")
         await self._ensure_redis()
         await self._start_engines()
         self._supervisor = asyncio.create_task(self._supervise())
@@ -351,7 +355,9 @@ class Stack:
         return argv
 
     def _child_env(self, threads: int) -> dict[str, str]:
-        env = child_environment(self.config) | thread_env(threads)
+        env = child_environment(self.config)
+        if self.config.resources.enabled:
+            env |= thread_env(threads)
         env["CATQ_RUN"] = self.config.run
         env["CATQ_REDIS_URL"] = self.config.redis_url
         env.setdefault("PYTHONUNBUFFERED", "1")

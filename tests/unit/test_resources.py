@@ -27,3 +27,17 @@ def test_explicit_settings_win_and_external_engines_take_no_share():
     config.engines.launch.append(EngineSpec(name="far", port=31000, kind="external"))
     assert thread_plan(config, cores=64).engine == 6
     assert thread_env(3) == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}
+
+
+def test_disabled_allocation_sets_no_thread_count(monkeypatch):
+    from catq.launcher import Stack
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    allocated = Stack(config_with(1), None)
+    assert allocated._child_env(3)["OMP_NUM_THREADS"] == "3"
+    unallocated = Stack(config_with(1, enabled=False), None)
+    env = unallocated._child_env(3)
+    assert "OMP_NUM_THREADS" not in env and "MKL_NUM_THREADS" not in env
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the environment's own setting is kept
+    assert unallocated._child_env(3)["OMP_NUM_THREADS"] == "5"
