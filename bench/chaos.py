@@ -2,6 +2,8 @@
 
     python bench/chaos.py                         # 100 prompts; a run without faults, then one with
     python bench/chaos.py --prompts 20 --kills-each 1 --min-gap 3 --max-gap 6     # a quick look
+    python bench/chaos.py --policy-replicas 2 --replica-baselines 1    # two policy replicas; also
+                                                                       # a fault-free run with one
 
 Two runs of the same stack on this machine, one after the other: the default model as policy and
 anchor on catq's engine, every role, the majority estimator, G=4, 24 new tokens, the learner
@@ -21,6 +23,12 @@ set aside), lost (never final), scored twice
 (prompt ids appearing twice on ``scored``), trained twice (prompt ids in two committed learner
 steps, from the learner's "trained on" log lines), dead letters, wall time; then the wall-time
 ratio chaos/baseline.
+
+``--policy-replicas N`` runs N policy engine replicas (catq's engine; rollout spreads requests
+over them, the syncer keeps each on the newest weights: catq/engines/replicas.py), each killed
+``--kills-each`` times too. ``--replica-baselines 1`` adds fault-free runs with those replica
+counts first, and every fault-free run prints its rollouts/s (prompts × G over wall time), so one
+invocation compares 1 and N replicas on the same workload.
 """
 
 from __future__ import annotations
@@ -47,8 +55,13 @@ from catq.config import load_config  # noqa: E402
 from catq.messages import ScoredGroup  # noqa: E402
 from catq.results import ResultStore  # noqa: E402
 
-TARGETS = ("worker ingest", "worker rollout", "worker anchor", "worker judge", "worker learner",
-           "worker syncer", "engine.policy", "engine.anchor")
+ROLE_TARGETS = ("worker ingest", "worker rollout", "worker anchor", "worker judge", "worker learner",
+                "worker syncer")
+GROUP_SIZE = 4
+
+
+def targets(replicas: int) -> tuple[str, ...]:
+    return (*ROLE_TARGETS, *(f"engine.policy{i}" for i in range(replicas)), "engine.anchor")
 
 
 def free_port() -> int:
@@ -86,8 +99,16 @@ class Redis:
             self.process.wait(timeout=30)
 
 
-def write_config(directory: Path, run: str, redis_port: int) -> Path:
-    policy, anchor, ingest = free_port(), free_port(), free_port()
+def write_config(directory: Path, run: str, redis_port: int, replicas: int = 1) -> Path:
+    """The stack's config; its engines' ports appear as ``port =`` lines, policy replicas first."""
+    policies, anchor, ingest = [free_port() for _ in range(replicas)], free_port(), free_port()
+    urls = ", ".join(f'"http://127.0.0.1:{p}"' for p in policies)
+    launches = "".join(f"""
+[[engines.launch]]
+name = "policy{i}"
+port = {port}
+policy = true
+""" for i, port in enumerate(policies))
     path = directory / f"{run}.toml"
     path.write_text(f"""
 run = "{run}"
@@ -95,15 +116,10 @@ redis_url = "redis://127.0.0.1:{redis_port}"
 run_dir = "{directory}/runs/{{run}}"
 
 [engines]
-policy_urls = ["http://127.0.0.1:{policy}"]
+policy_urls = [{urls}]
 anchor_url = "http://127.0.0.1:{anchor}"
 judge_url = "http://127.0.0.1:{anchor}"
-
-[[engines.launch]]
-name = "policy"
-port = {policy}
-policy = true
-
+{launches}
 [[engines.launch]]
 name = "anchor"
 port = {anchor}
@@ -119,7 +135,7 @@ heartbeat_s = 1
 port = {ingest}
 
 [rollout]
-group_size = 4
+group_size = {GROUP_SIZE}
 
 [rollout.math]
 temperature = 1.0
@@ -172,17 +188,18 @@ def children(parent: int) -> dict[int, str]:
 
 def find_target(parent: int, target: str, config: Path) -> int | None:
     if target.startswith("engine."):
-        port = {"engine.policy": 0, "engine.anchor": 1}[target]
         ports = [line.split("=")[1].strip() for line in config.read_text().splitlines() if line.startswith("port =")]
-        needle = f"--port {ports[port]}"
+        replicas = config.read_text().count("policy = true")
+        index = replicas if target == "engine.anchor" else int(target.removeprefix("engine.policy"))
+        needle = f"--port {ports[index]}"
         return next((pid for pid, cmd in children(parent).items() if "catq engine" in cmd and needle in cmd), None)
     return next((pid for pid, cmd in children(parent).items() if target in cmd), None)
 
 
-def run_once(directory: Path, run: str, prompts: Path, count: int, chaos: dict | None) -> dict:
+def run_once(directory: Path, run: str, prompts: Path, count: int, chaos: dict | None, replicas: int = 1) -> dict:
     redis = Redis(directory / f"{run}-redis")
     redis.start()
-    config = write_config(directory, run, redis.port)
+    config = write_config(directory, run, redis.port, replicas)
     log = directory / f"{run}.log"
     up = subprocess.Popen([sys.executable, "-m", "catq", "up", "--config", str(config)], cwd=ROOT,
                           stdout=open(log, "w"), stderr=subprocess.STDOUT)
@@ -194,7 +211,7 @@ def run_once(directory: Path, run: str, prompts: Path, count: int, chaos: dict |
         started = time.monotonic()
         ids = catq(config, "submit", "--file", str(prompts)).split()
         kills = collections.Counter()
-        plan = [t for t in TARGETS for _ in range(chaos["kills_each"])] if chaos else []
+        plan = [t for t in targets(replicas) for _ in range(chaos["kills_each"])] if chaos else []
         random.Random(1).shuffle(plan)
         if chaos and chaos["kill_redis"]:
             plan.insert(len(plan) // 2, "redis")
@@ -288,21 +305,36 @@ def main() -> int:
     parser.add_argument("--no-redis-kill", dest="kill_redis", action="store_false",
                         help="do not kill -9 Redis halfway through the chaos run")
     parser.add_argument("--out", help="keep logs and run dirs here (default: a temp dir)")
+    parser.add_argument("--policy-replicas", type=int, default=1, help="policy engine replicas")
+    parser.add_argument("--replica-baselines", type=int, nargs="*", default=[],
+                        help="also run fault-free with these replica counts first")
+    parser.add_argument("--no-chaos", dest="chaos", action="store_false", help="only the fault-free run(s)")
     args = parser.parse_args()
     directory = Path(args.out or tempfile.mkdtemp(prefix="catq-chaos-"))
     directory.mkdir(parents=True, exist_ok=True)
     prompts = prompts_file(directory, args.prompts)
     stamp = int(time.time())
+    chaos = {"kills_each": args.kills_each, "min_gap": args.min_gap, "max_gap": args.max_gap,
+             "rng": random.Random(2), "kill_redis": args.kill_redis}
+    runs = [(f"baseline x{n}", None, n) for n in args.replica_baselines if n != args.policy_replicas]
+    runs.append((f"baseline x{args.policy_replicas}", None, args.policy_replicas))
+    if args.chaos:
+        runs.append((f"chaos x{args.policy_replicas}", chaos, args.policy_replicas))
     figures = {}
-    for name, chaos in (("baseline", None), ("chaos", {"kills_each": args.kills_each, "min_gap": args.min_gap,
-                                                      "max_gap": args.max_gap, "rng": random.Random(2),
-                                                      "kill_redis": args.kill_redis})):
-        figures[name] = f = run_once(directory, f"chaos-{name}-{stamp}", prompts, args.prompts, chaos)
-        print(f"{name:8s} answered {f['answered']}/{args.prompts}, learned {f['learned']}, lost {f['lost']}, scored twice {f['twice']}, "
-              f"trained twice {f['trained_twice']}, dead {f['dead']}, wall {f['wall_s']:.0f}s, kills {sum(f['kills'].values())} {f['kills']}, "
+    for name, faults, replicas in runs:
+        run = f"chaos-{name.replace(' ', '-')}-{stamp}"
+        figures[name] = f = run_once(directory, run, prompts, args.prompts, faults, replicas)
+        rate = "" if faults else f", {args.prompts * GROUP_SIZE / f['wall_s']:.2f} rollouts/s"
+        print(f"{name:12s} answered {f['answered']}/{args.prompts}, learned {f['learned']}, lost {f['lost']}, "
+              f"scored twice {f['twice']}, trained twice {f['trained_twice']}, dead {f['dead']}, "
+              f"wall {f['wall_s']:.0f}s{rate}, kills {sum(f['kills'].values())} {f['kills']}, "
               f"restarts {f['restarts']}", flush=True)
-    print(f"wall-time ratio chaos/baseline: {figures['chaos']['wall_s'] / figures['baseline']['wall_s']:.2f}  "
-          f"(logs in {directory})")
+    base = figures[f"baseline x{args.policy_replicas}"]["wall_s"]
+    if args.chaos:
+        print(f"wall-time ratio chaos/baseline: {figures[f'chaos x{args.policy_replicas}']['wall_s'] / base:.2f}")
+    if len(figures) > 1 and "baseline x1" in figures and args.policy_replicas != 1:
+        print(f"ratio rollouts/s x{args.policy_replicas}/x1: {figures['baseline x1']['wall_s'] / base:.2f}")
+    print(f"logs in {directory}")
     return 0
 
 

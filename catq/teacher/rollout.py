@@ -128,7 +128,8 @@ class Backpressure:
         learner_version = await self.ctx.bus.get_policy_version()
         engine_version = self.last_engine_version
         if learner_version - engine_version > self.max_staleness:  # maybe synced since: ask
-            engine_version = min(await self.engine_versions())
+            versions = await self.engine_versions()  # none while every replica is loading
+            engine_version = min(versions) if versions else engine_version
             self.last_engine_version = engine_version
         by_role = await backlog_by_role(self.ctx.bus, with_learner=self.ctx.config.roles.learner > 0)
         return BackpressureState(sum(by_role.values()), learner_version, engine_version, by_role)
