@@ -1,6 +1,6 @@
 """The learner on many GPUs: data-parallel GRPO with the policy sharded by FSDP2.
 
-    torchrun --nproc-per-node 2 -m catq worker learner --config FILE     (NOT YET WIRED, see below)
+    torchrun --nproc-per-node 2 -m catq worker learner --config FILE
 
 Under ``torchrun`` each process reads RANK, WORLD_SIZE and LOCAL_RANK; :func:`init_from_env`
 joins the process group (nccl on CUDA, gloo on CPU) and :func:`shard` applies FSDP2
@@ -25,16 +25,20 @@ calls them), the optimizer's in ``torch.optim.Optimizer.state_dict()``'s own for
 parameter ids in ``model.parameters()`` order), so a 1-process learner resumes from a checkpoint
 written by N ranks and the other way round (:func:`load_full_optimizer_state_dict`).
 
-Status: the Trainer shards and steps this way when given :class:`Ranks` with world_size > 1
-(tested on CPU with gloo, tests/unit/test_fsdp_learner.py). It is not yet wired into
-``catq worker learner``: rank 0 running the LearnerLoop and broadcasting each batch to the other
-ranks is still to do.
+The learner worker (``catq worker learner`` under torchrun, :func:`catq.learner.worker.run`):
+rank 0 alone talks to Redis. It runs the usual LearnerLoop (lease, intake, steps, commits,
+publishing) with a :class:`Leader` as its trainer, which sends each Trainer call that is a
+collective (load, train with the prepared groups, checkpoint, publish) to the other ranks on a
+gloo group of its own before making it; they run :func:`follow` and make the same calls, until
+rank 0 says stop. Every rank reads the checkpoint itself when loading (one machine, or a shared
+file system); only rank 0 writes files.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -75,9 +79,19 @@ def init_from_env(device: str | None = None) -> Ranks:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+    global _commands
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    if _commands is None:  # every rank makes it, in the same order: a collective
+        _commands = dist.new_group(backend="gloo", timeout=COMMAND_TIMEOUT)
     return Ranks(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+COMMAND_TIMEOUT = timedelta(days=365)
+"""The other ranks wait for rank 0's next command as long as it takes (rank 0 may wait hours for
+scored groups); a dead rank 0 ends them through torchrun, not through this timeout."""
+_commands = None
+"""The gloo group rank 0's commands travel on (CPU objects, whatever the training backend)."""
 
 
 def shard(policy: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
@@ -234,3 +248,80 @@ def load_full_optimizer_state_dict(policy, optimizer, state: dict, ranks: Ranks)
               for g in state["param_groups"]]
     osd = {"state": {names[i]: s for i, s in state["state"].items()}, "param_groups": groups}
     set_optimizer_state_dict(policy, optimizer, osd, options=_options(full_state_dict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# The learner worker under torchrun: rank 0 leads, the other ranks follow its commands
+
+
+def send(*command) -> None:
+    """(rank 0) Tell the other ranks what to do next."""
+    dist.broadcast_object_list([command], src=0, group=_commands)
+
+
+def receive() -> tuple:
+    """(ranks > 0) Rank 0's next command."""
+    box = [None]
+    dist.broadcast_object_list(box, src=0, group=_commands)
+    return box[0]
+
+
+class Leader:
+    """Rank 0's Trainer: each collective call (load, train, checkpoint, publish) is first sent to
+    the other ranks (:func:`follow`), so they make the same call; everything else is the
+    Trainer's. The LearnerLoop uses it as its trainer and never knows there are other ranks."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    @classmethod
+    def from_config(cls, config, ranks: Ranks) -> Leader:
+        from catq.learner.trainer import Trainer
+
+        send("load")
+        return cls(Trainer.from_config(config, ranks))
+
+    def __getattr__(self, name):
+        return getattr(self.trainer, name)
+
+    def train(self, groups, entry_ids, should_stop=None) -> dict:
+        send("train", groups, entry_ids)
+        return self.trainer.train(groups, entry_ids, should_stop)
+
+    def save_checkpoint(self):
+        send("checkpoint")
+        return self.trainer.save_checkpoint()
+
+    def write_weights(self):
+        send("publish")
+        return self.trainer.write_weights()
+
+
+def stop_followers() -> None:
+    send("stop")
+
+
+def follow(config, ranks: Ranks) -> None:
+    """(ranks > 0) Make the Trainer calls rank 0 makes, in the same order, until it says stop.
+    A step rank 0 abandons or refuses (stop asked, not finite) is abandoned or refused here
+    alike: the decision is agreed on inside the step."""
+    from catq.learner.trainer import Trainer
+
+    trainer = None
+    while True:
+        command, *args = receive()
+        if command == "stop":
+            return
+        if command == "load":
+            trainer = Trainer.from_config(config, ranks)
+        elif command == "train":
+            try:
+                trainer.train(*args)
+            except (grpo.StepCancelled, grpo.NonFiniteStep):
+                pass
+        elif command == "checkpoint":
+            trainer.save_checkpoint()
+        elif command == "publish":
+            trainer.write_weights()
+        else:
+            raise ValueError(f"unknown command from rank 0: {command!r}")

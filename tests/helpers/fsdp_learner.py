@@ -3,7 +3,9 @@
     python -m tests.helpers.fsdp_learner --world 2 --port 29555 --model DIR --batch FILE --run DIR
 
 Spawns ``--world`` processes with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT); each makes a Trainer from the config (sharded when world > 1), trains
+MASTER_ADDR, MASTER_PORT); as in the learner worker, rank 0 leads
+(:class:`catq.learner.distributed.Leader`) and the other ranks follow its calls. Rank 0 makes a
+Trainer from the config (sharded when world > 1), trains
 ``--steps`` steps on the prepared groups pickled in ``--batch``, checkpoints and publishes
 version 1 under ``--run``; with ``--resume`` a second Trainer then resumes from that checkpoint
 (the sharded load path) and takes one more step, checkpointed. Rank 0 saves each step's metrics to ``<run>/metrics.pt``. With
@@ -39,7 +41,16 @@ def run(args) -> None:
 
     torch.set_num_threads(1)
     ranks = distributed.init_from_env("cpu")
-    trainer = Trainer.from_config(make_config(args.model, args.run, args.micro), ranks)
+    config = make_config(args.model, args.run, args.micro)
+    if ranks.distributed and not ranks.is_main:  # as in the learner worker: follow rank 0
+        distributed.follow(config, ranks)
+        torch.distributed.destroy_process_group()
+        return
+
+    def load():
+        return distributed.Leader.from_config(config, ranks) if ranks.distributed else Trainer.from_config(config)
+
+    trainer = load()
     groups = pickle.loads(Path(args.batch).read_bytes())
     metrics = []
     for i in range(args.steps):
@@ -48,13 +59,12 @@ def run(args) -> None:
     trainer.state.policy_version = 1
     trainer.write_weights()
     if args.resume:  # a second Trainer resumes from that checkpoint and takes one more step
-        trainer = Trainer.from_config(make_config(args.model, args.run, args.micro), ranks)
+        trainer = load()
         metrics.append(trainer.train(groups, [f"{args.steps}-0"]))
         trainer.save_checkpoint()
-    if ranks.is_main:
-        torch.save(metrics, Path(args.run) / "metrics.pt")
+    torch.save(metrics, Path(args.run) / "metrics.pt")
     if ranks.distributed:
-        torch.distributed.barrier()
+        distributed.stop_followers()
         torch.distributed.destroy_process_group()
 
 
