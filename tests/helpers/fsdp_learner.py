@@ -42,6 +42,9 @@ def run(args) -> None:
     torch.set_num_threads(1)
     ranks = distributed.init_from_env("cpu")
     config = make_config(args.model, args.run, args.micro)
+    if args.loop:
+        config.learner = config.learner.model_copy(update={
+            "batch_groups": 2, "checkpoint_every": 1, "publish_every": 2, "max_staleness": 100})
     if ranks.distributed and not ranks.is_main:  # as in the learner worker: follow rank 0
         distributed.follow(config, ranks)
         torch.distributed.destroy_process_group()
@@ -50,6 +53,15 @@ def run(args) -> None:
     def load():
         return distributed.Leader.from_config(config, ranks) if ranks.distributed else Trainer.from_config(config)
 
+    if args.loop:
+        import asyncio
+
+        out = asyncio.run(learner_loop(load(), config))
+        torch.save(out, Path(args.run) / "loop.pt")
+        if ranks.distributed:
+            distributed.stop_followers()
+            torch.distributed.destroy_process_group()
+        return
     trainer = load()
     groups = pickle.loads(Path(args.batch).read_bytes())
     metrics = []
@@ -68,6 +80,38 @@ def run(args) -> None:
         torch.distributed.destroy_process_group()
 
 
+async def learner_loop(trainer, config) -> dict:
+    """The learner worker's loop on a fake bus: two steps of 2 groups (5 rollouts), checkpointed,
+    the second publishing v1; then a step asked to stop before it starts, which every rank
+    abandons."""
+    import asyncio
+
+    import structlog
+
+    from catq.bus import Delivery
+    from catq.learner.worker import LearnerLoop
+    from tests.integration.test_learner_restart import make_scored
+    from tests.unit.test_grpo_worker import FakeBus
+
+    def deliveries(indices):
+        return [Delivery("scored", f"{i}-0", make_scored(i, [1.0, 0.0, 0.5] if i % 2 else [0.0, 1.0]), 1, b"")
+                for i in indices]
+
+    bus = FakeBus()
+    loop = LearnerLoop(config, bus, trainer, structlog.get_logger())
+    await loop.intake(deliveries(range(1, 5)))
+    await loop.step()
+    await loop.step()
+    await loop.intake(deliveries(range(5, 7)))
+    stop = asyncio.Event()
+    stop.set()
+    await loop.step(stop)
+    loop.close()
+    return {"acked": bus.acked, "published": [(s, m.policy_version) for s, m in bus.published],
+            "buffer": [d.entry_id for d in loop.buffer], "step": trainer.state.step,
+            "version": trainer.state.policy_version}
+
+
 def _rank(rank: int, args) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
@@ -84,6 +128,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--micro", type=int, default=2)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--loop", action="store_true", help="drive the learner worker's loop on a fake bus")
     args = parser.parse_args()
     if args.world == 1:
         os.environ.pop("WORLD_SIZE", None)

@@ -35,16 +35,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_learner(world: int, model: Path, batch: Path, run: Path) -> list[dict]:
+def run_learner(world: int, model: Path, batch: Path, run: Path, mode: str = "--resume") -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "tests.helpers.fsdp_learner", "--world", str(world), "--port", str(free_port()),
            "--model", str(model), "--batch", str(batch), "--run", str(run), "--steps", "2", "--micro", "2",
-           "--resume"]
+           mode]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
                           check=False)
     assert done.returncode == 0, done.stderr[-4000:]
-    return torch.load(run / "metrics.pt", weights_only=False)
+    return torch.load(run / ("loop.pt" if mode == "--loop" else "metrics.pt"), weights_only=False)
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +125,30 @@ def test_a_one_process_trainer_resumes_from_a_two_rank_checkpoint(runs):
     metrics = [t.train(groups, ["3-0"]) for t in trainers]
     assert metrics[1]["loss"] == pytest.approx(metrics[0]["loss"], abs=TOL)
     assert max_diff(trainers[0].policy.state_dict(), trainers[1].policy.state_dict()) < TOL
+
+
+def test_the_learner_loop_on_two_ranks_is_the_single_process_loop(runs):
+    """The worker's LearnerLoop (fake bus) with a Leader on rank 0 and a follower: same steps,
+    acks, checkpoints and published version as one process; a step asked to stop is abandoned by
+    both ranks (nothing hangs, the groups go back to the buffer)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    tmp = runs["model"].parent
+    one = run_learner(1, runs["model"], runs["batch"], tmp / "loop-one", "--loop")
+    two = run_learner(2, runs["model"], runs["batch"], tmp / "loop-two", "--loop")
+    assert one == two == {"acked": ["1-0", "2-0", "3-0", "4-0"], "published": [("weights", 1)],
+                          "buffer": ["5-0", "6-0"], "step": 2, "version": 1}
+    lines = [[json.loads(x) for x in (tmp / d / "metrics.jsonl").read_text().splitlines()]
+             for d in ("loop-one", "loop-two")]
+    assert [x["step"] for x in lines[1]] == [1, 2]
+    for a, b in zip(*lines):
+        for key, value in a.items():
+            if isinstance(value, float) and key not in ("time", "elapsed_s", "step_time_s", "tokens_per_s"):
+                assert b[key] == pytest.approx(value, abs=TOL, rel=TOL), key
+            elif not isinstance(value, float):
+                assert b[key] == value, key
+    a = load_file(tmp / "loop-one" / "weights" / "v1" / "model.safetensors")
+    b = load_file(tmp / "loop-two" / "weights" / "v1" / "model.safetensors")
+    assert max_diff(dict(sorted(a.items())), dict(sorted(b.items()))) < TOL
