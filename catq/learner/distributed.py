@@ -12,8 +12,8 @@ One step (:func:`train_step`) gives the single-process gradient: the batch's sam
 into one contiguous share per rank (every rank gets one when there are at least as many samples
 as ranks), each rank's loss is its own token sum divided by the token count of the WHOLE batch,
 and FSDP2's reduce-scatter sums gradients over ranks (:func:`shard` sets its divide factor to
-1 with a plain SUM reduction, instead of averaging). Every rank runs the same number of micro-batches; a rank
-whose share runs out runs a forward and backward that contribute nothing, because its sharded
+1 with a plain SUM reduction, instead of averaging). Every rank runs the same number of
+micro-batches; a rank whose share runs out runs a forward and backward that contribute nothing, because its sharded
 layers must take part in its peers' all-gathers and reduce-scatters. The metric sums are
 all-reduced, the gradient norm for clipping is the global one (``clip_grad_norm_`` over DTensor
 gradients), so every rank refuses a non-finite step or steps alike; a stop request is agreed on
@@ -32,6 +32,11 @@ collective (load, train with the prepared groups, checkpoint, publish) to the ot
 gloo group of its own before making it; they run :func:`follow` and make the same calls, until
 rank 0 says stop. Every rank reads the checkpoint itself when loading (one machine, or a shared
 file system); only rank 0 writes files.
+
+Tested on CPU only (gloo, 2 ranks, tests/unit/test_fsdp_learner.py): not yet run with nccl on
+GPUs. Limits: an anchor held by the learner (``learner.anchor_logprobs = "learner"``) is a full,
+unsharded copy on every rank; bf16 autocast is the single-process one (no FSDP2 mixed-precision
+policy); a rank 0 that dies leaves the others to torchrun, which stops them.
 """
 
 from __future__ import annotations
