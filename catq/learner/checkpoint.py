@@ -72,15 +72,18 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(directory: Path, model, optimizer, state: TrainingState, keep: int = 2) -> Path:
-    """Write a checkpoint atomically and prune older ones; returns its path."""
+def save_checkpoint(directory: Path, model, optimizer, state: TrainingState, keep: int = 2, *,
+                    model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """Write a checkpoint atomically and prune older ones; returns its path. ``model_state`` and
+    ``optimizer_state``, when given, are written instead of ``model.state_dict()`` and
+    ``optimizer.state_dict()`` (a sharded learner's full ones, gathered on rank 0)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = checkpoint_path(directory, state.step)
     tmp = directory / f".{target.name}.{os.getpid()}.tmp"
     payload = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model.state_dict() if model_state is None else model_state,
+        "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
         "step": state.step,
         "policy_version": state.policy_version,
         "trained_ids": list(state.trained_ids),
@@ -105,18 +108,21 @@ class CheckpointError(RuntimeError):
     """Checkpoints exist but none of them can be read."""
 
 
-def load_latest(directory: Path, model, optimizer) -> TrainingState | None:
+def load_latest(directory: Path, model, optimizer, *, load_model=None, load_optimizer=None) -> TrainingState | None:
     """Restore model, optimizer and RNG from the newest readable checkpoint; None when there is
     none. An unreadable one (truncated, corrupt) is skipped with a warning naming it, and the one
     before it is used; :class:`CheckpointError` when every one is unreadable (starting over
-    would forget what is already trained and published)."""
+    would forget what is already trained and published). ``load_model(state)`` and
+    ``load_optimizer(state)`` replace ``model.load_state_dict`` and ``optimizer.load_state_dict``
+    (a sharded learner's, :mod:`catq.learner.distributed`)."""
     checkpoints = list_checkpoints(directory)
     if not checkpoints:
         return None
     for _, path in reversed(checkpoints):
         payload = _read(path)
         if payload is not None:
-            return _restore(payload, model, optimizer)
+            return _restore(payload, load_model or model.load_state_dict,
+                            load_optimizer or optimizer.load_state_dict)
     raise CheckpointError(f"no readable checkpoint in {directory} "
                           f"(tried {', '.join(p.name for _, p in checkpoints)})")
 
@@ -136,9 +142,9 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def _restore(payload: dict, model, optimizer) -> TrainingState:
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
+def _restore(payload: dict, load_model, load_optimizer) -> TrainingState:
+    load_model(payload["model"])
+    load_optimizer(payload["optimizer"])
     _set_rng_state(payload["rng"])
     return TrainingState(
         step=int(payload["step"]),

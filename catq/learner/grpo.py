@@ -345,6 +345,10 @@ def train_step(
     cfg: StepConfig,
     anchor=None,
     should_stop=None,
+    *,
+    total_tokens: int | None = None,
+    micro_batches: list[list[TrainSample]] | None = None,
+    reduce_sums=None,
 ) -> dict:
     """One GRPO optimizer step over ``batch`` with gradient accumulation over micro-batches of
     ``cfg.micro_batch_rollouts`` rollouts. ``should_stop()`` is asked before each micro-batch:
@@ -354,23 +358,41 @@ def train_step(
     moves: weights and optimizer state stay as they were. The loss is the mean over every
     completion token of the batch, so accumulation gives exactly the full-batch gradient. Returns step metrics;
     takes no step (``"updated": False``, with ``kl`` and ``clip_frac`` 0.0 so every step's
-    metrics carry them) when no sample carries signal."""
+    metrics carry them) when no sample carries signal.
+
+    Data parallelism (:mod:`catq.learner.distributed`) uses three hooks; left out, the step is
+    the single-process one. ``total_tokens``: the token count of the whole batch across ranks
+    (each rank's loss is its own token sum over it, so the gradients summed over ranks are the
+    single-process gradient). ``micro_batches``: this rank's share of ``batch.samples`` already cut
+    into micro-batches, the same number on every rank; an empty one runs a forward and backward
+    that contribute nothing (a rank's collectives must match its peers'). ``reduce_sums(sums)``:
+    the metric sums added up over ranks, before the non-finite check and the metrics."""
     started = time.perf_counter()
     metrics = _reward_metrics(batch)
     samples = batch.samples
-    total_tokens = sum(len(s.completion_ids) for s in samples)
+    local_tokens = sum(len(s.completion_ids) for s in samples)
+    if total_tokens is None:
+        total_tokens = local_tokens
     if total_tokens == 0:
         return {**metrics, "updated": False, "kl": 0.0, "kl_coverage": 0.0, "clip_frac": 0.0, "tokens": 0,
                 "step_time_s": time.perf_counter() - started}
+    if micro_batches is None:
+        micro_batches = [samples[i : i + cfg.micro_batch_rollouts]
+                         for i in range(0, len(samples), cfg.micro_batch_rollouts)]
     device = next(policy.parameters()).device
     policy.train()
     optimizer.zero_grad(set_to_none=True)
     sums = {"pg": 0.0, "kl": 0.0, "clipped": 0, "capped": 0, "ratio": 0.0, "entropy": 0.0, "kl_tokens": 0}
-    for start in range(0, len(samples), cfg.micro_batch_rollouts):
+    done = 0
+    for chunk in micro_batches:
         if should_stop is not None and should_stop():
             optimizer.zero_grad(set_to_none=True)
-            raise StepCancelled(f"stopped after {start} of {len(samples)} rollouts")
-        mb = collate(samples[start : start + cfg.micro_batch_rollouts], device)
+            raise StepCancelled(f"stopped after {done} of {len(samples)} rollouts")
+        if not chunk:
+            _idle_pass(policy, device, cfg)
+            continue
+        done += len(chunk)
+        mb = collate(chunk, device)
         anchor_logp = mb.anchor_logprobs  # from the anchor engine, when it supplied them
         if anchor is not None and cfg.loss.kl_coef > 0:
             with torch.no_grad(), _autocast(device, cfg.autocast_bf16):
@@ -385,7 +407,11 @@ def train_step(
         for key, value in (("pg", terms.pg_sum), ("kl", terms.kl_sum), ("clipped", terms.clipped),
                            ("capped", terms.capped), ("ratio", terms.ratio_sum), ("kl_tokens", terms.kl_tokens)):
             sums[key] += value
+    if reduce_sums is not None:
+        sums = reduce_sums(sums)
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # sharded (DTensor) parameters: the global norm
+        grad_norm = grad_norm.full_tensor()
     _refuse_nonfinite(sums, float(grad_norm), total_tokens, cfg.loss.kl_coef, optimizer)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -408,6 +434,15 @@ def train_step(
         "step_time_s": elapsed,
         "tokens_per_s": total_tokens / elapsed if elapsed > 0 else math.inf,
     }
+
+
+def _idle_pass(policy, device, cfg: StepConfig) -> None:
+    """A forward and backward that add nothing to any gradient: for a rank with no samples left
+    in this micro-batch, whose sharded model must still take part in its peers' collectives."""
+    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    with _autocast(device, cfg.autocast_bf16):
+        logits = policy(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    (logits.float().sum() * 0.0).backward()
 
 
 def _refuse_nonfinite(sums: dict, grad_norm: float, tokens: int, kl_coef: float, optimizer) -> None:

@@ -39,15 +39,20 @@ def published_versions(weights_dir: Path) -> list[int]:
     return sorted(versions)
 
 
-def write_weights(model, tokenizer, weights_dir: Path, version: int) -> Path:
+def write_weights(model, tokenizer, weights_dir: Path, version: int, state_dict: dict | None = None) -> Path:
     """Save ``model`` (and ``tokenizer``) as ``<weights_dir>/v<version>`` atomically. An existing
-    directory of that version (left by a learner that died before announcing it) is replaced."""
+    directory of that version (left by a learner that died before announcing it) is replaced.
+    ``state_dict``: the weights to write instead of ``model``'s own (a sharded learner's full
+    state dict, gathered on rank 0)."""
     weights_dir = Path(weights_dir)
     weights_dir.mkdir(parents=True, exist_ok=True)
     target = version_dir(weights_dir, version)
     staging = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=weights_dir))
     try:
-        model.save_pretrained(str(staging), safe_serialization=True)
+        if state_dict is None:
+            model.save_pretrained(str(staging), safe_serialization=True)
+        else:
+            model.save_pretrained(str(staging), safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         staging.chmod(0o755)

@@ -9,6 +9,12 @@ place, the anchor must never move.
 
 Device: ``learner.device`` ("auto" = CUDA when present). Weights and optimizer state are fp32
 everywhere; on CUDA the forward passes run under bf16 autocast.
+
+Given :class:`catq.learner.distributed.Ranks` with world_size > 1 (torchrun), the policy is
+sharded with FSDP2 and each step is data-parallel (:mod:`catq.learner.distributed`); every rank
+calls :meth:`Trainer.train`, :meth:`Trainer.save_checkpoint` and :meth:`Trainer.write_weights`
+alike (they gather full state dicts: collectives), and only rank 0 writes files, the same files
+one process writes.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from pathlib import Path
 import torch
 
 from catq.config import Config
-from catq.learner import checkpoint, grpo, publish
+from catq.learner import checkpoint, distributed, grpo, publish
+from catq.learner.distributed import SINGLE, Ranks
 
 
 @dataclass
@@ -33,23 +40,30 @@ class Trainer:
     state: checkpoint.TrainingState
     device: torch.device
     step_config: grpo.StepConfig
+    ranks: Ranks = SINGLE
 
     @classmethod
-    def from_config(cls, config: Config) -> Trainer:
+    def from_config(cls, config: Config, ranks: Ranks = SINGLE) -> Trainer:
         from catq.engines.models import load_causal_lm, load_tokenizer, resolve_device
 
         cfg = config.learner
         cache_dir = config.model.cache_dir or None
-        device = torch.device(resolve_device(cfg.device))
+        device = ranks.device if ranks.distributed else torch.device(resolve_device(cfg.device))
         torch.manual_seed(cfg.seed)
         policy = load_causal_lm(config.model.policy, device=str(device), cache_dir=cache_dir)
         policy.train()
+        vocab_size = policy.get_input_embeddings().num_embeddings
+        policy = distributed.shard(policy, ranks)
         anchor = None
         if cfg.kl_coef > 0 and cfg.anchor_logprobs == "learner":
             anchor = load_causal_lm(config.model.anchor, device=str(device), cache_dir=cache_dir)
             anchor.requires_grad_(False).eval()
         optimizer = grpo.make_optimizer(policy, cfg.lr, cfg.weight_decay)
-        state = checkpoint.load_latest(config.checkpoint_dir, policy, optimizer)
+        state = checkpoint.load_latest(
+            config.checkpoint_dir, policy, optimizer,
+            load_model=lambda sd: distributed.load_full_model_state_dict(policy, sd, ranks),
+            load_optimizer=lambda sd: distributed.load_full_optimizer_state_dict(policy, optimizer, sd, ranks),
+        )
         step_config = grpo.StepConfig(
             loss=grpo.LossConfig(
                 clip_eps=cfg.clip_eps, behaviour_weight_cap=cfg.behaviour_weight_cap, kl_coef=cfg.kl_coef
@@ -67,11 +81,17 @@ class Trainer:
             state=state or checkpoint.TrainingState(),
             device=device,
             step_config=step_config,
+            ranks=ranks,
+            _vocab_size=vocab_size,
         )
+
+    _vocab_size: int | None = None
 
     @property
     def vocab_size(self) -> int:
         """Token ids the policy has embeddings for (may exceed the tokenizer's length)."""
+        if self._vocab_size is not None:
+            return self._vocab_size
         return self.policy.get_input_embeddings().num_embeddings
 
     @property
@@ -88,19 +108,39 @@ class Trainer:
         (the worker adds ``policy_version``: only it knows whether this step publishes). Raises
         :class:`grpo.StepCancelled`, with nothing changed, when ``should_stop()`` says so."""
         batch = grpo.combine(groups)
-        metrics = grpo.train_step(self.policy, self.optimizer, batch, self.step_config, anchor=self.anchor,
-                                  should_stop=should_stop)
+        metrics = distributed.train_step(self.policy, self.optimizer, batch, self.step_config, self.ranks,
+                                         anchor=self.anchor, should_stop=should_stop)
         self.state.step += 1
         self.state.groups_trained += batch.groups_used
         self.state.add_trained(entry_ids)
         return {"step": self.state.step, "time": time.time(), **metrics}
 
     def save_checkpoint(self) -> Path:
-        return checkpoint.save_checkpoint(
-            self.config.checkpoint_dir, self.policy, self.optimizer, self.state
-        )
+        """Write a checkpoint; sharded, every rank must call it and rank 0 writes the file (the
+        path is returned on every rank)."""
+        if not self.ranks.distributed:
+            return checkpoint.save_checkpoint(
+                self.config.checkpoint_dir, self.policy, self.optimizer, self.state
+            )
+        model_state = distributed.full_model_state_dict(self.policy, self.ranks)
+        optimizer_state = distributed.full_optimizer_state_dict(self.policy, self.optimizer, self.ranks)
+        if self.ranks.is_main:
+            checkpoint.save_checkpoint(self.config.checkpoint_dir, self.policy, self.optimizer, self.state,
+                                       model_state=model_state, optimizer_state=optimizer_state)
+        torch.distributed.barrier()
+        return checkpoint.checkpoint_path(self.config.checkpoint_dir, self.state.step)
 
     def write_weights(self) -> Path:
-        return publish.write_weights(
-            self.policy, self.tokenizer, self.config.weights_dir, self.state.policy_version
-        )
+        """Publish ``v<policy_version>``; sharded, every rank must call it and rank 0 writes."""
+        if not self.ranks.distributed:
+            return publish.write_weights(
+                self.policy, self.tokenizer, self.config.weights_dir, self.state.policy_version
+            )
+        model_state = distributed.full_model_state_dict(self.policy, self.ranks)
+        if self.ranks.is_main:
+            tied = distributed.tied_names(self.policy)
+            model_state = {k: v for k, v in model_state.items() if k not in tied}
+            publish.write_weights(self.policy, self.tokenizer, self.config.weights_dir,
+                                  self.state.policy_version, state_dict=model_state)
+        torch.distributed.barrier()
+        return publish.version_dir(self.config.weights_dir, self.state.policy_version)

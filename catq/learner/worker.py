@@ -76,6 +76,7 @@ to ``<run_dir>/tb/``, :mod:`catq.learner.tensorboard`):
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import time
@@ -468,17 +469,42 @@ class LearnerLoop:
 
 async def run(config: Config) -> None:
     """Run the learner until SIGTERM/SIGINT or ``learner.max_steps``. A learner that lost its
-    lease to another exits 1 with a one-line message."""
+    lease to another exits 1 with a one-line message.
+
+    Under torchrun (WORLD_SIZE > 1: ``torchrun --nproc-per-node N -m catq worker learner
+    --config FILE``) the policy is sharded over the N ranks with FSDP2
+    (:mod:`catq.learner.distributed`): rank 0 is the learner described above, with a
+    :class:`~catq.learner.distributed.Leader` as its trainer, and alone talks to Redis; the other
+    ranks only follow its training calls, ignore SIGTERM/SIGINT (rank 0 decides when the work
+    stops, and tells them) and exit when it says so."""
+    from catq.learner import distributed
     from catq.runtime import run_role
 
+    ranks = distributed.init_from_env(config.learner.device)
+    if ranks.distributed and not ranks.is_main:
+        _follow(config, ranks)  # blocking: this process has nothing else to do
+        return
     try:
-        await run_role(config, ROLE, serve,
+        await run_role(config, ROLE, functools.partial(serve, ranks=ranks),
                        bus_config=config.bus.model_copy(update={"claim_idle_ms": HOLD_CLAIM_IDLE_MS}))
     except LeaseLost as exc:
         raise SystemExit(f"catq learner: {exc}") from None
+    finally:
+        if ranks.distributed:
+            distributed.stop_followers()
 
 
-async def serve(ctx) -> None:
+def _follow(config: Config, ranks) -> None:
+    import signal
+
+    from catq.learner import distributed
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    distributed.follow(config, ranks)
+
+
+async def serve(ctx, ranks=None) -> None:
     """Wait for the lease, then load (the checkpoint its previous holder left) and train."""
     lease = Lease.for_learner(ctx.bus, ctx.worker_id, ctx.config.worker.heartbeat_s)
     if not await lease.acquire(ctx.stop, ctx.log, poll_s=ctx.config.worker.heartbeat_s):
@@ -486,7 +512,7 @@ async def serve(ctx) -> None:
     done = asyncio.Event()
     keeper = asyncio.create_task(lease.keep(ctx.config.worker.heartbeat_s, ctx.stop.set, ctx.log, done))
     try:
-        await train(ctx, lease)
+        await train(ctx, lease, ranks)
     finally:
         done.set()
         await asyncio.wait([keeper], timeout=5)
@@ -495,11 +521,15 @@ async def serve(ctx) -> None:
         raise LeaseLost(lease.lost_message())
 
 
-async def train(ctx, lease: Lease) -> None:
+async def train(ctx, lease: Lease, ranks=None) -> None:
+    from catq.learner.distributed import Leader
     from catq.learner.trainer import Trainer
 
     tensorboard = TensorBoardLog.open(ctx.config)  # before the model load: a missing extra fails fast
-    trainer = await asyncio.to_thread(Trainer.from_config, ctx.config)
+    if ranks is not None and ranks.distributed:
+        trainer = await asyncio.to_thread(Leader.from_config, ctx.config, ranks)
+    else:
+        trainer = await asyncio.to_thread(Trainer.from_config, ctx.config)
     ctx.log.info("learner ready", step=trainer.state.step, version=trainer.state.policy_version,
                  device=str(trainer.device))
     loop = LearnerLoop(ctx.config, ctx.bus, trainer, ctx.log, tensorboard=tensorboard, results=ctx.results,
