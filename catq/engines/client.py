@@ -281,7 +281,7 @@ class EngineClient(HttpJsonClient):
         values: list[list[float]] = [[] for _ in completions]
         if not wanted:
             return values
-        start = len(prompt_ids)
+        start = len(prompt_ids) - 1  # SGLang nulls the first scored token: start one before the completion
         payload = {"input_ids": [list(prompt_ids) + list(completions[i]) for i in wanted],
                    # T=1, no top-p/k: a server that scales or renormalises input log-probs by the
                    # sampling parameters leaves raw ones alone.
@@ -292,7 +292,7 @@ class EngineClient(HttpJsonClient):
         if len(items) != len(wanted):
             raise EngineError(f"/generate returned {len(items)} items for {len(wanted)} prefills")
         for i, item in zip(wanted, items, strict=True):
-            values[i] = parse_input_logprobs(item, list(completions[i]))
+            values[i] = parse_input_logprobs(item, [prompt_ids[-1], *completions[i]])[1:]
         return values
 
     async def update_weights_from_disk(self, model_path: str, weight_version: str | None = None,
@@ -388,14 +388,15 @@ def parse_completion(item: dict, return_logprob: bool, *, top_logprobs: bool = F
 
 
 def parse_input_logprobs(item: dict, expected_ids: list[int]) -> list[float]:
-    """The log-probs of ``expected_ids`` from a prefill item's ``input_token_logprobs``;
-    EngineError unless the engine scored exactly those tokens, each with a number."""
+    """The log-probs of ``expected_ids`` from a prefill item's ``input_token_logprobs`` (the
+    first one None: SGLang gives the first scored token no log-prob); EngineError unless the
+    engine scored exactly those tokens, each after the first with a number."""
     try:
         entries = item["meta_info"]["input_token_logprobs"]
         ids = [int(entry[1]) for entry in entries]
         if ids != expected_ids:
-            raise ValueError(f"scored {len(ids)} tokens, expected the {len(expected_ids)} of the completion")
-        return [float(entry[0]) for entry in entries]
+            raise ValueError(f"scored {len(ids)} tokens, expected {len(expected_ids)}")
+        return [None, *(float(entry[0]) for entry in entries[1:])]
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise EngineError(f"malformed prefill item ({type(exc).__name__}: {exc}): {str(item)[:300]}") from None
 

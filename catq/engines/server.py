@@ -212,12 +212,14 @@ class Engine:
 
     async def _input_logprobs(self, prompt: list[int], start: int, with_text: bool) -> list[list] | None:
         """SGLang's ``input_token_logprobs`` from ``logprob_start_len`` on: [logprob, id, text]
-        per prompt token, the first token of the prompt with a null log-prob (nothing precedes
-        it). None when not asked for (start < 0)."""
+        per prompt token, the first of them with a null log-prob (as SGLang returns it at any
+        start, not only at the prompt's first token). None when not asked for (start < 0)."""
         if start < 0:
             return None
         values = await asyncio.to_thread(self.gen.prompt_logprobs, prompt)
         pairs = list(zip([None, *values], prompt, strict=True))[start:]
+        if pairs:
+            pairs[0] = (None, pairs[0][1])
         return self._triples(pairs, with_text)
 
     def _prompts(self, body: GenerateIn) -> tuple[list[list[int]], bool]:

@@ -131,7 +131,9 @@ async def test_input_logprobs_from_logprob_start_len_with_the_leading_null(engin
     status, item = await post(url, "/generate", {
         "input_ids": prompt_ids, "return_logprob": True, "logprob_start_len": 5,
         "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
-    assert [e[1] for e in item["meta_info"]["input_token_logprobs"]] == prompt_ids[5:]
+    entries = item["meta_info"]["input_token_logprobs"]
+    assert [e[1] for e in entries] == prompt_ids[5:]
+    assert entries[0][0] is None and all(e[0] is not None for e in entries[1:])  # SGLang nulls the first
 
 
 async def test_behaviour_logprobs_agree_with_the_learner(engine, prompt_ids, model):

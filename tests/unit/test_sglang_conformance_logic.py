@@ -91,13 +91,13 @@ def test_sglang_cpu_server_command_and_environment():
     assert "SGLANG_USE_CPU_ENGINE" not in gpu and "PYTHONPATH" not in gpu
 
 
-def test_a_prefill_item_must_score_exactly_the_completion_tokens():
+def test_a_prefill_item_must_score_exactly_the_expected_tokens():
     from catq.engines.client import parse_input_logprobs
 
-    item = {"meta_info": {"input_token_logprobs": [[-0.5, 7, None], [-1.5, 8, None]]}}
-    assert parse_input_logprobs(item, [7, 8]) == [-0.5, -1.5]
-    for bad, expected in ((item, [7, 9]), ({"meta_info": {}}, [7]),
-                          ({"meta_info": {"input_token_logprobs": [[None, 7, None]]}}, [7])):
+    item = {"meta_info": {"input_token_logprobs": [[None, 6, None], [-0.5, 7, None], [-1.5, 8, None]]}}
+    assert parse_input_logprobs(item, [6, 7, 8]) == [None, -0.5, -1.5]
+    for bad, expected in ((item, [6, 7, 9]), ({"meta_info": {}}, [7]),
+                          ({"meta_info": {"input_token_logprobs": [[None, 6, None], [None, 7, None]]}}, [6, 7])):
         with pytest.raises(EngineError, match="malformed prefill item"):
             parse_input_logprobs(bad, expected)
 

@@ -32,6 +32,9 @@ class FakeBus:
     async def get_policy_version(self):
         return self.version
 
+    async def live_workers(self, role):
+        return []  # no syncer: rollout uses the configured engine URLs
+
     async def stats(self, streams):
         groups = {"groups": "anchor", "references": "judge", "scored": "learner"}
         return {s: {"length": 0, "groups": [{"group": groups[s], "pending": 0, "lag": self.lags.get(s, 0)}]}
