@@ -301,6 +301,20 @@ class LearnerConfig(Section):
     """Step on a partial batch after waiting this long for more groups (0 = wait for a full one)."""
     device: str = "auto"
     """"auto" (CUDA when present, else CPU), "cpu" or "cuda"."""
+    weight_sync: Literal["disk", "distributed"] = "disk"
+    """How a new version reaches the policy replicas. "disk": the syncer has each replica load
+    the published directory. "distributed": the learner also broadcasts the weights to every
+    replica over a process group before announcing the version (SGLang's
+    /update_weights_from_distributed: NCCL between GPUs, gloo on CPU; catq/learner/broadcast.py);
+    disk stays the fallback for a replica the broadcast misses, so run the syncer either way."""
+    broadcast_backend: Literal["nccl", "gloo"] = "nccl"
+    broadcast_address: str = ""
+    """The address the replicas reach the learner at for the broadcast group; "" = this host's
+    address on the interface towards the first replica."""
+    broadcast_port: int = Field(0, ge=0, le=65535)
+    """The group's rendezvous port on the learner; 0 = a free port for each group."""
+    broadcast_timeout_s: float = Field(120.0, gt=0)
+    """How long forming the group, and each version's transfer, may take."""
     seed: int = 0
     tensorboard: bool = False
     """Also write the step metrics to <run_dir>/tb/ (needs the `tensorboard` extra:

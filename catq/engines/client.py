@@ -306,6 +306,39 @@ class EngineClient(HttpJsonClient):
             raise EngineError(str(reply.get("message", reply)), 400)
         return reply
 
+    # -- weights over a process group (catq.engines.weight_group; the trainer is rank 0) ----
+
+    async def init_weights_update_group(self, *, master_address: str, master_port: int, rank_offset: int,
+                                        world_size: int, group_name: str, backend: str,
+                                        timeout_s: float) -> dict:
+        """Join the trainer's group; answers once every rank has joined."""
+        return await self._collective("/init_weights_update_group", {
+            "master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+            "world_size": world_size, "group_name": group_name, "backend": backend,
+        }, timeout_s)
+
+    async def update_weights_from_distributed(self, *, names: list[str], dtypes: list[str],
+                                              shapes: list[list[int]], group_name: str,
+                                              weight_version: str | None, timeout_s: float) -> dict:
+        """Receive the named tensors from the trainer's broadcasts; answers once loaded."""
+        return await self._collective("/update_weights_from_distributed", {
+            "names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
+            "weight_version": weight_version, "flush_cache": True,
+        }, timeout_s)
+
+    async def destroy_weights_update_group(self, group_name: str, timeout_s: float) -> dict:
+        return await self._collective("/destroy_weights_update_group", {"group_name": group_name}, timeout_s)
+
+    async def _collective(self, path: str, payload: dict, timeout_s: float) -> dict:
+        """One attempt, never retried: the other ranks of the group act once, so a second request
+        would wait for a broadcast that never comes."""
+        status, body = await self._once("POST", path, payload, timeout_s, self._admin_headers)
+        if status in (401, 403):
+            raise EngineAuthError(self.base_url, status, _error_message(body))
+        if status >= 400 or not isinstance(body, dict) or not body.get("success", False):
+            raise EngineError(_error_message(body), status)
+        return body
+
     async def pause_generation(self, mode: str = "abort") -> dict:
         """SGLang's modes: "abort" (its default) ends queued and running requests as aborted;
         "retract" and "in_place" keep them for after /continue_generation."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,8 +105,10 @@ class Scheduler:
         self._paused = False
         self._wake.set()
 
-    async def update_weights(self, path: Path, version: str | None, abort_all: bool) -> tuple[bool, str, int]:
-        """Load weights from the HF directory ``path`` in place; (success, message, paused)."""
+    async def update_weights(self, load: Callable[[], None], source: str, version: str | None,
+                             abort_all: bool) -> tuple[bool, str, int]:
+        """Run ``load`` (it changes the model's weights in place; ``source`` names where they come
+        from) once no sequence is running; (success, message, paused)."""
         async with self._update_lock:
             self._admitting = False
             try:
@@ -115,14 +118,14 @@ class Scheduler:
                 held = len(self._waiting)
                 loop = asyncio.get_running_loop()
                 try:
-                    await loop.run_in_executor(self._executor, load_weights_in_place, self.gen.model, path)
+                    await loop.run_in_executor(self._executor, load)
                 except (OSError, ValueError, RuntimeError) as exc:
-                    return False, f"Failed to load weights from {path}: {exc}", held
+                    return False, f"Failed to load weights from {source}: {exc}", held
                 if version is not None:
                     self.weight_version = version
                 self.stats.weight_updates += 1
-                log.info("weights updated", path=str(path), weight_version=self.weight_version)
-                return True, f"Succeeded to update model weights from {path}.", held
+                log.info("weights updated", source=source, weight_version=self.weight_version)
+                return True, f"Succeeded to update model weights from {source}.", held
             finally:
                 self._admitting = True
                 self._wake.set()
@@ -234,14 +237,21 @@ def load_weights_in_place(model, path: Path) -> None:
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(load_file(str(file)))
+    copy_weights_in_place(model, state, complete=True)
+
+
+def copy_weights_in_place(model, state: dict[str, torch.Tensor], *, complete: bool) -> None:
+    """Copy ``state`` into ``model``'s parameters and buffers, after checking every name and
+    shape (ValueError, nothing copied, when one does not fit). ``complete``: every parameter
+    must be there (a checkpoint); else a subset is fine (a broadcast may update some)."""
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     unexpected = sorted(set(state) - set(params))
     if unexpected:
-        raise ValueError(f"checkpoint has weights the model lacks: {unexpected[:5]}")
+        raise ValueError(f"weights the model lacks: {unexpected[:5]}")
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     missing = sorted(set(dict(model.named_parameters())) - set(state) - tied)
-    if missing:
+    if complete and missing:
         raise ValueError(f"checkpoint lacks weights: {missing[:5]}")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(params[name].shape):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hmac
 import json
 import os
@@ -43,9 +44,14 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from catq.engines import weight_group
 from catq.engines.batching import BatchGenerator, Sequence
 from catq.engines.sampling import SamplingParams
-from catq.engines.scheduler import Scheduler
+from catq.engines.scheduler import (
+    Scheduler,
+    copy_weights_in_place,
+    load_weights_in_place,
+)
 
 log = structlog.get_logger()
 
@@ -121,6 +127,37 @@ class UpdateWeightsIn(BaseModel):
     abort_all_requests: bool = False
 
 
+class InitWeightsUpdateGroupIn(BaseModel):
+    """SGLang's InitWeightsUpdateGroupReqInput."""
+
+    model_config = ConfigDict(extra="ignore")
+    master_address: str
+    master_port: int = Field(ge=1, le=65535)
+    rank_offset: int = Field(ge=1)
+    """This engine's rank in the group (rank 0 is the trainer)."""
+    world_size: int = Field(ge=2)
+    group_name: str = weight_group.DEFAULT_GROUP
+    backend: Literal["nccl", "gloo"] = "nccl"
+
+
+class UpdateWeightsFromDistributedIn(BaseModel):
+    """SGLang's UpdateWeightsFromDistributedReqInput (load_format, torch_empty_cache: ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    group_name: str = weight_group.DEFAULT_GROUP
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    weight_version: str | None = None
+
+
+class DestroyWeightsUpdateGroupIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    group_name: str = weight_group.DEFAULT_GROUP
+
+
 class PauseIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
     mode: Literal["abort", "retract", "in_place"] = "abort"
@@ -159,6 +196,11 @@ class Engine:
         self.weights_dir = weights_dir.resolve() if weights_dir else None
         self.scheduler = Scheduler(generator, max_batch=max_batch)
         self.started = time.time()
+        self.device = next(generator.model.parameters()).device
+        self.weight_groups: dict[str, Any] = {}
+        """Weight broadcast groups joined (/init_weights_update_group), by name."""
+        self.group_timeout_s = 120.0
+        """How long a group's rendezvous and each broadcast may wait for the other ranks."""
 
     # -- /generate --------------------------------------------------------------------------
 
@@ -271,13 +313,74 @@ class Engine:
         if isinstance(path, str):
             return _update_reply(False, path, 0)
         success, message, held = await self.scheduler.update_weights(
-            path, body.weight_version, body.abort_all_requests
+            functools.partial(load_weights_in_place, self.gen.model, path), str(path),
+            body.weight_version, body.abort_all_requests,
         )
         if success:
             self.model_path = str(path)
             if body.weight_version is not None:
                 message += f" Weight version updated to {body.weight_version}."
         return _update_reply(success, message, held)
+
+    async def init_weights_update_group(self, request: web.Request) -> web.Response:
+        """Join a trainer's weight broadcast group (blocks until every rank has joined)."""
+        body = InitWeightsUpdateGroupIn.model_validate(await _json(request))
+        refusal = self._group_refusal(body)
+        if refusal:
+            return _group_reply(False, refusal)
+        try:
+            group = await asyncio.to_thread(
+                weight_group.open_group, backend=body.backend, master_address=body.master_address,
+                master_port=body.master_port, rank=body.rank_offset, world_size=body.world_size,
+                group_name=body.group_name, timeout_s=self.group_timeout_s,
+            )
+        except (RuntimeError, ValueError, OSError) as exc:  # torch's DistStoreError is a RuntimeError
+            return _group_reply(False, f"Failed to initialize custom process group: {exc}")
+        self.weight_groups[body.group_name] = group
+        log.info("joined weight update group", group=body.group_name, rank=body.rank_offset,
+                 world_size=body.world_size, backend=body.backend)
+        return _group_reply(True, "Succeeded to initialize custom process group.")
+
+    def _group_refusal(self, body: InitWeightsUpdateGroupIn) -> str:
+        if body.group_name in self.weight_groups:
+            return f"weight update group {body.group_name!r} already exists: destroy it first"
+        if body.rank_offset >= body.world_size:
+            return f"rank_offset {body.rank_offset} is not below world_size {body.world_size}"
+        if body.backend == "nccl" and self.device.type != "cuda":
+            return f"backend nccl needs a CUDA engine; this one runs on {self.device.type}: use gloo"
+        return ""
+
+    async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
+        """Receive every named tensor from rank 0's broadcasts and load it in place."""
+        body = UpdateWeightsFromDistributedIn.model_validate(await _json(request))
+        group = self.weight_groups.get(body.group_name)
+        if group is None:
+            return _group_reply(False, f"no weight update group {body.group_name!r}: "
+                                       "POST /init_weights_update_group first")
+        if not len(body.names) == len(body.dtypes) == len(body.shapes):
+            return _group_reply(False, "names, dtypes and shapes must have the same length")
+        for dtype in body.dtypes:
+            weight_group.torch_dtype(dtype)  # an unknown one is a 400 before any broadcast
+
+        def receive_and_load() -> None:
+            tensors = weight_group.receive(group, body.dtypes, body.shapes, self.device)
+            copy_weights_in_place(self.gen.model, dict(zip(body.names, tensors)), complete=False)
+
+        success, message, _ = await self.scheduler.update_weights(
+            receive_and_load, f"distributed group {body.group_name!r}", body.weight_version,
+            body.abort_all_requests,
+        )
+        if success and body.weight_version is not None:
+            message += f" Weight version updated to {body.weight_version}."
+        return _group_reply(success, message)
+
+    async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
+        body = DestroyWeightsUpdateGroupIn.model_validate(await _json(request))
+        group = self.weight_groups.pop(body.group_name, None)
+        if group is None:
+            return _group_reply(False, f"no weight update group {body.group_name!r}")
+        await asyncio.to_thread(weight_group.close_group, group)
+        return _group_reply(True, "Succeeded to destroy custom process group.")
 
     def _allowed_weights_path(self, model_path: str) -> Path | str:
         """The resolved directory, or a refusal message."""
@@ -444,6 +547,10 @@ def _update_reply(success: bool, message: str, paused: int) -> web.Response:
     return web.json_response(body, status=200 if success else 400)
 
 
+def _group_reply(success: bool, message: str) -> web.Response:
+    return web.json_response({"success": success, "message": message}, status=200 if success else 400)
+
+
 def _describe(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -466,7 +573,8 @@ async def errors_as_400(request: web.Request, handler):
 
 
 ADMIN_ROUTES = frozenset({"/update_weights_from_disk", "/pause_generation", "/continue_generation",
-                          "/flush_cache"})
+                          "/flush_cache", "/init_weights_update_group", "/update_weights_from_distributed",
+                          "/destroy_weights_update_group"})
 """Routes SGLang marks ADMIN_OPTIONAL: with an admin key set, only the admin key opens them."""
 
 
@@ -501,6 +609,9 @@ def build_app(engine: Engine, *, api_key: str = "", admin_api_key: str = "") -> 
     r.add_route("POST", "/generate", engine.generate)
     r.add_route("PUT", "/generate", engine.generate)
     r.add_post("/update_weights_from_disk", engine.update_weights_from_disk)
+    r.add_post("/init_weights_update_group", engine.init_weights_update_group)
+    r.add_post("/update_weights_from_distributed", engine.update_weights_from_distributed)
+    r.add_post("/destroy_weights_update_group", engine.destroy_weights_update_group)
     r.add_get("/model_info", engine.model_info)
     r.add_get("/get_model_info", engine.model_info)
     r.add_get("/server_info", engine.server_info)

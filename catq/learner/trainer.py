@@ -130,6 +130,13 @@ class Trainer:
         torch.distributed.barrier()
         return checkpoint.checkpoint_path(self.config.checkpoint_dir, self.state.step)
 
+    def published_weights(self) -> dict[str, torch.Tensor]:
+        """The weights of the version :meth:`write_weights` last wrote, by name (tied copies
+        once), for a broadcast to the replicas; sharded, rank 0 alone has them."""
+        if not self.ranks.distributed:
+            return {name: param.detach() for name, param in self.policy.named_parameters()}
+        return getattr(self, "_published", {})
+
     def write_weights(self) -> Path:
         """Publish ``v<policy_version>``; sharded, every rank must call it and rank 0 writes."""
         if not self.ranks.distributed:
@@ -142,5 +149,6 @@ class Trainer:
             model_state = {k: v for k, v in model_state.items() if k not in tied}
             publish.write_weights(self.policy, self.tokenizer, self.config.weights_dir,
                                   self.state.policy_version, state_dict=model_state)
+            self._published = model_state
         torch.distributed.barrier()
         return publish.version_dir(self.config.weights_dir, self.state.policy_version)

@@ -159,6 +159,9 @@ class LearnerLoop:
     lease: Lease | None = None
     """The learner lease this process holds; fences commits and announcements. When not given,
     an unacquired one: its token is none Redis handed out, so it can publish nothing."""
+    broadcaster: object = None
+    """A :class:`~catq.learner.broadcast.WeightBroadcaster` (``weight_sync = "distributed"``):
+    each version goes to the replicas over a process group before it is announced."""
 
     def __post_init__(self) -> None:
         if self.tensorboard is None:
@@ -359,6 +362,8 @@ class LearnerLoop:
 
         state = self.trainer.state
         path = await asyncio.to_thread(self.trainer.write_weights)
+        if self.broadcaster is not None:
+            await self.broadcaster.push(self.trainer.published_weights(), state.policy_version)
         await publish.announce(self.lease, state.policy_version, path, state.step)
         removed = publish.prune_versions(self.config.weights_dir, self.config.learner.keep_versions)
         self.log.info("published", version=state.policy_version, path=str(path), pruned=removed)
@@ -465,6 +470,8 @@ class LearnerLoop:
                 await self.commit(publish=False)
         finally:
             self.close()
+            if self.broadcaster is not None:
+                await self.broadcaster.aclose()
 
 
 async def run(config: Config) -> None:
@@ -533,11 +540,27 @@ async def train(ctx, lease: Lease, ranks=None) -> None:
     ctx.log.info("learner ready", step=trainer.state.step, version=trainer.state.policy_version,
                  device=str(trainer.device))
     loop = LearnerLoop(ctx.config, ctx.bus, trainer, ctx.log, tensorboard=tensorboard, results=ctx.results,
-                       lease=lease)
+                       lease=lease, broadcaster=make_broadcaster(ctx.config, trainer, ctx.log))
     if not loop.done():  # one with no steps left exits at once: it never serves
         ctx.serving()
     await loop.run(ctx.stop)
     ctx.log.info("learner stopped", step=trainer.state.step, version=trainer.state.policy_version)
+
+
+def make_broadcaster(config: Config, trainer, log):
+    """The weight broadcaster ``learner.weight_sync = "distributed"`` asks for, else None."""
+    learner = config.learner
+    if learner.weight_sync != "distributed":
+        return None
+    from catq.engines.client import EngineClient
+    from catq.learner.broadcast import WeightBroadcaster
+
+    return WeightBroadcaster(
+        config.engines.policy_urls, lambda url: EngineClient.from_config(config.engines, url), log,
+        backend=learner.broadcast_backend, address=learner.broadcast_address, port=learner.broadcast_port,
+        timeout_s=learner.broadcast_timeout_s, resolve_replicas=config.engines.resolve_replicas,
+        device=str(trainer.device) if learner.broadcast_backend == "nccl" else "cpu",
+    )
 
 
 async def _release(lease: Lease, log) -> None:

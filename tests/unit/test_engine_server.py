@@ -260,3 +260,21 @@ async def wait_for_stat(url: str, key: str, value: int, timeout_s: float = 30) -
     async with asyncio.timeout(timeout_s):
         while (await get(url, "/get_server_info"))["engine_stats"][key] != value:
             await asyncio.sleep(0.05)
+
+
+
+async def test_weight_group_requests_the_engine_cannot_serve_get_400_with_the_reason(server):
+    """(Receiving weights over a group: tests/integration/test_weight_broadcast.py, real processes.)"""
+    url, _, _ = server
+    update = {"names": ["model.norm.weight"], "dtypes": ["float32"], "shapes": [[64]]}
+    status, reply = await post(url, "/update_weights_from_distributed", update)
+    assert status == 400 and "init_weights_update_group first" in reply["message"]
+    join = {"master_address": "127.0.0.1", "master_port": free_port(), "rank_offset": 1, "world_size": 2}
+    status, reply = await post(url, "/init_weights_update_group", {**join, "backend": "nccl"})
+    assert status == 400 and "use gloo" in reply["message"]
+    status, reply = await post(url, "/init_weights_update_group", {**join, "rank_offset": 2, "backend": "gloo"})
+    assert status == 400 and "not below world_size" in reply["message"]
+    status, reply = await post(url, "/destroy_weights_update_group", {})
+    assert status == 400 and reply["success"] is False
+    status, _ = await post(url, "/generate", {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 1}})
+    assert status == 200
