@@ -332,9 +332,10 @@ class ResourcesConfig(Section):
     cores: int = Field(0, ge=0)
     """Cores to share out; 0: the cores this process may run on."""
     learner_threads: int = Field(0, ge=0)
-    """0: half the cores."""
+    """0: half the cores (every core where a share would be one thread: see launcher.thread_plan)."""
     engine_threads: int = Field(0, ge=0)
-    """Per engine `catq up` starts; 0: the cores the learner leaves, split between the engines."""
+    """Per engine `catq up` starts; 0: the cores the learner leaves, split between the engines
+    (every core where a share would be one thread)."""
     role_threads: int = Field(1, ge=1)
     """Every other role: they wait on HTTP and Redis, not on torch."""
 

@@ -17,9 +17,13 @@ def test_learner_gets_half_the_cores_and_the_engines_share_the_rest():
     assert plan.for_role("learner") == 8 and plan.for_role("judge") == 1
 
 
-def test_every_process_gets_at_least_one_thread_on_a_small_machine():
-    plan = thread_plan(config_with(2), cores=2)
-    assert (plan.learner, plan.engine) == (1, 1)
+def test_on_a_small_machine_every_torch_process_gets_every_core():
+    """Under two cores per torch process a share would be one thread (measured slower)."""
+    for cores in (2, 6):
+        plan = thread_plan(config_with(2), cores=cores)
+        assert (plan.learner, plan.engine, plan.role) == (cores, cores, 1)
+    plan = thread_plan(config_with(2), cores=8)
+    assert (plan.learner, plan.engine) == (4, 2)
 
 
 def test_explicit_settings_win_and_external_engines_take_no_share():
