@@ -294,6 +294,11 @@ class LearnerConfig(Section):
     """Steps between checkpoints; scored entries are acked only once checkpointed."""
     publish_every: int = Field(1, ge=1)
     """Steps between published policy versions."""
+    background_commit: bool = True
+    """Write each checkpoint and published version while the next step trains, from a host copy
+    of the policy and optimizer state taken between steps (one more copy of both in host memory
+    meanwhile). Acks and the announcement still follow the durable write, in order. Off, or with a
+    sharded learner (torchrun), the loop waits for the writes."""
     keep_versions: int = Field(3, ge=1)
     """Published weight directories kept on disk."""
     max_steps: int = Field(1000, ge=1)

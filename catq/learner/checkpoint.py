@@ -73,10 +73,12 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(directory: Path, model, optimizer, state: TrainingState, keep: int = 2, *,
-                    model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
-    """Write a checkpoint atomically and prune older ones; returns its path. ``model_state`` and
-    ``optimizer_state``, when given, are written instead of ``model.state_dict()`` and
-    ``optimizer.state_dict()`` (a sharded learner's full ones, gathered on rank 0)."""
+                    model_state: dict | None = None, optimizer_state: dict | None = None,
+                    rng_state: dict | None = None) -> Path:
+    """Write a checkpoint atomically and prune older ones; returns its path. ``model_state``,
+    ``optimizer_state`` and ``rng_state``, when given, are written instead of
+    ``model.state_dict()``, ``optimizer.state_dict()`` and the RNGs' state now (a sharded
+    learner's full ones, gathered on rank 0; a :class:`Snapshot`'s)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = checkpoint_path(directory, state.step)
@@ -88,7 +90,7 @@ def save_checkpoint(directory: Path, model, optimizer, state: TrainingState, kee
         "policy_version": state.policy_version,
         "trained_ids": list(state.trained_ids),
         "groups_trained": state.groups_trained,
-        "rng": _rng_state(),
+        "rng": _rng_state() if rng_state is None else rng_state,
     }
     try:
         with open(tmp, "wb") as fh:
@@ -102,6 +104,47 @@ def save_checkpoint(directory: Path, model, optimizer, state: TrainingState, kee
     for _, old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
     return target
+
+
+@dataclass
+class Snapshot:
+    """Host copies of what a checkpoint holds, taken between steps, so the files can be written
+    while the live model trains on (:meth:`catq.learner.trainer.Trainer.snapshot`)."""
+
+    model: dict
+    optimizer: dict
+    state: TrainingState
+    rng: dict
+
+
+def take_snapshot(model, optimizer, state: TrainingState) -> Snapshot:
+    return Snapshot(_host_copy_tensors(model.state_dict()), _host_copy(optimizer.state_dict()),
+                    TrainingState(step=state.step, policy_version=state.policy_version,
+                                  trained_ids=list(state.trained_ids), groups_trained=state.groups_trained),
+                    _rng_state())
+
+
+def _host_copy_tensors(tensors: dict) -> dict:
+    """CPU copies of a state dict's tensors, one per storage: tied weights stay one tensor."""
+    copies: dict = {}
+    out = {}
+    for name, tensor in tensors.items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.device)
+        if key not in copies:
+            copies[key] = tensor.detach().to("cpu", copy=True)
+        out[name] = copies[key]
+    return out
+
+
+def _host_copy(value):
+    """A deep copy of an optimizer state dict with every tensor copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _host_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(v) for v in value)
+    return value
 
 
 class CheckpointError(RuntimeError):

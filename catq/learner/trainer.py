@@ -115,9 +115,22 @@ class Trainer:
         self.state.add_trained(entry_ids)
         return {"step": self.state.step, "time": time.time(), **metrics}
 
-    def save_checkpoint(self) -> Path:
-        """Write a checkpoint; sharded, every rank must call it and rank 0 writes the file (the
-        path is returned on every rank)."""
+    def snapshot(self) -> checkpoint.Snapshot | None:
+        """Host copies of the policy, optimizer and training state, for :meth:`save_checkpoint`
+        and :meth:`write_weights` to write while the live policy trains on; None when sharded
+        (gathering the full state is a collective every rank must make in step)."""
+        if self.ranks.distributed:
+            return None
+        return checkpoint.take_snapshot(self.policy, self.optimizer, self.state)
+
+    def save_checkpoint(self, snapshot: checkpoint.Snapshot | None = None) -> Path:
+        """Write a checkpoint (of ``snapshot`` when given, else of the live state); sharded, every
+        rank must call it and rank 0 writes the file (the path is returned on every rank)."""
+        if snapshot is not None:
+            return checkpoint.save_checkpoint(
+                self.config.checkpoint_dir, None, None, snapshot.state, model_state=snapshot.model,
+                optimizer_state=snapshot.optimizer, rng_state=snapshot.rng,
+            )
         if not self.ranks.distributed:
             return checkpoint.save_checkpoint(
                 self.config.checkpoint_dir, self.policy, self.optimizer, self.state
@@ -130,23 +143,32 @@ class Trainer:
         torch.distributed.barrier()
         return checkpoint.checkpoint_path(self.config.checkpoint_dir, self.state.step)
 
-    def published_weights(self) -> dict[str, torch.Tensor]:
+    def published_weights(self, snapshot: checkpoint.Snapshot | None = None) -> dict[str, torch.Tensor]:
         """The weights of the version :meth:`write_weights` last wrote, by name (tied copies
         once), for a broadcast to the replicas; sharded, rank 0 alone has them."""
+        if snapshot is not None:
+            return self._untied(snapshot.model)
         if not self.ranks.distributed:
             return {name: param.detach() for name, param in self.policy.named_parameters()}
         return getattr(self, "_published", {})
 
-    def write_weights(self) -> Path:
-        """Publish ``v<policy_version>``; sharded, every rank must call it and rank 0 writes."""
+    def _untied(self, model_state: dict) -> dict:
+        tied = distributed.tied_names(self.policy)
+        return {k: v for k, v in model_state.items() if k not in tied}
+
+    def write_weights(self, snapshot: checkpoint.Snapshot | None = None) -> Path:
+        """Publish ``v<policy_version>`` (``snapshot``'s when given); sharded, every rank must
+        call it and rank 0 writes."""
+        if snapshot is not None:
+            return publish.write_weights(self.policy, self.tokenizer, self.config.weights_dir,
+                                         snapshot.state.policy_version, state_dict=self._untied(snapshot.model))
         if not self.ranks.distributed:
             return publish.write_weights(
                 self.policy, self.tokenizer, self.config.weights_dir, self.state.policy_version
             )
         model_state = distributed.full_model_state_dict(self.policy, self.ranks)
         if self.ranks.is_main:
-            tied = distributed.tied_names(self.policy)
-            model_state = {k: v for k, v in model_state.items() if k not in tied}
+            model_state = self._untied(model_state)
             publish.write_weights(self.policy, self.tokenizer, self.config.weights_dir,
                                   self.state.policy_version, state_dict=model_state)
             self._published = model_state

@@ -102,6 +102,7 @@ async def learner_loop(trainer, config) -> dict:
     await loop.intake(deliveries(range(1, 5)))
     await loop.step()
     await loop.step()
+    await loop.settle()  # one process writes its commits in the background; two ranks wait for them
     await loop.intake(deliveries(range(5, 7)))
     stop = asyncio.Event()
     stop.set()

@@ -84,6 +84,9 @@ class FakeTrainer:
         return {"step": self.state.step, "reward_mean": 0.5, "groups_used": len(groups),
                 "step_time_s": 0.1, "loss": 0.0}
 
+    def snapshot(self):
+        return None  # as a sharded trainer: the loop writes synchronously
+
     def save_checkpoint(self):
         self.checkpoints.append((self.state.step, self.state.policy_version, list(self.state.trained_ids)))
 

@@ -65,6 +65,7 @@ async def test_step_line_has_curve_keys_with_group_fractions(tmp_path, tiny_mode
     await lp.step()                                                 # step 1: no publish
     await lp.intake([delivery(i, [1.0, 0.0]) for i in (10, 11, 12)] + [delivery(13, [1.0, 1.0])])
     await lp.step()                                                 # step 2: publishes v4
+    await lp.settle()                                               # (written in the background)
     first, second = lines(tmp_path)
     assert CURVE_KEYS <= set(first) and CURVE_KEYS <= set(second)
     assert (first["step"], first["policy_version"]) == (1, 3)
