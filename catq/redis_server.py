@@ -104,7 +104,7 @@ def start_server(binary: ServerBinary, host: str, port: int, data_dir: Path,
     proc = subprocess.Popen(server_argv(binary, host=host, port=port, data_dir=data_dir, appendonly=False),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
-    url = f"redis://{host}:{port}"
+    url = f"redis://{f'[{host}]' if ':' in host else host}:{port}"
     deadline = time.monotonic() + timeout_s
     while not answers(url):
         if proc.poll() is not None or time.monotonic() > deadline:

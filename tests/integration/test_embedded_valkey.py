@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 
 from catq import redis_server
-from catq.config import load_config
 from tests.helpers.engine_proc import free_port
-from tests.integration.test_up import child_pids, start_up, stop_up, wait_for, write_config
+from tests.integration.test_up import child_pids, start_up, stop_up, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -67,11 +66,50 @@ def http_json(url: str, body: dict | None = None):
         return json.loads(response.read())
 
 
+def one_engine_config(tmp_path: Path, run: str, redis_url: str) -> tuple[Path, str]:
+    """The smallest stack that answers a prompt: one catq engine serving the rollout, the anchor
+    and the judge, no learner or syncer (this is about Redis under the stack, not training).
+    Returns the config's path and the ingest URL."""
+    engine_port, ingest_port = free_port(), free_port()
+    engine = f"http://127.0.0.1:{engine_port}"
+    path = tmp_path / "up.toml"
+    path.write_text(f"""
+run = "{run}"
+redis_url = "{redis_url}"
+run_dir = "{tmp_path}/runs/{{run}}"
+
+[engines]
+policy_urls = ["{engine}"]
+anchor_url = "{engine}"
+judge_url = "{engine}"
+
+[[engines.launch]]
+name = "shared"
+port = {engine_port}
+kind = "catq"
+device = "cpu"
+
+[ingest]
+port = {ingest_port}
+
+[roles]
+learner = 0
+syncer = 0
+
+[rollout]
+group_size = 4
+
+[rollout.math]
+max_new_tokens = 24
+
+[anchor]
+estimator = "majority"
+""")
+    return path, f"http://127.0.0.1:{ingest_port}"
+
+
 def test_up_without_redis_server_starts_embedded_valkey_and_answers_prompts(tmp_path, no_redis_env, run_name):
-    # No learner or syncer: this is about Redis under the stack, not training.
-    config, _ = write_config(tmp_path, run_name, no_redis_env,
-                             extra="\n[roles]\nlearner = 0\nsyncer = 0\n")
-    ingest = f"http://127.0.0.1:{load_config(config).ingest.port}"
+    config, ingest = one_engine_config(tmp_path, run_name, no_redis_env)
     log = tmp_path / "up.log"
     proc = start_up(config, log)
     children: dict[int, str] = {}
