@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from rich.console import Console
 from rich.text import Text
 
-from catq.bus.entries import EntryId
+from catq.bus import EntryId
 from catq.messages import (
     DeadLetter,
     Message,

@@ -21,10 +21,11 @@ What lives where (one :class:`Bus` is built from these parts, each a mixin over 
 ``stream_bus.py``   :class:`StreamBus`, what a stream role's worker loop needs of a transport
 ==================  ===========================================================================
 
-Who may import it: any module of ``catq`` and the tests import names from ``catq.bus`` (this
-file), never from its modules; inside the package, modules import each other downward
-(keys → connection → streams → groups/inspect/records/liveness/leases). Nothing here imports a
-role, the runtime or an operator command.
+Who may import it: any module of ``catq``, ``workers``, ``bench`` and the tests import names from
+``catq.bus`` (this file), never from its modules (only the package's own test reaches into
+``scripts``); inside the package, modules import each other downward (keys → connection →
+streams → groups/inspect/records/liveness/leases). Nothing here imports a role, the runtime or
+an operator command.
 
 Roles see as little as they need: the worker loop of the stream roles
 (:class:`catq.runtime._WorkerLoop`) takes a :class:`StreamBus`, seven methods. Replacing Redis
