@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from catq.bus import Bus
+from catq.bus import Bus, StreamStats
 from catq.config import Config
 from catq.topology import CONSUMER_ROLE, ROLES
 
@@ -54,22 +54,18 @@ async def role_health(bus: Bus, config: Config) -> list[RoleHealth]:
     return out
 
 
-def waiting_work(stats: dict) -> dict[str, tuple[int, str | None]]:
+def waiting_work(stats: dict[str, StreamStats]) -> dict[str, tuple[int, str | None]]:
     """Per pipeline stream: (entries unread or pending for its consumer role, the group's progress
     marker). A stream whose group does not exist yet has its whole length waiting."""
     out = {}
     for stream, role in CONSUMER_ROLE.items():
-        info = stats.get(stream) or {"length": 0, "groups": []}
-        group = next((g for g in info["groups"] if g["group"] == role), None)
-        if group is None:
-            out[stream] = (int(info["length"]), None)
-        else:
-            marker = f"{group['last_delivered_id']}/{group['pending']}/{group.get('lag')}"
-            out[stream] = (int(group["pending"]) + int(group.get("lag") or 0), marker)
+        info = stats.get(stream) or StreamStats(0)
+        group = info.group(role)
+        out[stream] = (info.length, None) if group is None else (group.waiting, group.progress)
     return out
 
 
-def starved(stats: dict, health: list[RoleHealth]) -> list[str]:
+def starved(stats: dict[str, StreamStats], health: list[RoleHealth]) -> list[str]:
     """Stages with waiting work and no live consumer, one line each."""
     live = {h.role: len(h.live) for h in health}
     return [f"{stream}: {count} waiting, no live {CONSUMER_ROLE[stream]}"
@@ -85,7 +81,7 @@ class StallWatch:
     _since: dict[str, tuple[str | None, float]] = field(default_factory=dict)
     _reported: set[str] = field(default_factory=set)
 
-    def check(self, stats: dict, health: list[RoleHealth], now: float | None = None) -> list[str]:
+    def check(self, stats: dict[str, StreamStats], health: list[RoleHealth], now: float | None = None) -> list[str]:
         """New stall lines (starved or no progress for stall_after_s); cleared stalls may recur."""
         now = time.monotonic() if now is None else now
         lines = {line.split(":")[0]: line for line in starved(stats, health)}

@@ -487,7 +487,7 @@ class Stack:
         from catq.health import role_health
 
         try:
-            lines = watch.check(await bus.stats(), await role_health(bus, self.config))
+            lines = watch.check(await bus.stream_stats(), await role_health(bus, self.config))
         except Exception as exc:  # Redis away: the roles say so themselves; try again later
             self._say(f"stall check failed: {exc}")
             return

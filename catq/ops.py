@@ -16,10 +16,10 @@ import time
 import uuid
 from typing import Any
 
-from catq.bus import Bus, RedisAuthError, is_retryable
+from catq.bus import Bus, EntryId, RedisAuthError, StreamStats, is_retryable, prompt_of
 from catq.config import Config
 from catq.log import redact, setup_cli_logging
-from catq.messages import DeadLetter, MessageDecodeError, decode, prompt_id_of, to_json
+from catq.messages import MessageDecodeError, decode, to_json
 from catq.results import Status, reached
 from catq.topology import DEAD, STREAM_NAMES
 
@@ -192,30 +192,14 @@ async def _tail_entries(bus: Bus, args: argparse.Namespace, since_s: float | Non
         traced = await bus.trace_entries(args.prompt)
         entries = [(i, p) for s, i, p in traced if s == args.stream and p is not None]
     elif since_s is not None:
-        entries = await bus.read_range(args.stream, f"{int((time.time() - since_s) * 1000)}-0")
+        entries = await bus.read_range(args.stream, str(EntryId.at(time.time() - since_s)))
     else:
         entries = list(reversed(await bus.tail_raw(args.stream, args.count))) if args.count > 0 else []
-    entries = [(i, p) for i, p in entries if _id_order(i) <= _id_order(last)]
+    entries = [(i, p) for i, p in entries if EntryId.parse(i) <= EntryId.parse(last)]
     if since_s is not None:
         start = (time.time() - since_s) * 1000
-        entries = [(i, p) for i, p in entries if _id_order(i)[0] >= start]
+        entries = [(i, p) for i, p in entries if EntryId.parse(i).ms >= start]
     return entries if since_s is not None else entries[-args.count:] if args.count > 0 else []
-
-
-def _id_order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def prompt_of(payload: bytes) -> str | None:
-    """The prompt an entry is about (a dead letter: its original's); None if none or garbage."""
-    try:
-        message = decode(payload)
-        if isinstance(message, DeadLetter):
-            message = decode(message.payload)
-    except MessageDecodeError:
-        return None
-    return prompt_id_of(message)
 
 
 def _show(out, args: argparse.Namespace, entry_id: str, payload: bytes) -> None:
@@ -271,17 +255,17 @@ def status_command(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-async def _stats(config: Config) -> tuple[dict, list]:
+async def _stats(config: Config) -> tuple[dict[str, StreamStats], list]:
     from catq.health import role_health
 
     bus = _bus(config)
     try:
-        return await bus.stats(), await role_health(bus, config)
+        return await bus.stream_stats(), await role_health(bus, config)
     finally:
         await bus.close()
 
 
-def render_status(run: str, stats: dict[str, Any], health: list | None = None) -> str:
+def render_status(run: str, stats: dict[str, StreamStats], health: list | None = None) -> str:
     from catq.health import starved
 
     lines = [f"run {run}"]
@@ -289,16 +273,16 @@ def render_status(run: str, stats: dict[str, Any], health: list | None = None) -
         lines.append("roles (alive/expected from heartbeats; restarts by catq up):")
         lines += [h.line() for h in health]
     for stream, info in stats.items():
-        lines.append(f"  {stream:<11} length {info['length']}")
-        for g in info["groups"]:
-            lag = "" if g.get("lag") is None else f", lag {g['lag']}"
-            lines.append(f"    group {g['group']}: pending {g['pending']}{lag}, "
-                         f"{len(g['consumers'])} consumer(s)")
-            for c in g["consumers"]:
-                lines.append(f"      {c['name']}: pending {c['pending']}, idle {c['idle_ms'] / 1000:.1f}s")
+        lines.append(f"  {stream:<11} length {info.length}")
+        for g in info.groups:
+            lag = "" if g.lag is None else f", lag {g.lag}"
+            lines.append(f"    group {g.group}: pending {g.pending}{lag}, "
+                         f"{len(g.consumers)} consumer(s)")
+            for c in g.consumers:
+                lines.append(f"      {c.name}: pending {c.pending}, idle {c.idle_ms / 1000:.1f}s")
     if health is not None:
         lines += [f"  STARVED {line}" for line in starved(stats, health)]
-    dead = stats.get(DEAD.name, {}).get("length", 0)
+    dead = stats[DEAD.name].length if DEAD.name in stats else 0
     lines.append(f"  dead letters: {dead}" + ("  (catq tail dead)" if dead else ""))
     return "\n".join(lines)
 

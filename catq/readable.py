@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from rich.console import Console
 from rich.text import Text
 
+from catq.bus import EntryId
 from catq.messages import (
     DeadLetter,
     Message,
@@ -34,7 +35,7 @@ Rows = list[tuple[str, str]]
 
 def entry_time(entry_id: str) -> float:
     """The unix time Redis wrote an entry (its id's milliseconds)."""
-    return int(entry_id.split("-", 1)[0]) / 1000
+    return EntryId.parse(entry_id).time
 
 
 def clock(unix_time: float) -> str:

@@ -55,7 +55,7 @@ from typing import Any
 import structlog
 
 from catq import metrics
-from catq.bus import Bus, Delivery, Output, RedisAuthError, is_retryable
+from catq.bus import Bus, Delivery, Output, RedisAuthError, StreamBus, is_retryable
 from catq.config import BusConfig, Config, ConfigError
 from catq.log import default_worker_id, setup_logging
 from catq.messages import prompt_id_of
@@ -235,7 +235,7 @@ async def run_worker(
     async def serve(ctx: WorkerContext) -> None:
         handler = await build(ctx)
         try:
-            loop = _WorkerLoop(ctx, role, source, handler)
+            loop = _WorkerLoop(ctx, ctx.bus, role, source, handler)
             await loop.run()
             if loop.fatal is not None:
                 raise loop.fatal
@@ -248,8 +248,11 @@ async def run_worker(
 
 
 class _WorkerLoop:
-    def __init__(self, ctx: WorkerContext, group: str, source: Stream, handler: Any):
-        self.ctx, self.group, self.handler, self.stop = ctx, group, handler, ctx.stop
+    """Reads ``source`` through ``group`` and handles each delivery; sees the transport only as
+    a :class:`~catq.bus.StreamBus`."""
+
+    def __init__(self, ctx: WorkerContext, bus: StreamBus, group: str, source: Stream, handler: Any):
+        self.ctx, self.bus, self.group, self.handler, self.stop = ctx, bus, group, handler, ctx.stop
         self.stream, self.message_type = source.name, source.message
         self.concurrency = ctx.config.worker.concurrency
         self.in_flight: dict[str, asyncio.Task] = {}
@@ -299,7 +302,7 @@ class _WorkerLoop:
     async def _read(self, count: int) -> list[Delivery]:
         """One read; if asked to stop meanwhile, give it a moment to return, else abandon it
         (anything it had claimed stays pending and is reclaimed later)."""
-        read = asyncio.create_task(self.ctx.bus.read(
+        read = asyncio.create_task(self.bus.read(
             self.stream, self.group, self.ctx.worker_id, count=count,
             message_type=self.message_type))
         stopped = asyncio.create_task(self.stop.wait())
@@ -331,7 +334,7 @@ class _WorkerLoop:
         try:
             outputs = await self._handle_until_not_transient(delivery, log)
         except DeadLetterError as exc:
-            await asyncio.shield(self.ctx.bus.dead_letter(delivery, self.group, str(exc),
+            await asyncio.shield(self.bus.dead_letter(delivery, self.group, str(exc),
                                                           worker=self.ctx.worker_id))
             await self._count("dead", started)
             return
@@ -350,7 +353,7 @@ class _WorkerLoop:
         if outputs is None:
             return  # stopped while waiting out a transient failure: left pending
         try:
-            await asyncio.shield(self.ctx.bus.complete(delivery, self.group, outputs))
+            await asyncio.shield(self.bus.complete(delivery, self.group, outputs))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -365,7 +368,7 @@ class _WorkerLoop:
         seconds = time.monotonic() - started
         metrics.handled(self.ctx.role, outcome, seconds)
         try:
-            await self.ctx.bus.record_handled(self.ctx.role, outcome, seconds)
+            await self.bus.record_handled(self.ctx.role, outcome, seconds)
         except Exception as exc:
             self.ctx.log.debug("could not record role stats", error=str(exc) or type(exc).__name__)
 
@@ -410,11 +413,11 @@ class _WorkerLoop:
         """Count a failure; dead-letter at the ``max_attempts``-th (returns True), else leave it
         for a retry."""
         error = str(exc) or type(exc).__name__
-        limit = self.ctx.bus.config.max_attempts
+        limit = self.bus.config.max_attempts
         try:
-            failures = await self.ctx.bus.record_failure(delivery, self.group)
+            failures = await self.bus.record_failure(delivery, self.group)
             if failures >= limit:
-                await self.ctx.bus.dead_letter(delivery, self.group, f"failed {failures} times; last: {error}",
+                await self.bus.dead_letter(delivery, self.group, f"failed {failures} times; last: {error}",
                                                worker=self.ctx.worker_id)
                 return True
         except Exception as bus_exc:  # Redis away: the entry stays pending either way
@@ -439,7 +442,7 @@ class _WorkerLoop:
 
     async def _forget_consumer(self) -> None:
         try:
-            await asyncio.wait_for(self.ctx.bus.forget_consumer(self.stream, self.group, self.ctx.worker_id), 5)
+            await asyncio.wait_for(self.bus.forget_consumer(self.stream, self.group, self.ctx.worker_id), 5)
         except Exception as exc:  # bookkeeping only: a leftover consumer entry is harmless
             self.ctx.log.warning("could not remove consumer", error=str(exc) or type(exc).__name__)
 
@@ -449,7 +452,7 @@ class _WorkerLoop:
             await asyncio.sleep(interval)
             ids = list(self.in_flight)
             try:
-                await self.ctx.bus.keep_alive(self.stream, self.group, self.ctx.worker_id, ids)
+                await self.bus.keep_alive(self.stream, self.group, self.ctx.worker_id, ids)
             except Exception as exc:
                 self.ctx.log.warning("keep-alive failed", error=str(exc) or type(exc).__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 
-from catq.bus import Bus
+from catq.bus import Bus, StreamStats
 from catq.config import Config
 from catq.topology import DEAD, ROLES, WORK_STREAMS
 
@@ -42,7 +42,7 @@ class RoleWork:
 @dataclass
 class Frame:
     run: str
-    stats: dict[str, Any]
+    stats: dict[str, StreamStats]
     health: list
     work: dict[str, RoleWork]
     learner: dict[str, Any]
@@ -131,7 +131,7 @@ async def read_frame(bus: Bus, config: Config) -> Frame:
     work = {}
     for role in WORKER_LOOP_ROLES:
         work[role] = role_work(*await bus.role_stats(role))
-    return Frame(config.run, await bus.stats(), await role_health(bus, config), work,
+    return Frame(config.run, await bus.stream_stats(), await role_health(bus, config), work,
                  await learner_status(bus), await engine_versions(config))
 
 
@@ -184,10 +184,11 @@ def render(frame: Frame) -> Group:
 def streams_table(frame: Frame) -> Table:
     table = Table("stream", "length", "group", "lag", "pending", "consumers", title="streams", title_justify="left")
     for stream, info in frame.stats.items():
-        groups = info["groups"] or [{"group": "—", "lag": None, "pending": "—", "consumers": []}]
-        for g in groups:
-            lag = "—" if g.get("lag") is None else str(g["lag"])
-            table.add_row(stream, str(info["length"]), g["group"], lag, str(g["pending"]), str(len(g["consumers"])))
+        for g in info.groups:
+            lag = "—" if g.lag is None else str(g.lag)
+            table.add_row(stream, str(info.length), g.group, lag, str(g.pending), str(len(g.consumers)))
+        if not info.groups:
+            table.add_row(stream, str(info.length), "—", "—", "—", "0")
     return table
 
 
@@ -211,7 +212,7 @@ def learner_table(frame: Frame) -> Table:
 
 
 def engines_table(frame: Frame) -> Table:
-    dead = frame.stats.get(DEAD.name, {}).get("length", 0)
+    dead = frame.stats[DEAD.name].length if DEAD.name in frame.stats else 0
     table = Table("policy engine", "serves version", title=f"engines — dead letters: {dead}"
                   + ("  (catq tail dead)" if dead else ""), title_justify="left")
     for url, version in frame.engines.items():

@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any
 
-from catq.bus import Bus
+from catq.bus import Bus, EntryId, prompt_of
 from catq.config import Config
 from catq.messages import (
     DeadLetter,
@@ -24,7 +24,6 @@ from catq.messages import (
     RolloutGroup,
     ScoredGroup,
     decode,
-    prompt_id_of,
 )
 from catq.readable import Rows, clock, entry_time, numbers, preview, satisfied_marks
 
@@ -64,24 +63,15 @@ async def _trace(config: Config, args: argparse.Namespace) -> int:
 
 async def last_prompt(bus: Bus) -> str | None:
     """The prompt of the newest entry across the work streams and ``dead``."""
-    newest: list[tuple[tuple[int, int], bytes]] = []
+    newest: list[tuple[EntryId, bytes]] = []
     for stream in LAST_STREAMS:
         for entry_id, payload in await bus.tail_raw(stream, 1):
-            ms, _, seq = entry_id.partition("-")
-            newest.append(((int(ms), int(seq)), payload))
+            newest.append((EntryId.parse(entry_id), payload))
     for _, payload in sorted(newest, reverse=True):
-        prompt_id = _prompt_of(payload)
+        prompt_id = prompt_of(payload)
         if prompt_id:
             return prompt_id
     return None
-
-
-def _prompt_of(payload: bytes) -> str | None:
-    try:
-        message = decode(payload)
-        return prompt_id_of(decode(message.payload) if isinstance(message, DeadLetter) else message)
-    except MessageDecodeError:
-        return None
 
 
 # -- building -------------------------------------------------------------------------------------

@@ -52,8 +52,8 @@ import structlog
 from catq import metrics
 from catq.config import Config
 from catq.engines.replicas import POOL, discover, registry_entry
-from catq.messages import DeadLetter, WeightsPublished, encode
-from catq.topology import DEAD, WEIGHTS
+from catq.messages import WeightsPublished
+from catq.topology import WEIGHTS
 
 ROLE = "syncer"
 
@@ -123,11 +123,7 @@ class Syncer:
 
     async def dead_letter(self, entry_id: str, message: WeightsPublished, error: str) -> None:
         self.log.error("weights refused", entry_id=entry_id, version=message.policy_version, error=error)
-        await self.bus.publish(
-            DEAD.name,
-            DeadLetter(stream=WEIGHTS.name, entry_id=entry_id, payload=encode(message), error=error,
-                       attempts=1, worker=self.worker_id),
-        )
+        await self.bus.dead_letter_entry(WEIGHTS.name, entry_id, message, error, worker=self.worker_id)
 
     async def poll(self, block_ms: int) -> None:
         entries = await self.bus.read_all(WEIGHTS.name, WeightsPublished, after_id=self.last_id,

@@ -95,7 +95,7 @@ import structlog
 
 from catq import metrics as prometheus
 from catq.bus import LeaseLost
-from catq.config import BusConfig, Config
+from catq.config import Config
 from catq.learner.grpo import NonFiniteStep, StepCancelled, prepare_group
 from catq.learner.lease import Lease
 from catq.learner.tensorboard import TensorBoardLog
@@ -467,22 +467,12 @@ class LearnerLoop:
         """Take back entries a previous learner process left pending, in one read with a short
         claim idle time (one read, so nothing is claimed twice). The learner never holds more
         than a few batches, far below the read's count."""
-        from catq.bus import Bus
-
         cfg = self.config.learner
         count = max(1000, 4 * cfg.batch_groups * cfg.checkpoint_every)
-        startup = Bus(self.config.redis_url, self.config.run, self._bus_config(STARTUP_CLAIM_IDLE_MS))
-        try:
-            await asyncio.sleep(2 * STARTUP_CLAIM_IDLE_MS / 1000)
-            deliveries = await startup.read(
-                SCORED.name, GROUP, CONSUMER, count=count, message_type=ScoredGroup, block_ms=1
-            )
-            await self.intake(deliveries)
-        finally:
-            await startup.close()
-
-    def _bus_config(self, claim_idle_ms: int) -> BusConfig:
-        return self.config.bus.model_copy(update={"claim_idle_ms": claim_idle_ms})
+        await asyncio.sleep(2 * STARTUP_CLAIM_IDLE_MS / 1000)
+        deliveries = await self.bus.take_over(SCORED.name, GROUP, CONSUMER, count=count, message_type=ScoredGroup,
+                                              idle_ms=STARTUP_CLAIM_IDLE_MS, block_ms=1)
+        await self.intake(deliveries)
 
     def done(self) -> bool:
         return self.trainer.state.step >= self.config.learner.max_steps

@@ -240,3 +240,50 @@ async def test_message_survives_bus_round_trip(bus):
     await bus.publish("prompts", p, source="1-0")
     (d,) = await bus.read("prompts", "g", "c", count=1, message_type=Prompt)
     assert d.message == p and d.payload == encode(p)
+
+
+async def test_take_over_claims_every_entry_left_pending_whatever_claim_idle_ms_says(run_name, redis_url):
+    holding = Bus(redis_url, run_name, BusConfig(claim_idle_ms=3_600_000, block_ms=50))
+    try:
+        left = [await holding.publish("prompts", prompt(f"p{i}")) for i in range(3)]
+        assert len(await holding.read("prompts", "g", "c", count=3, message_type=Prompt)) == 3
+        newer = await holding.publish("prompts", prompt("new"))
+        assert await holding.read("prompts", "g", "c", count=10, message_type=Prompt) != []  # "new", read now
+        later = await holding.publish("prompts", prompt("later"))
+        await asyncio.sleep(0.2)
+        # A plain read reclaims nothing (an hour's claim idle time): only the unread entry.
+        assert [d.entry_id for d in await holding.read("prompts", "g", "c", count=10, message_type=Prompt)] == [later]
+        await asyncio.sleep(0.2)
+        got = await holding.take_over("prompts", "g", "c", count=10, message_type=Prompt, idle_ms=100, block_ms=1)
+        assert sorted(d.entry_id for d in got) == sorted(left + [newer, later])
+        assert all(d.attempts == 2 for d in got)  # each delivered before, now once more
+    finally:
+        await holding.close()
+
+
+async def test_an_entry_read_without_a_group_is_dead_lettered_with_its_message_and_reason(bus):
+    weights = WeightsPublished(policy_version=2, path="/elsewhere", step=2)
+    entry = await bus.publish("weights", weights)
+    dead_id = await bus.dead_letter_entry("weights", entry, weights, "refused: outside", worker="syncer-1")
+    (listed_id, payload), = await bus.dead_letters()
+    letter = decode(payload)
+    assert listed_id == dead_id and isinstance(letter, DeadLetter)
+    assert (letter.stream, letter.entry_id, letter.error, letter.attempts, letter.worker) == (
+        "weights", entry, "refused: outside", 1, "syncer-1")
+    assert decode(letter.payload) == weights
+
+
+async def test_stream_stats_are_typed_and_stats_keeps_its_json_shape(bus):
+    await bus.publish("prompts", prompt("a"))
+    await bus.publish("prompts", prompt("b"))
+    await bus.read("prompts", "g", "c", count=1, message_type=Prompt)
+    typed = (await bus.stream_stats(("prompts", "dead")))
+    group = typed["prompts"].group("g")
+    assert typed["prompts"].length == 2 and typed["dead"].length == 0 and typed["dead"].groups == []
+    assert (group.pending, group.lag, group.waiting) == (1, 1, 2)
+    assert [(c.name, c.pending) for c in group.consumers] == [("c", 1)]
+    plain = await bus.stats(("prompts",))
+    (consumer,) = plain["prompts"]["groups"][0].pop("consumers")
+    assert plain == {"prompts": {"length": 2, "groups": [
+        {"group": "g", "pending": 1, "lag": 1, "last_delivered_id": group.last_delivered_id}]}}
+    assert consumer.pop("idle_ms") >= 0 and consumer == {"name": "c", "pending": 1}

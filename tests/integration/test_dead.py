@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from catq.bus import Bus
 from catq.config import BusConfig
 from catq.messages import ChatMessage, DeadLetter, Prompt
@@ -24,6 +26,7 @@ def prompt(text: str, pid: str) -> Prompt:
     return Prompt(prompt_id=pid, task="math", messages=[ChatMessage("user", text)])
 
 
+@pytest.mark.slow  # starts processes
 async def test_a_dead_letter_is_listed_replayed_after_the_fix_and_processed_once(
         bus, run_name, redis_url, workers, tmp_path):  # noqa: F811
     broken = tmp_path / "broken"

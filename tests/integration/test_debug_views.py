@@ -12,6 +12,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from catq.bus import Output
 from catq.cli import main
 from catq.messages import (
@@ -183,6 +185,7 @@ async def test_top_once_and_role_stats(bus, capsys, redis_url, run_name):
     assert "scored" in out and "judge" in out and "dead letters: 0" in out
 
 
+@pytest.mark.slow  # starts processes
 async def test_top_live_refreshes_and_q_quits(bus, redis_url, run_name):
     await run_chain(bus, new_prompt_id())
     primary, secondary = pty.openpty()
@@ -204,6 +207,7 @@ async def test_top_live_refreshes_and_q_quits(bus, redis_url, run_name):
     assert b"references" in seen
 
 
+@pytest.mark.slow  # starts processes
 async def test_tail_follow_prints_new_entries_of_the_prompt_only(bus, redis_url, run_name):
     await run_chain(bus, new_prompt_id())  # before the follow starts: not printed with --count 0
     wanted, other = new_prompt_id(), new_prompt_id()

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from catq.bus import Bus, LeaseLost
-from catq.engines.models import tiny_model_dir
 from catq.learner import checkpoint
 from catq.messages import DeadLetter, WeightsPublished
 from catq.results import ResultStore
@@ -23,6 +22,7 @@ from tests.integration.test_learner_restart import (
     wait_for,
     write_config,
 )
+from tests.helpers.tiny_model import tiny_model_path  # noqa: F401  (fixture: one tiny model a session)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -38,8 +38,8 @@ def events(log: Path, event: str) -> list[dict]:
     return found
 
 
-def config_with(tmp_path: Path, run: str, redis_url: str, bus: str = "", **learner) -> Path:
-    path = write_config(tmp_path, run, redis_url, tiny_model_dir(tmp_path), **learner)
+def config_with(tmp_path: Path, run: str, redis_url: str, model: Path, bus: str = "", **learner) -> Path:
+    path = write_config(tmp_path, run, redis_url, model, **learner)
     path.write_text(path.read_text().replace("[bus]\n", f"[bus]\n{bus}\n"))
     return path
 
@@ -66,9 +66,9 @@ async def test_a_stale_fencing_token_publishes_nothing(bus):
 
 
 async def test_a_second_learner_waits_for_the_lease_and_the_one_it_replaced_stops(
-    tmp_path, run_name, redis_url
+    tmp_path, run_name, redis_url, tiny_model_path  # noqa: F811
 ):
-    config = config_with(tmp_path, run_name, redis_url)
+    config = config_with(tmp_path, run_name, redis_url, tiny_model_path)
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     bus = Bus(redis_url, run_name)
     first = start_learner(config, first_log)
@@ -101,9 +101,9 @@ async def test_a_second_learner_waits_for_the_lease_and_the_one_it_replaced_stop
 
 
 async def test_the_same_group_published_twice_is_trained_once_across_a_restart(
-    tmp_path, run_name, redis_url
+    tmp_path, run_name, redis_url, tiny_model_path  # noqa: F811
 ):
-    config = config_with(tmp_path, run_name, redis_url)
+    config = config_with(tmp_path, run_name, redis_url, tiny_model_path)
     run_dir, log = tmp_path / "runs" / run_name, tmp_path / "learner.log"
     bus = Bus(redis_url, run_name)
     twice = make_scored(0, [1.0, 0.0, 0.5])
@@ -137,9 +137,9 @@ async def test_the_same_group_published_twice_is_trained_once_across_a_restart(
 
 
 async def test_resume_skips_a_truncated_newest_checkpoint_and_never_reuses_a_version(
-    tmp_path, run_name, redis_url
+    tmp_path, run_name, redis_url, tiny_model_path  # noqa: F811
 ):
-    config = config_with(tmp_path, run_name, redis_url)
+    config = config_with(tmp_path, run_name, redis_url, tiny_model_path)
     run_dir, log = tmp_path / "runs" / run_name, tmp_path / "learner.log"
     bus = Bus(redis_url, run_name)
     try:
@@ -175,9 +175,11 @@ async def test_resume_skips_a_truncated_newest_checkpoint_and_never_reuses_a_ver
         await bus.close()
 
 
-async def test_a_learner_restarted_at_max_steps_reads_nothing(tmp_path, run_name, redis_url):
+async def test_a_learner_restarted_at_max_steps_reads_nothing(
+    tmp_path, run_name, redis_url, tiny_model_path  # noqa: F811
+):
     # max_attempts = 1: a second delivery of anything would dead-letter it
-    config = config_with(tmp_path, run_name, redis_url, bus="max_attempts = 1", max_steps=1)
+    config = config_with(tmp_path, run_name, redis_url, tiny_model_path, bus="max_attempts = 1", max_steps=1)
     run_dir, log = tmp_path / "runs" / run_name, tmp_path / "learner.log"
     bus = Bus(redis_url, run_name)
     try:

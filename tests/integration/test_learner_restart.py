@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from catq.bus import Bus
-from catq.engines.models import tiny_model_dir
 from catq.learner import checkpoint
 from catq.messages import (
     ChatMessage,
@@ -27,6 +26,7 @@ from catq.messages import (
     ScoredGroup,
     WeightsPublished,
 )
+from tests.helpers.tiny_model import tiny_model_path  # noqa: F401  (fixture: one tiny model a session)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -104,9 +104,9 @@ async def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen 
 
 
 async def test_sigkill_between_steps_resumes_without_loss_or_double_training(
-    tmp_path, run_name, redis_url
+    tmp_path, run_name, redis_url, tiny_model_path  # noqa: F811
 ):
-    model = tiny_model_dir(tmp_path)
+    model = tiny_model_path
     config = write_config(tmp_path, run_name, redis_url, model)
     run_dir = tmp_path / "runs" / run_name
     log = tmp_path / "learner.log"

@@ -67,6 +67,7 @@ def cluster():
         yield running
 
 
+@pytest.mark.slow  # starts processes
 async def test_the_bus_protocol_on_a_redis_cluster(cluster):
     """Publish, read, complete (a script over two streams, a marker and a trace), reclaim and
     dead-letter, on a cluster whose three masters each own a third of the slots."""

@@ -15,11 +15,11 @@ import pytest
 
 from catq.bus import Bus
 from catq.engines.client import EngineClient
-from catq.engines.models import tiny_model_dir
 from catq.engines.replicas import POOL
 from catq.messages import ChatMessage, Prompt, RolloutGroup, WeightsPublished
 from tests.helpers.engine_proc import EngineProcess, engine_factory, free_port  # noqa: F401  (fixture)
 from tests.integration.test_learner_restart import start_learner, write_config
+from tests.helpers.tiny_model import tiny_model_path  # noqa: F401  (fixture: one tiny model a session)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -49,9 +49,9 @@ class Registry:
 
 
 async def test_replicas_serve_every_version_share_the_load_and_join_only_when_current(
-    tmp_path, run_name, redis_url, engine_factory  # noqa: F811
+    tmp_path, run_name, redis_url, engine_factory, tiny_model_path  # noqa: F811
 ):
-    model = tiny_model_dir(tmp_path)
+    model = tiny_model_path
     weights = tmp_path / "runs" / run_name / "weights"
     a = engine_factory(model=str(model), weights_dir=weights)
     b = engine_factory(model=str(model), weights_dir=weights)

@@ -56,6 +56,7 @@ def workers(tmp_path):
         stop_process(proc)
 
 
+@pytest.mark.slow  # starts processes
 async def test_sigkilled_consumer_work_is_finished_by_another_once(bus, run_name, redis_url, workers):
     entry = await bus.publish("prompts", prompt("sleep:1.5"))
     first = workers(redis_url, run_name, "--worker-id", "doomed", "--claim-idle-ms", "600")
@@ -69,6 +70,7 @@ async def test_sigkilled_consumer_work_is_finished_by_another_once(bus, run_name
     assert await pending_ids(bus) == []
 
 
+@pytest.mark.slow  # starts processes
 async def test_poison_and_failing_entries_are_dead_lettered_and_worker_goes_on(bus, run_name, redis_url, workers):
     ids = {text: await bus.publish("prompts", prompt(text)) for text in ("poison", "fail", "ok1", "ok2")}
     proc = workers(redis_url, run_name, "--claim-idle-ms", "300", "--max-attempts", "2")
@@ -89,6 +91,7 @@ async def test_poison_and_failing_entries_are_dead_lettered_and_worker_goes_on(b
     assert await results.get("ok1") is None  # only dead letters write results here
 
 
+@pytest.mark.slow  # starts processes
 async def test_a_dependency_down_longer_than_max_attempts_reclaims_costs_nothing(
         bus, run_name, redis_url, workers, tmp_path):
     down = tmp_path / "engine-down"
@@ -108,6 +111,7 @@ async def test_a_dependency_down_longer_than_max_attempts_reclaims_costs_nothing
     assert await pending_ids(bus) == []
 
 
+@pytest.mark.slow  # starts processes
 async def test_a_hung_handler_is_abandoned_at_its_deadline_and_dead_lettered_at_max_attempts(
         bus, run_name, redis_url, workers):
     hung = await bus.publish("prompts", prompt("hang"))
@@ -128,6 +132,7 @@ async def _has_output(bus: Bus, entry_id: str) -> bool:
     return any(src == entry_id for src, _ in await echoed(bus))
 
 
+@pytest.mark.slow  # starts processes
 async def test_sigterm_finishes_or_leaves_pending_never_acks_without_output(bus, run_name, redis_url, workers):
     texts = ["sleep:1.0", "sleep:1.0", "sleep:60", "sleep:60"]
     ids = [await bus.publish("prompts", prompt(t, f"p{i}")) for i, t in enumerate(texts)]
@@ -146,6 +151,7 @@ async def test_sigterm_finishes_or_leaves_pending_never_acks_without_output(bus,
     assert [c["name"] for c in consumers] == [b"w"]  # still holds entries, so kept
 
 
+@pytest.mark.slow  # starts processes
 async def test_clean_stop_removes_idle_consumer(bus, run_name, redis_url, workers):
     await bus.publish("prompts", prompt("hi"))
     proc = workers(redis_url, run_name, "--worker-id", "w")

@@ -12,7 +12,6 @@ import pytest
 
 from catq.bus import Bus
 from catq.engines.client import EngineClient
-from catq.engines.models import tiny_model_dir
 from tests.helpers.engine_proc import engine_factory, free_port  # noqa: F401  (fixture)
 from tests.integration.test_learner_restart import (
     make_scored,
@@ -20,6 +19,7 @@ from tests.integration.test_learner_restart import (
     write_config,
 )
 from tests.integration.test_weight_sync import wait_published, wait_version
+from tests.helpers.tiny_model import tiny_model_path  # noqa: F401  (fixture: one tiny model a session)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -50,9 +50,9 @@ def stop(procs) -> None:
 
 
 async def test_each_version_reaches_both_replicas_over_the_group_and_matches_its_directory(
-    tmp_path, run_name, redis_url, engine_factory  # noqa: F811
+    tmp_path, run_name, redis_url, engine_factory, tiny_model_path  # noqa: F811
 ):
-    model = tiny_model_dir(tmp_path)
+    model = tiny_model_path
     weights = tmp_path / "runs" / run_name / "weights"
     engines = [engine_factory(model=str(model), weights_dir=weights) for _ in range(2)]
     config = broadcast_config(tmp_path, run_name, redis_url, model, engines)
@@ -84,9 +84,9 @@ async def test_each_version_reaches_both_replicas_over_the_group_and_matches_its
 
 
 async def test_a_replica_that_cannot_join_is_refused_clearly_and_gets_the_version_from_disk(
-    tmp_path, run_name, redis_url, engine_factory  # noqa: F811
+    tmp_path, run_name, redis_url, engine_factory, tiny_model_path  # noqa: F811
 ):
-    model = tiny_model_dir(tmp_path)
+    model = tiny_model_path
     weights = tmp_path / "runs" / run_name / "weights"
     engine = engine_factory(model=str(model), weights_dir=weights)
     client = EngineClient(engine.url, timeout_s=30)

@@ -14,7 +14,6 @@ import pytest
 
 from catq.bus import Bus
 from catq.engines.client import EngineClient
-from catq.engines.models import tiny_model_dir
 from catq.messages import DeadLetter, WeightsPublished, decode
 from tests.helpers.engine_proc import engine_factory  # noqa: F401  (fixture)
 from tests.integration.test_learner_restart import (
@@ -22,6 +21,7 @@ from tests.integration.test_learner_restart import (
     start_learner,
     write_config,
 )
+from tests.helpers.tiny_model import tiny_model_path  # noqa: F401  (fixture: one tiny model a session)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -45,9 +45,9 @@ async def wait_published(bus: Bus, version: int, timeout: float = 90.0) -> Weigh
 
 
 async def test_learner_publishes_syncer_updates_engine_and_refuses_outside_paths(
-    tmp_path, run_name, redis_url, engine_factory  # noqa: F811
+    tmp_path, run_name, redis_url, engine_factory, tiny_model_path  # noqa: F811
 ):
-    model = tiny_model_dir(tmp_path)
+    model = tiny_model_path
     run_dir = tmp_path / "runs" / run_name
     engine = engine_factory(model=str(model), weights_dir=run_dir / "weights")
     config = write_config(tmp_path, run_name, redis_url, model,
@@ -115,11 +115,11 @@ async def wait_dead_letter(bus: Bus, entry_id: str, timeout: float = 30.0) -> De
 
 
 async def test_a_forged_version_number_is_refused_and_later_versions_still_apply(
-    tmp_path, run_name, redis_url, engine_factory  # noqa: F811
+    tmp_path, run_name, redis_url, engine_factory, tiny_model_path  # noqa: F811
 ):
     """The syncer takes the version from the v<N> directory, not from the message: "v99" with
     v1's path is refused, the engine stays on v2, and v3 published afterwards is applied."""
-    model = tiny_model_dir(tmp_path)
+    model = tiny_model_path
     run_dir = tmp_path / "runs" / run_name
     weights = run_dir / "weights"
     engine = engine_factory(model=str(model), weights_dir=weights)

@@ -9,7 +9,7 @@ import structlog
 from catq.config import load_config
 from catq.engines.client import EngineError, parse_version
 from catq.learner.syncer import Syncer
-from catq.messages import DeadLetter, WeightsPublished
+from catq.messages import DeadLetter, WeightsPublished, encode
 
 
 @dataclass
@@ -26,6 +26,11 @@ class FakeBus:
     async def publish(self, stream, message, source=None):
         self.published.append((stream, message))
         return "x-0"
+
+    async def dead_letter_entry(self, stream, entry_id, message, error, *, worker=""):
+        letter = DeadLetter(stream=stream, entry_id=entry_id, payload=encode(message), error=error, attempts=1,
+                            worker=worker)
+        return await self.publish("dead", letter)
 
     listed: dict = field(default_factory=dict)
 

@@ -13,7 +13,7 @@ from catq.config import load_config
 from catq.engines.client import EngineError
 from catq.engines.replicas import REGISTRY_FRESH_BEATS, NoReplicaReady, ReplicaPicker, discover, registry_entry
 from catq.learner.syncer import Syncer
-from catq.messages import WeightsPublished
+from catq.messages import DeadLetter, WeightsPublished, encode
 
 
 @dataclass
@@ -41,6 +41,11 @@ class FakeBus:
     async def publish(self, stream, message, source=None):
         self.published.append((stream, message))
         return "x-0"
+
+    async def dead_letter_entry(self, stream, entry_id, message, error, *, worker=""):
+        letter = DeadLetter(stream=stream, entry_id=entry_id, payload=encode(message), error=error, attempts=1,
+                            worker=worker)
+        return await self.publish("dead", letter)
 
 
 @dataclass

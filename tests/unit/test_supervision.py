@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from catq.bus import GroupStats, StreamStats
 from catq.config import SuperviseConfig
 from catq.health import RoleHealth, StallWatch, starved, waiting_work
 from catq.launcher import Child, restart_delay
@@ -30,11 +31,10 @@ def test_failed_starts_in_a_row_are_a_crash_loop_and_a_longer_run_resets_the_cou
 
 
 def stats(groups_lag=0, groups_pending=0, delivered="0-0", with_group=True, prompts_len=0):
-    groups = [{"group": "anchor", "pending": groups_pending, "lag": groups_lag, "last_delivered_id": delivered,
-               "consumers": []}] if with_group else []
-    return {"prompts": {"length": prompts_len, "groups": []}, "groups": {"length": 9, "groups": groups},
-            "references": {"length": 0, "groups": []}, "scored": {"length": 0, "groups": []},
-            "dead": {"length": 0, "groups": []}}
+    groups = [GroupStats("anchor", pending=groups_pending, lag=groups_lag, last_delivered_id=delivered)
+              ] if with_group else []
+    return {"prompts": StreamStats(prompts_len), "groups": StreamStats(9, groups),
+            "references": StreamStats(0), "scored": StreamStats(0), "dead": StreamStats(0)}
 
 
 def health(**live):
