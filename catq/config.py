@@ -93,6 +93,12 @@ class EnginesConfig(Section):
     """Model name sent to an OpenAI-compatible judge."""
     judge_api_key_env: str = "OPENAI_API_KEY"
     """Environment variable holding the judge's API key (never put keys in config files)."""
+    judge_chat_template_kwargs: dict[str, bool | int | float | str] | None = None
+    """Chat-template variables for the judge. None: an engine judge (judge_api "sglang",
+    templated client-side) uses ``model.chat_template_kwargs``, an OpenAI-compatible judge gets
+    none (hosted APIs refuse unknown fields). A table: used for the judge whatever its API; an
+    OpenAI-compatible one receives it as the request's ``chat_template_kwargs`` (SGLang's and
+    vLLM's field, e.g. ``{ enable_thinking = false }`` for a Qwen3 judge)."""
     api_key_env: str = "CATQ_ENGINE_API_KEY"
     """Environment variable holding the engines' API key (SGLang's --api-key), sent as
     ``Authorization: Bearer``; unset or empty = no key. `catq up` starts its engines with it."""
@@ -120,6 +126,12 @@ class ModelConfig(Section):
     """Frozen anchor π0: the learner's KL reference and the anchor engine's model."""
     cache_dir: str = ""
     """Where `catq model prepare` puts the converted default model; "" = ~/.cache/catq."""
+    chat_template_kwargs: dict[str, bool | int | float | str] = {}
+    """Extra variables for the chat template, wherever catq applies the policy's or anchor's
+    template (rollouts, synthesis, rubrics, self-BoN, `catq eval`, an engine judge on the same
+    tokenizer): e.g. ``{ enable_thinking = false }`` turns Qwen3's thinking off, as the paper ran
+    it. catq applies templates client-side, so SGLang sees token ids; where SGLang applies one
+    (an OpenAI-compatible judge) see ``engines.judge_chat_template_kwargs``."""
 
 
 class BusConfig(Section):
@@ -198,10 +210,12 @@ class AnchorConfig(Section):
     estimator: Literal["synthesis", "majority", "self_bon", "min_ppl"] = "synthesis"
     include_question: bool = False
     """Show the anchor the question (ablation only: the paper omits it on purpose)."""
-    prompt: Literal["paper", "short"] = "paper"
-    """Synthesis prompt: "paper" is CaT's (summary, then a unified response; right for capable
-    anchors); "short" asks only for the one correct final answer (an option for small anchors,
-    chosen by what `catq eval` measures)."""
+    prompt: Literal["paper", "catq", "short"] = "paper"
+    """Synthesis prompt (catq/teacher/prompts.py): "paper" is the paper's template (chain-of-thought
+    for math, free-form for open tasks: reconcile the responses, keep minority insights, a summary,
+    then the unified response; math ends with "Final answer: \\boxed{}"); "catq" is catq's own
+    earlier wording (numbered steps); "short" asks only for the one correct final answer (math;
+    an option for small anchors, chosen by what `catq eval` measures)."""
     prime_final_answer: bool = True
     """math: when a synthesis states no final answer, continue the anchor's own context with a
     primed final-answer line (one short extra generation; a follow-up turn for OpenAI-compatible

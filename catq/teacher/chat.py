@@ -118,19 +118,22 @@ class OpenAIChat:
         await self.client.close()
 
 
-def engine_chat(config: Config, url: str, model: str, sampling: SamplingConfig) -> EngineChat:
-    """An EngineChat on ``url`` using ``model``'s tokenizer (a path or "default")."""
+def engine_chat(config: Config, url: str, model: str, sampling: SamplingConfig,
+                template_kwargs: dict | None = None) -> EngineChat:
+    """An EngineChat on ``url`` using ``model``'s tokenizer (a path or "default") and chat
+    template, with ``model.chat_template_kwargs`` unless ``template_kwargs`` is given."""
     from catq.engines.client import EngineClient
-    from catq.engines.tokenizer import ChatTokenizer
+    from catq.engines.tokenizer import chat_tokenizer
 
     client = EngineClient.from_config(config.engines, url)
-    return EngineChat(client, ChatTokenizer(model, config.model.cache_dir or None), sampling)
+    return EngineChat(client, chat_tokenizer(config, model, template_kwargs), sampling)
 
 
 def judge_chat(config: Config) -> EngineChat | OpenAIChat:
     """The judge endpoint of the config: greedy, ``judge.max_new_tokens`` long replies.
     For an SGLang/catq judge the tokenizer is ``engines.judge_model`` when set, else the anchor
-    model (the default config serves the judge from the anchor's engine)."""
+    model (the default config serves the judge from the anchor's engine). Its chat-template
+    variables: ``engines.judge_chat_template_kwargs`` (see there)."""
     sampling = SamplingConfig(temperature=0.0, top_p=1.0, top_k=-1, max_new_tokens=config.judge.max_new_tokens)
     engines = config.engines
     if engines.judge_api == "openai":
@@ -138,6 +141,8 @@ def judge_chat(config: Config) -> EngineChat | OpenAIChat:
 
         client = ChatClient(engines.judge_url, model=engines.judge_model,
                             api_key=os.environ.get(engines.judge_api_key_env),
-                            timeout_s=engines.request_timeout_s, max_attempts=engines.max_attempts)
+                            timeout_s=engines.request_timeout_s, max_attempts=engines.max_attempts,
+                            chat_template_kwargs=engines.judge_chat_template_kwargs)
         return OpenAIChat(client, sampling)
-    return engine_chat(config, engines.judge_url, engines.judge_model or config.model.anchor, sampling)
+    return engine_chat(config, engines.judge_url, engines.judge_model or config.model.anchor, sampling,
+                       engines.judge_chat_template_kwargs)

@@ -15,7 +15,7 @@ def text_of(messages):
 
 
 def test_synthesis_prompt_for_math():
-    messages = prompts.synthesis_messages(ROLLOUTS, "math")
+    messages = prompts.catq_synthesis_messages(ROLLOUTS, "math")
     assert [m["role"] for m in messages] == ["system", "user"]
     text = text_of(messages)
     for rollout in ROLLOUTS:
@@ -29,7 +29,7 @@ def test_synthesis_prompt_for_math():
 
 
 def test_synthesis_prompt_for_open_has_no_box_and_can_include_the_question():
-    text = text_of(prompts.synthesis_messages(["a", "b"], "open", question="How to sleep?"))
+    text = text_of(prompts.catq_synthesis_messages(["a", "b"], "open", question="How to sleep?"))
     assert "\\boxed" not in text and "<request>\nHow to sleep?\n</request>" in text
     assert "2 candidate responses to the same request" in text
 
