@@ -281,6 +281,15 @@ class JudgeConfig(Section):
         return self
 
 
+class RewardConfig(Section):
+    math_match: Literal["equivalent", "boxed_exact"] = "equivalent"
+    """How a math rollout's answer is matched with the reference's (and, in `catq eval`, with the
+    known answer). "equivalent": each side's final answer (the last \\boxed{}, else a stated
+    answer, ...) compared for mathematical equivalence with math-verify, so 1/2 = 0.5.
+    "boxed_exact": the paper's rule, the last \\boxed{} of each side as strings, only whitespace
+    normalised; a side without a box has no answer (reward 0)."""
+
+
 class LearnerConfig(Section):
     lr: float = Field(5e-7, gt=0)
     """AdamW learning rate, constant (paper: 5e-7)."""
@@ -299,7 +308,9 @@ class LearnerConfig(Section):
     """Cap on π_prox/π_behaviour for stale rollouts (truncated importance sampling)."""
     max_grad_norm: float = Field(1.0, gt=0)
     batch_groups: int = Field(32, ge=1)
-    """Groups per optimizer step (paper: 256 rollouts = 32 groups of 8)."""
+    """Groups per optimizer step: it counts prompts (each group is one prompt's G rollouts), as
+    verl's train_batch_size does. The paper's "batch 256" is that verl figure, so 256 prompts
+    (configs/gpu-*.toml); the default 32 is 256 rollouts at G=8, the other reading."""
     micro_batch_rollouts: int = Field(8, ge=1)
     """Rollouts per forward/backward; gradients accumulate up to the batch."""
     max_staleness: int = Field(4, ge=0)
@@ -437,6 +448,7 @@ class Config(Section):
     rollout: RolloutConfig = RolloutConfig()
     anchor: AnchorConfig = AnchorConfig()
     judge: JudgeConfig = JudgeConfig()
+    reward: RewardConfig = RewardConfig()
     learner: LearnerConfig = LearnerConfig()
     roles: RolesConfig = RolesConfig()
     supervise: SuperviseConfig = SuperviseConfig()

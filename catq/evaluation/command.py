@@ -237,6 +237,7 @@ def single_of(prompt: dict) -> float:
 def meta(args, config: Config, problems, estimators: list[str], wall_time_s: float) -> dict:
     return {"data": args.data, "prompts": len(problems), "group_size": config.rollout.group_size,
             "estimators": estimators, "policy": config.model.policy, "anchor": config.model.anchor,
+            "math_match": config.reward.math_match, "synthesis_prompt": config.anchor.prompt,
             "anchor_estimator_prompt_sampling": config.anchor.sampling.model_dump(),
             "rollout_math_sampling": config.rollout.math.model_dump(),
             "run": config.run, "wall_time_s": wall_time_s, "finished_at": time.time()}
