@@ -38,6 +38,17 @@ def _check_top_k(value: int) -> int:
     return value
 
 
+RESERVED_TEMPLATE_KWARGS = frozenset({"tokenize", "return_dict", "add_generation_prompt", "conversation"})
+"""Arguments catq itself passes when applying a chat template: not template variables."""
+
+
+def _check_template_kwargs(value: dict | None) -> dict | None:
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(value or {}))
+    if reserved:
+        raise ValueError(f"chat template variables may not include {reserved} (catq sets those itself)")
+    return value
+
+
 class SamplingConfig(Section):
     temperature: float = Field(0.7, ge=0.0)
     """Sampling temperature; 0 means greedy."""
@@ -99,6 +110,7 @@ class EnginesConfig(Section):
     none (hosted APIs refuse unknown fields). A table: used for the judge whatever its API; an
     OpenAI-compatible one receives it as the request's ``chat_template_kwargs`` (SGLang's and
     vLLM's field, e.g. ``{ enable_thinking = false }`` for a Qwen3 judge)."""
+    _judge_template_kwargs = field_validator("judge_chat_template_kwargs")(_check_template_kwargs)
     api_key_env: str = "CATQ_ENGINE_API_KEY"
     """Environment variable holding the engines' API key (SGLang's --api-key), sent as
     ``Authorization: Bearer``; unset or empty = no key. `catq up` starts its engines with it."""
@@ -132,6 +144,8 @@ class ModelConfig(Section):
     tokenizer): e.g. ``{ enable_thinking = false }`` turns Qwen3's thinking off, as the paper ran
     it. catq applies templates client-side, so SGLang sees token ids; where SGLang applies one
     (an OpenAI-compatible judge) see ``engines.judge_chat_template_kwargs``."""
+
+    _template_kwargs = field_validator("chat_template_kwargs")(_check_template_kwargs)
 
 
 class BusConfig(Section):

@@ -492,7 +492,9 @@ class Engine:
         for m in messages:
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise BadRequest("each message needs string 'role' and 'content'")
-        reserved = {"tokenize", "return_dict", "add_generation_prompt", "conversation"} & set(template_kwargs or {})
+        from catq.config import RESERVED_TEMPLATE_KWARGS
+
+        reserved = RESERVED_TEMPLATE_KWARGS & set(template_kwargs or {})
         if reserved:
             raise BadRequest(f"chat_template_kwargs may not set {sorted(reserved)}")
         turns = [{"role": m["role"], "content": m["content"]} for m in messages]

@@ -125,3 +125,15 @@ async def test_openai_judge_sends_chat_template_kwargs_only_when_configured(reco
         await client.close()
     assert "chat_template_kwargs" not in bodies[0]  # hosted APIs refuse unknown fields
     assert bodies[1]["chat_template_kwargs"] == NO_THINK
+
+
+def test_a_config_that_sets_catqs_own_template_arguments_is_refused(tmp_path):
+    from catq.config import ConfigError, load_config
+
+    path = tmp_path / "c.toml"
+    path.write_text("[model]\nchat_template_kwargs = { tokenize = false }\n")
+    with pytest.raises(ConfigError, match="model.chat_template_kwargs.*tokenize"):
+        load_config(path)
+    path.write_text("[engines]\njudge_chat_template_kwargs = { add_generation_prompt = false }\n")
+    with pytest.raises(ConfigError, match="add_generation_prompt"):
+        load_config(path)
