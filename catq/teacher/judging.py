@@ -27,7 +27,12 @@ from typing import Literal
 from catq.config import JudgeConfig
 from catq.messages import ReferencedGroup, Rollout, ScoredGroup, Verdict
 from catq.teacher import prompts
-from catq.teacher.answers import answers_match, boxed_exact_form, last_boxed, response_answer
+from catq.teacher.answers import (
+    answers_match,
+    boxed_exact_form,
+    last_boxed,
+    response_answer,
+)
 from catq.teacher.estimators import ChatFn
 from catq.teacher.verify_pool import off_loop
 

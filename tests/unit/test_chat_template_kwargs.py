@@ -81,9 +81,8 @@ async def engine_url(thinking_model):
 
 
 async def chat_completion(url: str, body: dict) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as http:
-        async with http.post(url + "/v1/chat/completions", json=body) as resp:
-            return resp.status, await resp.json()
+    async with aiohttp.ClientSession() as http, http.post(url + "/v1/chat/completions", json=body) as resp:
+        return resp.status, await resp.json()
 
 
 async def test_catq_engine_applies_chat_template_kwargs_like_sglang(engine_url, thinking_model):
