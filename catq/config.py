@@ -38,6 +38,17 @@ def _check_top_k(value: int) -> int:
     return value
 
 
+RESERVED_TEMPLATE_KWARGS = frozenset({"tokenize", "return_dict", "add_generation_prompt", "conversation"})
+"""Arguments catq itself passes when applying a chat template: not template variables."""
+
+
+def _check_template_kwargs(value: dict | None) -> dict | None:
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(value or {}))
+    if reserved:
+        raise ValueError(f"chat template variables may not include {reserved} (catq sets those itself)")
+    return value
+
+
 class SamplingConfig(Section):
     temperature: float = Field(0.7, ge=0.0)
     """Sampling temperature; 0 means greedy."""
@@ -93,6 +104,13 @@ class EnginesConfig(Section):
     """Model name sent to an OpenAI-compatible judge."""
     judge_api_key_env: str = "OPENAI_API_KEY"
     """Environment variable holding the judge's API key (never put keys in config files)."""
+    judge_chat_template_kwargs: dict[str, bool | int | float | str] | None = None
+    """Chat-template variables for the judge. None: an engine judge (judge_api "sglang",
+    templated client-side) uses ``model.chat_template_kwargs``, an OpenAI-compatible judge gets
+    none (hosted APIs refuse unknown fields). A table: used for the judge whatever its API; an
+    OpenAI-compatible one receives it as the request's ``chat_template_kwargs`` (SGLang's and
+    vLLM's field, e.g. ``{ enable_thinking = false }`` for a Qwen3 judge)."""
+    _judge_template_kwargs = field_validator("judge_chat_template_kwargs")(_check_template_kwargs)
     api_key_env: str = "CATQ_ENGINE_API_KEY"
     """Environment variable holding the engines' API key (SGLang's --api-key), sent as
     ``Authorization: Bearer``; unset or empty = no key. `catq up` starts its engines with it."""
@@ -120,6 +138,14 @@ class ModelConfig(Section):
     """Frozen anchor π0: the learner's KL reference and the anchor engine's model."""
     cache_dir: str = ""
     """Where `catq model prepare` puts the converted default model; "" = ~/.cache/catq."""
+    chat_template_kwargs: dict[str, bool | int | float | str] = {}
+    """Extra variables for the chat template, wherever catq applies the policy's or anchor's
+    template (rollouts, synthesis, rubrics, self-BoN, `catq eval`, an engine judge on the same
+    tokenizer): e.g. ``{ enable_thinking = false }`` turns Qwen3's thinking off, as the paper ran
+    it. catq applies templates client-side, so SGLang sees token ids; where SGLang applies one
+    (an OpenAI-compatible judge) see ``engines.judge_chat_template_kwargs``."""
+
+    _template_kwargs = field_validator("chat_template_kwargs")(_check_template_kwargs)
 
 
 class BusConfig(Section):
@@ -198,10 +224,12 @@ class AnchorConfig(Section):
     estimator: Literal["synthesis", "majority", "self_bon", "min_ppl"] = "synthesis"
     include_question: bool = False
     """Show the anchor the question (ablation only: the paper omits it on purpose)."""
-    prompt: Literal["paper", "short"] = "paper"
-    """Synthesis prompt: "paper" is CaT's (summary, then a unified response; right for capable
-    anchors); "short" asks only for the one correct final answer (an option for small anchors,
-    chosen by what `catq eval` measures)."""
+    prompt: Literal["paper", "catq", "short"] = "paper"
+    """Synthesis prompt (catq/teacher/prompts.py): "paper" is the paper's template (chain-of-thought
+    for math, free-form for open tasks: reconcile the responses, keep minority insights, a summary,
+    then the unified response; math ends with "Final answer: \\boxed{}"); "catq" is catq's own
+    earlier wording (numbered steps); "short" asks only for the one correct final answer (math;
+    an option for small anchors, chosen by what `catq eval` measures)."""
     prime_final_answer: bool = True
     """math: when a synthesis states no final answer, continue the anchor's own context with a
     primed final-answer line (one short extra generation; a follow-up turn for OpenAI-compatible
@@ -267,6 +295,15 @@ class JudgeConfig(Section):
         return self
 
 
+class RewardConfig(Section):
+    math_match: Literal["equivalent", "boxed_exact"] = "equivalent"
+    """How a math rollout's answer is matched with the reference's (and, in `catq eval`, with the
+    known answer). "equivalent": each side's final answer (the last \\boxed{}, else a stated
+    answer, ...) compared for mathematical equivalence with math-verify, so 1/2 = 0.5.
+    "boxed_exact": the paper's rule, the last \\boxed{} of each side as strings, only whitespace
+    normalised; a side without a box has no answer (reward 0)."""
+
+
 class LearnerConfig(Section):
     lr: float = Field(5e-7, gt=0)
     """AdamW learning rate, constant (paper: 5e-7)."""
@@ -285,7 +322,9 @@ class LearnerConfig(Section):
     """Cap on π_prox/π_behaviour for stale rollouts (truncated importance sampling)."""
     max_grad_norm: float = Field(1.0, gt=0)
     batch_groups: int = Field(32, ge=1)
-    """Groups per optimizer step (paper: 256 rollouts = 32 groups of 8)."""
+    """Groups per optimizer step: it counts prompts (each group is one prompt's G rollouts), as
+    verl's train_batch_size does. The paper's "batch 256" is that verl figure, so 256 prompts
+    (configs/gpu-*.toml); the default 32 is 256 rollouts at G=8, the other reading."""
     micro_batch_rollouts: int = Field(8, ge=1)
     """Rollouts per forward/backward; gradients accumulate up to the batch."""
     max_staleness: int = Field(4, ge=0)
@@ -423,6 +462,7 @@ class Config(Section):
     rollout: RolloutConfig = RolloutConfig()
     anchor: AnchorConfig = AnchorConfig()
     judge: JudgeConfig = JudgeConfig()
+    reward: RewardConfig = RewardConfig()
     learner: LearnerConfig = LearnerConfig()
     roles: RolesConfig = RolesConfig()
     supervise: SuperviseConfig = SuperviseConfig()

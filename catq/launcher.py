@@ -226,6 +226,7 @@ class Stack:
         else:
             self._say("threads: not allocated ([resources] enabled = false): each child uses "
                       "OMP_NUM_THREADS from the environment, else torch's default")
+        self._warn_if_judge_is_policy()
         await self._ensure_redis()
         await self._start_engines()
         self._supervisor = asyncio.create_task(self._supervise())
@@ -497,6 +498,15 @@ class Stack:
     def children(self) -> list[Child]:
         roles = [c for cs in self.roles.values() for c in cs]
         return roles + self.engines + ([self.redis_child] if self.redis_child else [])
+
+    def _warn_if_judge_is_policy(self) -> None:
+        """Once per `catq up`: a judge serving the policy's weights is allowed (the demo has one
+        model for everything) but not what the paper ran."""
+        from catq.teacher.chat import judge_independence_warning
+
+        warning = judge_independence_warning(self.config)
+        if warning:
+            self._say(f"warning: {warning}")
 
     def _say(self, text: str) -> None:
         self.out.write(f"[catq up] {redact(text)}\n")

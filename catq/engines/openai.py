@@ -23,12 +23,15 @@ def is_retryable_chat_status(status: int) -> bool:
 
 class ChatClient(HttpJsonClient):
     def __init__(self, base_url: str, *, model: str = "", api_key: str | None = None,
-                 timeout_s: float = 300, max_attempts: int = 3, api_key_env: str = "OPENAI_API_KEY"):
+                 timeout_s: float = 300, max_attempts: int = 3, api_key_env: str = "OPENAI_API_KEY",
+                 chat_template_kwargs: dict | None = None):
         key = api_key if api_key is not None else os.environ.get(api_key_env)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         root = base_url.rstrip("/")
         self.path = "/chat/completions" if root.endswith("/v1") else "/v1/chat/completions"
         self.model = model
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        """Sent as ``chat_template_kwargs`` (SGLang's and vLLM's field) when not empty."""
         super().__init__(root, timeout_s=timeout_s, max_attempts=max_attempts, headers=headers,
                          retry_status=is_retryable_chat_status)
 
@@ -37,7 +40,7 @@ class ChatClient(HttpJsonClient):
         """The ``n`` reply texts, in choice order."""
         payload = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
                    "temperature": temperature, "n": n}
-        reply = await self.request("POST", self.path, payload)
+        reply = await self.request("POST", self.path, self._with_template_kwargs(payload))
         try:
             choices = sorted(reply["choices"], key=lambda c: c.get("index", 0))
             texts = [c["message"]["content"] or "" for c in choices]
@@ -55,7 +58,7 @@ class ChatClient(HttpJsonClient):
         payload = {"model": self.model, "messages": messages, "max_tokens": 1, "temperature": 0.0,
                    "logprobs": True, "top_logprobs": top_logprobs}
         try:
-            reply = await self.request("POST", self.path, payload)
+            reply = await self.request("POST", self.path, self._with_template_kwargs(payload))
         except EngineError as exc:
             if exc.status == 400:
                 return None
@@ -66,3 +69,6 @@ class ChatClient(HttpJsonClient):
             return [(str(t["token"]), float(t["logprob"])) for t in top] if top else None
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise EngineError(f"malformed chat completion ({exc}): {str(reply)[:300]}") from None
+
+    def _with_template_kwargs(self, payload: dict) -> dict:
+        return {**payload, "chat_template_kwargs": self.chat_template_kwargs} if self.chat_template_kwargs else payload

@@ -178,6 +178,8 @@ class ChatCompletionIn(BaseModel):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     """With logprobs: the likeliest tokens at each position (OpenAI allows 0..20)."""
     stream: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extra chat-template variables (SGLang's field), e.g. {"enable_thinking": false}."""
 
 
 class BadRequest(ValueError):
@@ -462,7 +464,7 @@ class Engine:
         body = ChatCompletionIn.model_validate(await _json(request))
         if body.stream:
             raise BadRequest("streaming is not supported by catq's engine; send stream=false")
-        prompt = self._chat_prompt(body.messages)
+        prompt = self._chat_prompt(body.messages, body.chat_template_kwargs)
         max_tokens = body.max_completion_tokens or body.max_tokens
         sampling = SamplingParamsIn(
             max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
@@ -484,15 +486,19 @@ class Engine:
             "metadata": {"weight_version": self.scheduler.weight_version},
         })
 
-    def _chat_prompt(self, messages: list[dict]) -> list[int]:
+    def _chat_prompt(self, messages: list[dict], template_kwargs: dict | None = None) -> list[int]:
+        from catq.engines.tokenizer import render_chat
+
         for m in messages:
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise BadRequest("each message needs string 'role' and 'content'")
+        from catq.config import RESERVED_TEMPLATE_KWARGS
+
+        reserved = RESERVED_TEMPLATE_KWARGS & set(template_kwargs or {})
+        if reserved:
+            raise BadRequest(f"chat_template_kwargs may not set {sorted(reserved)}")
         turns = [{"role": m["role"], "content": m["content"]} for m in messages]
-        ids = self.tokenizer.apply_chat_template(
-            turns, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        return [int(i) for i in ids]
+        return render_chat(self.tokenizer, turns, template_kwargs)
 
     def _choice(self, index: int, seq: Sequence, logprobs: bool) -> dict:
         reason = seq.finish_reason or {}

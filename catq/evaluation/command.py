@@ -187,7 +187,7 @@ def progress_bar(total: int, label: str):
 
 def build_models(config: Config, policy_url: str, anchor_url: str, with_selector: bool) -> EvalModels:
     from catq.engines.client import EngineClient
-    from catq.engines.tokenizer import ChatTokenizer
+    from catq.engines.tokenizer import chat_tokenizer
     from catq.teacher.anchor import SELECTION_SAMPLING
     from catq.teacher.chat import engine_chat
 
@@ -197,7 +197,7 @@ def build_models(config: Config, policy_url: str, anchor_url: str, with_selector
             update={"request_timeout_s": EVAL_REQUEST_TIMEOUT_S})})
         engines = config.engines
     policy = EngineClient.from_config(engines, policy_url)
-    tokenizer = ChatTokenizer(config.model.policy, config.model.cache_dir or None)
+    tokenizer = chat_tokenizer(config, config.model.policy)
     anchor = engine_chat(config, anchor_url, config.model.anchor, config.anchor.sampling)
     selector = (engine_chat(config, policy_url, config.model.policy, SELECTION_SAMPLING)
                 if with_selector else None)
@@ -237,6 +237,7 @@ def single_of(prompt: dict) -> float:
 def meta(args, config: Config, problems, estimators: list[str], wall_time_s: float) -> dict:
     return {"data": args.data, "prompts": len(problems), "group_size": config.rollout.group_size,
             "estimators": estimators, "policy": config.model.policy, "anchor": config.model.anchor,
+            "math_match": config.reward.math_match, "synthesis_prompt": config.anchor.prompt,
             "anchor_estimator_prompt_sampling": config.anchor.sampling.model_dump(),
             "rollout_math_sampling": config.rollout.math.model_dump(),
             "run": config.run, "wall_time_s": wall_time_s, "finished_at": time.time()}

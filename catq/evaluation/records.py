@@ -67,25 +67,28 @@ class PromptRecord:
         return data
 
 
-def is_correct(answer: str | None, known: str) -> bool:
-    from catq.teacher.answers import answers_equivalent
+def is_correct(answer: str | None, known: str, match: str = "equivalent") -> bool:
+    """``answer`` matches the known answer under ``reward.math_match``."""
+    from catq.teacher.answers import answers_match, known_answer
 
-    return answer is not None and answers_equivalent(answer, known)
+    return answer is not None and answers_match(answer, known_answer(known, match), match)
 
 
-def rewards_against(answer: str | None, rollout_answers: list[str | None]) -> list[float]:
+def rewards_against(answer: str | None, rollout_answers: list[str | None], match: str = "equivalent") -> list[float]:
     """The math rewards of rollouts whose final answers are given (as the judge computes them)."""
-    from catq.teacher.answers import answers_equivalent
+    from catq.teacher.answers import answers_match
 
-    return [1.0 if answers_equivalent(answer, a) else 0.0 for a in rollout_answers]
+    return [1.0 if answers_match(answer, a, match) else 0.0 for a in rollout_answers]
 
 
 def judge_outcome(answer: str | None, known: str, majority: str | None, rewards: list[float],
-                  reference: str = "", format_fallback: bool = False, answer_primed: bool = False) -> Outcome:
-    from catq.teacher.answers import answers_equivalent
+                  reference: str = "", format_fallback: bool = False, answer_primed: bool = False,
+                  match: str = "equivalent") -> Outcome:
+    from catq.teacher.answers import answers_match
 
-    agrees = answer is not None and majority is not None and answers_equivalent(answer, majority)
-    return Outcome(answer, is_correct(answer, known), agrees, rewards, reference, format_fallback, answer_primed)
+    agrees = answer is not None and majority is not None and answers_match(answer, majority, match)
+    return Outcome(answer, is_correct(answer, known, match), agrees, rewards, reference, format_fallback,
+                   answer_primed)
 
 
 def summarize_g(records: list[PromptRecord], g: int, estimators: list[str]) -> dict:

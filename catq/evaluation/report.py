@@ -66,6 +66,7 @@ def render(results: dict, table=text_table, heading=lambda text: text) -> str:
     meta = results["meta"]
     parts = [heading(f"catq eval: {meta['prompts']} prompts from {meta['data']}, G={meta['group_size']}, "
                      f"policy {meta['policy']}, anchor {meta['anchor']}, {meta['wall_time_s']:.0f} s"),
+             match_line(meta),
              "answer: share of references with a readable final answer; = majority: share agreeing "
              "with the vote over the same rollouts; signal: share of groups whose rewards differ "
              "(what GRPO learns from). 95% intervals: Wilson for rates, bootstrap over prompts for means."]
@@ -82,6 +83,19 @@ def render(results: dict, table=text_table, heading=lambda text: text) -> str:
         parts.append(heading("single-sample accuracy between versions (paired over the same prompts)"))
         parts.append(table(DIFFERENCE_HEADER, difference_rows(results)))
     return "\n\n".join(parts) + "\n"
+
+
+MATCH_RULES = {
+    "equivalent": "equivalent final answers (math-verify)",
+    "boxed_exact": "the last \\boxed{} as a string, whitespace removed (the paper's rule)",
+}
+
+
+def match_line(meta: dict) -> str:
+    """Which answer match scored the table (reward.math_match), and the synthesis prompt."""
+    match = meta.get("math_match", "equivalent")
+    prompt = f"; synthesis prompt: {meta['synthesis_prompt']}" if meta.get("synthesis_prompt") else ""
+    return f"answers matched by math_match = {match}: {MATCH_RULES.get(match, match)}{prompt}"
 
 
 def render_markdown(results: dict) -> str:

@@ -102,14 +102,15 @@ def read_metrics(config: Config) -> list[dict]:
 
 async def evaluate_problem(problem: EvalProblem, models: EvalModels, config: Config, estimators: list[str],
                            sizes: list[int], estimate: EstimateFn) -> PromptRecord:
-    from catq.teacher.answers import final_answer
+    from catq.teacher.answers import response_answer
     from catq.teacher.rollout import sample_group
 
+    match = config.reward.math_match
     prompt = Prompt(prompt_id=new_prompt_id(), task=problem.task, messages=list(problem.messages))
     group = await sample_group(models.policy, models.tokenizer, prompt, config)
-    answers = [final_answer(r.text) for r in group.rollouts]
+    answers = [response_answer(r.text, match) for r in group.rollouts]
     record = PromptRecord(problem.text, problem.answer, [r.text for r in group.rollouts], answers,
-                          [is_correct(a, problem.answer) for a in answers])
+                          [is_correct(a, problem.answer, match) for a in answers])
     jobs = [(g, name) for g in sizes for name in estimators]
     outcomes = await asyncio.gather(*(
         reference_outcome(dataclasses.replace(group, rollouts=group.rollouts[:g]), name, problem.answer,
@@ -122,14 +123,16 @@ async def evaluate_problem(problem: EvalProblem, models: EvalModels, config: Con
 
 async def reference_outcome(group: RolloutGroup, estimator: str, known: str, models: EvalModels,
                             estimate: EstimateFn, config: Config):
-    from catq.teacher.judging import score_math
+    from catq.teacher.judging import math_reference_answer, score_math
     from catq.teacher.verify_pool import off_loop
 
+    match = config.reward.math_match
     ref = await estimate(group, estimator, anchor=models.anchor, policy=models.selector,
                          include_question=config.anchor.include_question, options=config.anchor)
-    rewards, _ = await off_loop(score_math, group.rollouts, ref.reference_answer)
-    return judge_outcome(ref.reference_answer, known, ref.majority_answer, rewards,
-                         ref.reference, ref.format_fallback, ref.answer_primed)
+    answer = math_reference_answer(ref.reference, ref.anchor_output, ref.reference_answer, match)
+    rewards, _ = await off_loop(score_math, group.rollouts, answer, match)
+    return judge_outcome(answer, known, ref.majority_answer, rewards,
+                         ref.reference, ref.format_fallback, ref.answer_primed, match)
 
 
 @dataclass

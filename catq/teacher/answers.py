@@ -5,7 +5,9 @@ nested braces; else the last "answer is X" / "Answer: X"; else "= X" ending the 
 last number. The paper used string match on the last box; we compare answers for real
 mathematical equivalence (:func:`answers_equivalent`) with math-verify (sympy), after a cheap
 string normalisation, so ``\\frac{1}{2}``, ``0.5`` and ``1/2`` agree, as do ``2\\sqrt{2}`` and
-``\\sqrt{8}``.
+``\\sqrt{8}``. ``reward.math_match = "boxed_exact"`` picks the paper's rule instead
+(:func:`response_answer`, :func:`answers_match`): the last box only, compared as a string with
+whitespace removed.
 
 Text answers ("Paris", ``\\text{blue}``) never go to sympy: it reads "Paris" as the product of
 five symbols, which would make it equal to "Sapir". They are compared as normalised strings.
@@ -198,3 +200,43 @@ def _parsed(answer: str) -> tuple:
 
 def _timeout() -> int | None:
     return SYMPY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+MATH_MATCHES = ("equivalent", "boxed_exact")
+"""The values of ``reward.math_match``."""
+
+
+def boxed_exact_form(answer: str | None) -> str | None:
+    """What "boxed_exact" compares: the answer with every whitespace character removed (the only
+    normalisation); None for no answer or an empty one."""
+    if answer is None:
+        return None
+    squashed = re.sub(r"\s+", "", answer)
+    return squashed or None
+
+
+def response_answer(text: str, match: str = "equivalent") -> str | None:
+    """A response's final answer as ``match`` reads it: :func:`final_answer` (box, stated answer,
+    closing equation, last number) for "equivalent"; the last box's content, whitespace removed,
+    for "boxed_exact" (None when the response has no box)."""
+    if match == "boxed_exact":
+        return boxed_exact_form(last_boxed(text or ""))
+    return final_answer(text)
+
+
+def known_answer(known: str, match: str = "equivalent") -> str:
+    """A data set's known answer in the form ``match`` compares: a boxed one is unboxed first."""
+    if match == "boxed_exact":
+        return last_boxed(known) or known
+    return known
+
+
+def answers_match(a: str | None, b: str | None, match: str = "equivalent") -> bool:
+    """Whether two final answers are the same under ``match``: "equivalent" is
+    :func:`answers_equivalent`; "boxed_exact" is string equality with whitespace removed."""
+    if match == "boxed_exact":
+        fa = boxed_exact_form(a)
+        return fa is not None and fa == boxed_exact_form(b)
+    if match != "equivalent":
+        raise ValueError(f"unknown math_match {match!r}; known: {', '.join(MATH_MATCHES)}")
+    return answers_equivalent(a, b)

@@ -118,19 +118,22 @@ class OpenAIChat:
         await self.client.close()
 
 
-def engine_chat(config: Config, url: str, model: str, sampling: SamplingConfig) -> EngineChat:
-    """An EngineChat on ``url`` using ``model``'s tokenizer (a path or "default")."""
+def engine_chat(config: Config, url: str, model: str, sampling: SamplingConfig,
+                template_kwargs: dict | None = None) -> EngineChat:
+    """An EngineChat on ``url`` using ``model``'s tokenizer (a path or "default") and chat
+    template, with ``model.chat_template_kwargs`` unless ``template_kwargs`` is given."""
     from catq.engines.client import EngineClient
-    from catq.engines.tokenizer import ChatTokenizer
+    from catq.engines.tokenizer import chat_tokenizer
 
     client = EngineClient.from_config(config.engines, url)
-    return EngineChat(client, ChatTokenizer(model, config.model.cache_dir or None), sampling)
+    return EngineChat(client, chat_tokenizer(config, model, template_kwargs), sampling)
 
 
 def judge_chat(config: Config) -> EngineChat | OpenAIChat:
     """The judge endpoint of the config: greedy, ``judge.max_new_tokens`` long replies.
     For an SGLang/catq judge the tokenizer is ``engines.judge_model`` when set, else the anchor
-    model (the default config serves the judge from the anchor's engine)."""
+    model (the default config serves the judge from the anchor's engine). Its chat-template
+    variables: ``engines.judge_chat_template_kwargs`` (see there)."""
     sampling = SamplingConfig(temperature=0.0, top_p=1.0, top_k=-1, max_new_tokens=config.judge.max_new_tokens)
     engines = config.engines
     if engines.judge_api == "openai":
@@ -138,6 +141,50 @@ def judge_chat(config: Config) -> EngineChat | OpenAIChat:
 
         client = ChatClient(engines.judge_url, model=engines.judge_model,
                             api_key=os.environ.get(engines.judge_api_key_env),
-                            timeout_s=engines.request_timeout_s, max_attempts=engines.max_attempts)
+                            timeout_s=engines.request_timeout_s, max_attempts=engines.max_attempts,
+                            chat_template_kwargs=engines.judge_chat_template_kwargs)
         return OpenAIChat(client, sampling)
-    return engine_chat(config, engines.judge_url, engines.judge_model or config.model.anchor, sampling)
+    return engine_chat(config, engines.judge_url, engines.judge_model or config.model.anchor, sampling,
+                       engines.judge_chat_template_kwargs)
+
+
+def judge_served_model(config: Config) -> str:
+    """The model the judge endpoint serves, as far as the config says: the `catq up` engine at
+    ``judge_url``, else an OpenAI-compatible judge's ``judge_model``, else the anchor's model when
+    the judge is the anchor's engine, else the model whose tokenizer an engine judge uses."""
+    engines = config.engines
+    for spec in engines.launch:
+        if _same_url(spec.url, engines.judge_url):
+            return spec.model
+    if engines.judge_api == "openai":
+        return engines.judge_model
+    if _same_url(engines.anchor_url, engines.judge_url):
+        return config.model.anchor
+    return engines.judge_model or config.model.anchor
+
+
+def judge_independence_warning(config: Config) -> str | None:
+    """Why the judge is not independent of the policy (it is a policy engine, or serves the
+    policy's initial weights), or None. The paper's judge is a separate, stronger model: a judge
+    that is the policy grades its own answers, which invites reward hacking."""
+    engines, policy = config.engines, config.model.policy
+    if any(_same_url(url, engines.judge_url) for url in engines.policy_urls):
+        reason = f"the judge ({engines.judge_url}) is a policy engine"
+    elif _same_model(judge_served_model(config), policy):
+        reason = f"the judge serves the policy's own weights ({judge_served_model(config)})"
+    else:
+        return None
+    return (f"{reason}: on open prompts the policy would grade itself, which invites reward hacking "
+            "(the paper's judge is an independent, stronger model; math needs no judge); point "
+            "engines.judge_url / judge_model at another model (configs/gpu-open.toml shows how)")
+
+
+def _same_url(a: str, b: str) -> bool:
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Same path or name ("/models/Qwen3-4B" and "Qwen/Qwen3-4B" both end in "qwen3-4b")."""
+    def name(model: str) -> str:
+        return model.rstrip("/").rsplit("/", 1)[-1].lower()
+    return bool(a and b) and (a == b or name(a) == name(b))

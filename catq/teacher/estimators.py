@@ -215,10 +215,8 @@ async def primed_final_answer(anchor: ChatFn, messages: list[dict[str, str]], ou
 
 def synthesis_request(texts: list[str], task: str, question: str | None,
                       prompt: str) -> tuple[list[dict[str, str]], str]:
-    """(messages, reply prefix) of the configured synthesis prompt; "short" is for math only."""
-    if prompt == "short" and task == "math":
-        return prompts.short_synthesis_messages(texts, question), ""
-    return prompts.synthesis_messages(texts, task, question), prompts.SYNTHESIS_PREFIX
+    """(messages, reply prefix) of the configured synthesis prompt (catq.teacher.prompts)."""
+    return prompts.synthesis_request(texts, task, question, prompt)
 
 
 async def one_synthesis(group: RolloutGroup, anchor: ChatFn, options: AnchorConfig, question: str | None,

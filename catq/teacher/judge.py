@@ -2,7 +2,7 @@
 
     catq worker judge --config configs/demo.toml      (or python -m workers.judge)
 
-math: reward by final-answer equivalence with the reference (no model call). open: one judge
+math: reward by final-answer match with the reference, as ``reward.math_match`` says (no model call). open: one judge
 call per (rollout, criterion) on the configured judge endpoint (``engines.judge_api``: a
 catq/SGLang engine, or any OpenAI-compatible server), at most ``judge.concurrency`` at once;
 by default (``judge.verdict = "logprob"``) a call is one prefill whose P("yes") vs P("no") is the
@@ -26,7 +26,8 @@ class JudgeHandler:
         self.judge = judge
 
     async def handle(self, referenced: ReferencedGroup) -> list[Output]:
-        scored = await score_group(referenced, self.judge, self.ctx.config.judge)
+        scored = await score_group(referenced, self.judge, self.ctx.config.judge,
+                                   self.ctx.config.reward.math_match)
         prompt = referenced.group.prompt
         unparsed = sum(not v.parsed for v in scored.verdicts)
         reward_mean = sum(scored.rewards) / len(scored.rewards) if scored.rewards else 0.0

@@ -1,7 +1,10 @@
 """Rewards from a reference (DESIGN §1.3).
 
-- math: reward_i = 1 when rollout i's final answer is equivalent to the reference's, else 0;
-  no answer on either side -> 0.
+- math: reward_i = 1 when rollout i's final answer matches the reference's, else 0; no answer
+  on either side -> 0. ``reward.math_match`` says what matches: "equivalent" answers
+  (math-verify), or "boxed_exact", the paper's string match of the last boxes, where the
+  reference's box is the last one the anchor wrote in s (or in its output), never catq's primed
+  final-answer line (:func:`math_reference_answer`).
 - open: one judge call per (rollout, criterion); reward_i = fraction of criteria satisfied, or
   with ``judge.soft`` the mean of P(yes) / (P(yes) + P(no)) over criteria.
   Verdicts (``judge.verdict``): "logprob" — when the judge has ``yes_no`` (engine judges; OpenAI
@@ -24,7 +27,12 @@ from typing import Literal
 from catq.config import JudgeConfig
 from catq.messages import ReferencedGroup, Rollout, ScoredGroup, Verdict
 from catq.teacher import prompts
-from catq.teacher.answers import answers_equivalent, final_answer
+from catq.teacher.answers import (
+    answers_match,
+    boxed_exact_form,
+    last_boxed,
+    response_answer,
+)
 from catq.teacher.estimators import ChatFn
 from catq.teacher.verify_pool import off_loop
 
@@ -45,11 +53,21 @@ def parse_yes_no(reply: str) -> bool | None:
     return match.group(1) == "yes"
 
 
-def score_math(rollouts: list[Rollout], reference_answer: str | None) -> tuple[list[float], list[str | None]]:
-    """(rewards, each rollout's extracted final answer)."""
-    answers = [final_answer(r.text) for r in rollouts]
-    rewards = [1.0 if answers_equivalent(reference_answer, a) else 0.0 for a in answers]
+def score_math(rollouts: list[Rollout], reference_answer: str | None,
+               match: str = "equivalent") -> tuple[list[float], list[str | None]]:
+    """(rewards, each rollout's final answer as ``match`` reads it)."""
+    answers = [response_answer(r.text, match) for r in rollouts]
+    rewards = [1.0 if answers_match(reference_answer, a, match) else 0.0 for a in answers]
     return rewards, answers
+
+
+def math_reference_answer(reference: str, anchor_output: str, reference_answer: str | None,
+                          match: str = "equivalent") -> str | None:
+    """The reference's side of the math reward: the estimator's answer for "equivalent"; for
+    "boxed_exact" the last box of s, else of the anchor's whole output (None without one)."""
+    if match != "boxed_exact":
+        return reference_answer
+    return boxed_exact_form(last_boxed(reference) or last_boxed(anchor_output or ""))
 
 
 async def judge_criterion(
@@ -119,11 +137,14 @@ def apply_length_penalty(rewards: list[float], rollouts: list[Rollout], limit_to
     return [-1.0 if len(r.token_ids) > limit_tokens else reward for reward, r in zip(rewards, rollouts)]
 
 
-async def score_group(referenced: ReferencedGroup, judge: ChatFn | None, config: JudgeConfig) -> ScoredGroup:
+async def score_group(referenced: ReferencedGroup, judge: ChatFn | None, config: JudgeConfig,
+                      math_match: str = "equivalent") -> ScoredGroup:
     """The ScoredGroup of a referenced group; ``judge`` is only called for open prompts."""
     group = referenced.group
     if group.prompt.task == "math":
-        rewards, answers = await off_loop(score_math, group.rollouts, referenced.reference_answer)
+        reference = math_reference_answer(referenced.reference, referenced.anchor_output,
+                                          referenced.reference_answer, math_match)
+        rewards, answers = await off_loop(score_math, group.rollouts, reference, math_match)
         verdicts: list[Verdict] = []
     else:
         if judge is None:

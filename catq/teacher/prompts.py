@@ -1,12 +1,22 @@
 """Every prompt the teacher sends to a model, in one place (each rendered by a unit test).
 
-- :func:`synthesis_messages` — the anchor's CaT synthesis (DESIGN §1, step 2). The anchor sees the
-  G rollouts and **not the question** (the paper omits it on purpose; ``include_question`` exists
-  for ablations). It finds common ground, reconciles contradictions, keeps unique correct
-  insights, writes a summary, then one unified response; for math the unified response ends
-  with ``\\boxed{}``. The two parts carry fixed headings so the estimator can find the unified
-  response (:data:`SUMMARY_HEADING`, :data:`UNIFIED_HEADING`). There is deliberately no
-  "Summary: ... Unified response: ..." template: SmolLM2-135M copied it verbatim, dots included.
+- :func:`synthesis_request` — the anchor's CaT synthesis (DESIGN §1, step 2), in the wording
+  ``anchor.prompt`` names. The anchor sees the G rollouts and **not the question** (the paper
+  omits it on purpose; ``include_question`` exists for ablations).
+
+  - ``"paper"`` (:func:`paper_synthesis_messages`): the paper's two synthesis templates as its
+    appendix describes them — chain-of-thought for verifiable tasks, free-form for open ones:
+    aggregate the responses, reconcile their differences without discarding minority insights,
+    a summary section, then the unified response; for math the unified response ends with a
+    fixed final-answer line, ``Final answer: \\boxed{...}``. Written from the paper's description
+    of its templates (the appendix text itself was not at hand here), not copied from it.
+  - ``"catq"`` (:func:`catq_synthesis_messages`): catq's own earlier wording (numbered steps,
+    "the majority is not always right"), kept for comparison.
+  - ``"short"`` (:func:`short_synthesis_messages`, math only): no summary, just the answer.
+
+  "paper" and "catq" ask for the same two headings (:data:`SUMMARY_HEADING`,
+  :data:`UNIFIED_HEADING`), so one parser reads both, and engine anchors get their reply started
+  with :data:`SYNTHESIS_PREFIX` either way.
 - :func:`rubric_messages` — the anchor turns the reference into >= N binary, checkable criteria,
   as XML (``<rubric><criterion>...</criterion>...</rubric>``).
 - :func:`judge_messages` — one (rollout, criterion) pair, strict yes/no; :func:`judge_retry_messages`
@@ -54,15 +64,19 @@ def _numbered_responses(rollouts: list[str]) -> str:
     )
 
 
-def synthesis_messages(
+def _question_part(question: str | None, label: str = "The original request was") -> list[str]:
+    return [f"{label}:\n<request>\n{question.strip()}\n</request>"] if question is not None else []
+
+
+def catq_synthesis_messages(
     rollouts: list[str], task: str, question: str | None = None
 ) -> list[dict[str, str]]:
-    """The anchor's synthesis prompt. ``question`` is shown only when given (the
-    ``include_question`` ablation); by default the anchor reconciles the rollouts alone."""
+    """catq's own synthesis wording (``anchor.prompt = "catq"``). ``question`` is shown only when
+    given (the ``include_question`` ablation); by default the anchor reconciles the rollouts alone.
+    There is deliberately no "Summary: ... Unified response: ..." template: SmolLM2-135M copied
+    it verbatim, dots included."""
     kind = "solutions to the same math problem" if task == "math" else "responses to the same request"
-    parts = [f"Below are {len(rollouts)} candidate {kind}."]
-    if question is not None:
-        parts.append(f"The original request was:\n<request>\n{question.strip()}\n</request>")
+    parts = [f"Below are {len(rollouts)} candidate {kind}.", *_question_part(question)]
     parts.append(_numbered_responses(rollouts))
     parts.append(_SYNTHESIS_STEPS.format(summary=SUMMARY_HEADING, unified=UNIFIED_HEADING))
     if task == "math":
@@ -71,6 +85,56 @@ def synthesis_messages(
         {"role": "system", "content": _SYNTHESIS_SYSTEM},
         {"role": "user", "content": "\n\n".join(parts)},
     ]
+
+
+_PAPER_MATH = """Your task is to aggregate these responses into a single, better solution. Think step by step:
+- Compare the responses and identify where they agree and where they differ.
+- Reconcile the differences by checking the reasoning and calculations yourself. Do not discard an idea only because few responses share it: a minority response can be the correct one.
+
+Then write two sections:
+{summary} a summary of your analysis: what the responses agree on, where they differ, and how you resolved each difference.
+{unified} one complete, step-by-step solution that combines the correct reasoning. End it with a line of the form "Final answer: \\boxed{{}}", with the final answer inside the braces."""
+
+_PAPER_OPEN = """Your task is to aggregate these responses into a single response that is better than any of them:
+- Identify what the responses agree on and where they differ or contradict each other.
+- Reconcile the differences, keeping whatever is correct and useful. Do not discard an insight only because a single response makes it.
+- Leave out what is wrong, unsupported or unsafe.
+
+Then write two sections:
+{summary} a summary of your analysis: the common ground, the differences and how you reconciled them.
+{unified} the complete unified response, written directly to the person who asked, without mentioning the other responses."""
+
+
+def paper_synthesis_messages(
+    rollouts: list[str], task: str, question: str | None = None
+) -> list[dict[str, str]]:
+    """The paper's synthesis templates (``anchor.prompt = "paper"``): chain-of-thought for math,
+    free-form for open tasks; the question only for the ``include_question`` ablation. The empty
+    box in the final-answer line is deliberate: an anchor that echoes it states no answer (and is
+    primed for one) instead of a made-up one."""
+    kind = "solutions to the same problem" if task == "math" else "responses to the same request"
+    instructions = _PAPER_MATH if task == "math" else _PAPER_OPEN
+    parts = [f"You are given {len(rollouts)} {kind}.", *_question_part(question),
+             _numbered_responses(rollouts),
+             instructions.format(summary=SUMMARY_HEADING, unified=UNIFIED_HEADING)]
+    return [{"role": "user", "content": "\n\n".join(parts)}]
+
+
+SYNTHESIS_PROMPTS = ("paper", "catq", "short")
+"""The values of ``anchor.prompt``."""
+
+
+def synthesis_request(rollouts: list[str], task: str, question: str | None,
+                      prompt: str = "paper") -> tuple[list[dict[str, str]], str]:
+    """(messages, reply prefix) of the named synthesis prompt. "short" is for math only (open
+    prompts get the paper's template); its reply has no headings, hence no prefix."""
+    if prompt == "short" and task == "math":
+        return short_synthesis_messages(rollouts, question), ""
+    if prompt == "catq":
+        return catq_synthesis_messages(rollouts, task, question), SYNTHESIS_PREFIX
+    if prompt in ("paper", "short"):
+        return paper_synthesis_messages(rollouts, task, question), SYNTHESIS_PREFIX
+    raise ValueError(f"unknown synthesis prompt {prompt!r}; known: {', '.join(SYNTHESIS_PROMPTS)}")
 
 
 _SHORT_SYNTHESIS = """Below are {n} attempts at the same math problem. Some may be wrong.
@@ -86,7 +150,7 @@ def short_synthesis_messages(rollouts: list[str], question: str | None = None) -
     instead of following them. Still without the question unless the ablation asks for it."""
     content = _SHORT_SYNTHESIS.format(n=len(rollouts), responses=_numbered_responses(rollouts))
     if question is not None:
-        content = f"The problem was:\n<request>\n{question.strip()}\n</request>\n\n" + content
+        content = _question_part(question, "The problem was")[0] + "\n\n" + content
     return [{"role": "user", "content": content}]
 
 

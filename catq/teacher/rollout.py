@@ -203,10 +203,10 @@ async def build_rollout_handler(ctx: WorkerContext) -> RolloutHandler:
     temperature-scaled log-probs stop the role with a ConfigError (for the configured engines
     that answer, before any prompt is taken; one that does not answer yet is checked once it does)."""
     from catq.engines.client import EngineClient, EngineError, check_raw_logprobs
-    from catq.engines.tokenizer import ChatTokenizer
+    from catq.engines.tokenizer import chat_tokenizer
 
     config = ctx.config
-    tokenizer = ChatTokenizer(config.model.policy, config.model.cache_dir or None)
+    tokenizer = chat_tokenizer(config, config.model.policy)
     probe = tokenizer.encode_chat([{"role": "user", "content": "What is 2 + 2?"}])
     replicas = ReplicaPicker(ctx.bus, config.engines.policy_urls, config.worker.heartbeat_s,
                              make_client=lambda url: EngineClient.from_config(config.engines, url),

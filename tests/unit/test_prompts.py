@@ -15,7 +15,7 @@ def text_of(messages):
 
 
 def test_synthesis_prompt_for_math():
-    messages = prompts.synthesis_messages(ROLLOUTS, "math")
+    messages = prompts.catq_synthesis_messages(ROLLOUTS, "math")
     assert [m["role"] for m in messages] == ["system", "user"]
     text = text_of(messages)
     for rollout in ROLLOUTS:
@@ -29,7 +29,7 @@ def test_synthesis_prompt_for_math():
 
 
 def test_synthesis_prompt_for_open_has_no_box_and_can_include_the_question():
-    text = text_of(prompts.synthesis_messages(["a", "b"], "open", question="How to sleep?"))
+    text = text_of(prompts.catq_synthesis_messages(["a", "b"], "open", question="How to sleep?"))
     assert "\\boxed" not in text and "<request>\nHow to sleep?\n</request>" in text
     assert "2 candidate responses to the same request" in text
 
@@ -71,3 +71,35 @@ def test_selection_prompt():
     text = message["content"]
     assert "What is 2+2?" in text and "<response 2>\n2+2 = \\boxed{5}\n</response 2>" in text
     assert "(1 to 3)" in text
+
+
+@pytest.mark.parametrize("task", ["math", "open"])
+@pytest.mark.parametrize("name", ["paper", "catq"])
+def test_paper_and_catq_prompts_render_for_both_tasks(name, task):
+    messages, prefix = prompts.synthesis_request(ROLLOUTS, task, None, name)
+    text = text_of(messages)
+    assert prefix == prompts.SYNTHESIS_PREFIX  # both are read by the same heading parser
+    assert all(r in text for r in ROLLOUTS) and "<request>" not in text  # the question is withheld
+    assert prompts.SUMMARY_HEADING in text and prompts.UNIFIED_HEADING in text
+    assert ("\\boxed{}" in text) is (task == "math")
+    assert last_boxed(text.replace(ROLLOUTS[0], "").replace(ROLLOUTS[1], "")) is None  # nothing to echo as an answer
+    with_question = text_of(prompts.synthesis_request(ROLLOUTS, task, "What is 2+2?", name)[0])
+    assert "<request>\nWhat is 2+2?\n</request>" in with_question
+
+
+def test_the_paper_prompt_is_the_papers_recipe():
+    math = text_of(prompts.synthesis_request(ROLLOUTS, "math", None, "paper")[0])
+    assert "step by step" in math and "minority" in math and 'Final answer: \\boxed{}' in math
+    assert "majority is not always right" not in math  # catq's wording stays under "catq"
+    open_text = text_of(prompts.synthesis_request(ROLLOUTS, "open", None, "paper")[0])
+    assert "single response" in open_text and "step by step" not in open_text  # free-form
+    assert text_of(prompts.synthesis_request(ROLLOUTS, "math", None, "catq")[0]) == text_of(
+        prompts.catq_synthesis_messages(ROLLOUTS, "math"))
+
+
+def test_short_is_math_only_and_unknown_prompts_are_refused():
+    assert prompts.synthesis_request(ROLLOUTS, "math", None, "short")[1] == ""
+    assert prompts.synthesis_request(ROLLOUTS, "open", None, "short") == prompts.synthesis_request(
+        ROLLOUTS, "open", None, "paper")
+    with pytest.raises(ValueError, match="unknown synthesis prompt"):
+        prompts.synthesis_request(ROLLOUTS, "math", None, "loose")

@@ -116,3 +116,15 @@ async def test_open_prompts_keep_the_paper_synthesis(prompt):
     ref = await estimate_reference(make_group(["a", "b"], task="open"), "synthesis", anchor=anchor,
                                    options=AnchorConfig(prompt=prompt))
     assert ref.reference == "Sleep 8 hours." and len(anchor.calls) == 1
+
+
+@pytest.mark.parametrize("prompt", ["paper", "catq"])
+async def test_priming_and_the_unified_parser_work_with_paper_and_catq_prompts(prompt):
+    options = AnchorConfig(prompt=prompt)
+    unformatted = EngineLikeAnchor(" The responses mostly agree on the sum.", "7}.")
+    ref = await estimate_reference(GROUP, "synthesis", anchor=unformatted, options=options)
+    assert ref.reference_answer == "7" and ref.answer_primed
+    formatted = EngineLikeAnchor(" they agree.\nUnified response: 3 + 4 = 7.\nFinal answer: \\boxed{7}")
+    ref = await estimate_reference(GROUP, "synthesis", anchor=formatted, options=options)
+    assert ref.reference == "3 + 4 = 7.\nFinal answer: \\boxed{7}" and ref.reference_answer == "7"
+    assert not ref.answer_primed and not ref.format_fallback
