@@ -195,7 +195,9 @@ class RolloutConfig(Section):
 
 
 class AnchorConfig(Section):
-    estimator: Literal["synthesis", "majority", "self_bon", "min_ppl"] = "synthesis"
+    estimator: str = "synthesis"
+    """How s is estimated from the rollouts: a name in catq.teacher.registry.ESTIMATORS
+    ("synthesis", "majority", "self_bon", "min_ppl", "mutual_predictability")."""
     include_question: bool = False
     """Show the anchor the question (ablation only: the paper omits it on purpose)."""
     prompt: Literal["paper", "short"] = "paper"
@@ -230,6 +232,13 @@ class AnchorConfig(Section):
     rubric_max_criteria: int = Field(8, ge=1)
     """The merged rubric keeps its first this many criteria (judge calls per group are
     G × criteria). At least ``rubric_min_criteria``."""
+
+    @field_validator("estimator")
+    @classmethod
+    def _known_estimator(cls, name: str) -> str:
+        from catq.teacher.registry import estimator
+
+        return estimator(name).name
 
     @model_validator(mode="after")
     def _rubric_bounds(self) -> AnchorConfig:
