@@ -277,6 +277,11 @@ class JudgeConfig(Section):
 
 
 class LearnerConfig(Section):
+    objective: Literal["grpo", "sft"] = "grpo"
+    """"grpo": CaT-RL, GRPO on the rewards against the reference s. "sft": CaT-SFT, the paper's
+    baseline: maximise the policy's log-likelihood of s after the prompt it saw (mean token NLL;
+    rewards, the KL term and its anchor log-probs play no part), same streams, checkpoints and
+    publishing."""
     lr: float = Field(5e-7, gt=0)
     """AdamW learning rate, constant (paper: 5e-7)."""
     weight_decay: float = Field(0.0, ge=0)
