@@ -67,8 +67,8 @@ class AnchorHandler:
 
     @property
     def wants_anchor_logprobs(self) -> bool:
-        learner = self.ctx.config.learner
-        return learner.kl_coef > 0 and learner.anchor_logprobs == "engine"
+        learner = self.ctx.config.learner  # CaT-SFT has no KL term
+        return learner.kl_coef > 0 and learner.anchor_logprobs == "engine" and learner.objective == "grpo"
 
     async def attach_anchor_logprobs(self, group: RolloutGroup) -> None:
         """π0's log-prob of every rollout token, from the anchor engine, onto the rollouts. An
