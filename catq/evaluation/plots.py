@@ -15,10 +15,10 @@ from typing import Any
 
 import matplotlib
 
-from catq.teacher.registry import ESTIMATORS
-
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
+
+from catq.teacher.registry import ESTIMATORS
 
 DPI = 120
 FIGSIZE = (8.0, 5.0)

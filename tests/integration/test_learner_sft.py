@@ -14,7 +14,13 @@ from catq.bus import Bus
 from catq.engines.models import load_causal_lm, load_tokenizer, tiny_model_dir
 from catq.learner import checkpoint
 from catq.results import ResultStore
-from tests.integration.test_learner_restart import make_scored, metrics, start_learner, wait_for, write_config
+from tests.integration.test_learner_restart import (
+    make_scored,
+    metrics,
+    start_learner,
+    wait_for,
+    write_config,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
