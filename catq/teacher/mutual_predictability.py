@@ -35,6 +35,8 @@ from catq.teacher.estimators import Reference, rollout_reference
 
 CONTEXT_INTRO = "Here are answers to a question, each written independently:"
 CONTEXT_ASK = "Write another answer to the same question."
+SEAM_TOKENS = 4
+"""Context tokens kept free per other rollout when they must be cut (re-tokenization slack)."""
 
 
 def context_messages(others: list[str], question: str | None = None) -> list[dict[str, str]]:
@@ -64,7 +66,9 @@ def fit_context(token_ids: list[list[int]], i: int, context_len: int, overhead: 
     others = token_ids[:i] + token_ids[i + 1:]
     if not others:
         return [], scored
-    room = max(context_len - overhead - len(scored) - 1, 0)
+    # A cut text is decoded and encoded again inside the template: allow a few tokens of
+    # difference at each seam.
+    room = max(context_len - overhead - len(scored) - SEAM_TOKENS * len(others), 0)
     if sum(map(len, others)) <= room:
         return others, scored
     share = room // len(others)

@@ -117,9 +117,9 @@ async def test_no_scorable_rollout_is_flagged():
 
 def test_fit_context_shares_the_room_equally_and_keeps_beginnings():
     ids = [list(range(10)), list(range(100, 140)), list(range(200, 240))]
-    others, scored = mp.fit_context(ids, 0, context_len=60, overhead=9)
+    others, scored = mp.fit_context(ids, 0, context_len=68, overhead=9)
     assert scored == ids[0]
-    assert others == [ids[1][:20], ids[2][:20]]  # room 60 - 9 - 10 - 1 = 40, 20 each
+    assert others == [ids[1][:20], ids[2][:20]]  # room 68 - 9 - 10 - 2 * 4 seams = 41, 20 each
     others, scored = mp.fit_context(ids, 1, context_len=60, overhead=9)
     assert scored == ids[1][:30]  # at most half the context
     assert mp.fit_context(ids, 0, context_len=1000, overhead=9) == ([ids[1], ids[2]], ids[0])
