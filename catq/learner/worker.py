@@ -644,7 +644,8 @@ def has_reference(message: ScoredGroup) -> bool:
 
 def group_fractions(metrics: dict, messages: list[ScoredGroup], counts: Counts) -> dict:
     """``signal_frac`` and ``reference_present_frac`` over this batch's groups (``messages``,
-    used or skipped by the step) plus the zero-variance groups set aside at intake (``counts``)."""
+    used or skipped by the step) plus the groups set aside at intake for carrying no signal
+    (zero-variance, or under sft no reference: ``counts``)."""
     used = metrics.get("groups_used", 0)
     seen = used + metrics.get("groups_skipped", 0) + counts.skipped_zero_variance + counts.skipped_no_reference
     with_reference = sum(map(has_reference, messages)) + counts.zero_variance_with_reference
