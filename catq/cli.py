@@ -21,6 +21,7 @@ import importlib
 import sys
 
 from catq.config import Config, ConfigError, load_config
+from catq.teacher.registry import ESTIMATORS
 from catq.topology import ROLES, STREAM_NAMES
 
 
@@ -132,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="JSONL of problems with answers, or a bundled set: single_digit, "
                                   "two_digit_add, two_digit_mul, word, demo")
     p.add_argument("--group-size", type=int, help="G rollouts per prompt (default: the config's)")
-    p.add_argument("--estimators", default="synthesis,majority,self_bon,min_ppl",
-                   help="comma-separated (default: all four)")
+    p.add_argument("--estimators", default=",".join(ESTIMATORS),
+                   help=f"comma-separated (default: all: {', '.join(ESTIMATORS)})")
     p.add_argument("--versions", help="policy versions: 0, latest, numbers of the run, or weight "
                                       "directories, comma-separated (default 0)")
     p.add_argument("--limit", type=int, help="first N problems only")

@@ -221,7 +221,9 @@ class RolloutConfig(Section):
 
 
 class AnchorConfig(Section):
-    estimator: Literal["synthesis", "majority", "self_bon", "min_ppl"] = "synthesis"
+    estimator: str = "synthesis"
+    """How s is estimated from the rollouts: a name in catq.teacher.registry.ESTIMATORS
+    ("synthesis", "majority", "self_bon", "min_ppl", "mutual_predictability")."""
     include_question: bool = False
     """Show the anchor the question (ablation only: the paper omits it on purpose)."""
     prompt: Literal["paper", "catq", "short"] = "paper"
@@ -258,6 +260,13 @@ class AnchorConfig(Section):
     rubric_max_criteria: int = Field(8, ge=1)
     """The merged rubric keeps its first this many criteria (judge calls per group are
     G × criteria). At least ``rubric_min_criteria``."""
+
+    @field_validator("estimator")
+    @classmethod
+    def _known_estimator(cls, name: str) -> str:
+        from catq.teacher.registry import estimator
+
+        return estimator(name).name
 
     @model_validator(mode="after")
     def _rubric_bounds(self) -> AnchorConfig:
@@ -305,6 +314,11 @@ class RewardConfig(Section):
 
 
 class LearnerConfig(Section):
+    objective: Literal["grpo", "sft"] = "grpo"
+    """"grpo": CaT-RL, GRPO on the rewards against the reference s. "sft": CaT-SFT, the paper's
+    baseline: maximise the policy's log-likelihood of s after the prompt it saw (mean token NLL;
+    rewards, the KL term and its anchor log-probs play no part), same streams, checkpoints and
+    publishing."""
     lr: float = Field(5e-7, gt=0)
     """AdamW learning rate, constant (paper: 5e-7)."""
     weight_decay: float = Field(0.0, ge=0)

@@ -177,7 +177,7 @@ class ReferencedGroup:
     reference: str
     """The pseudo-reference s: the anchor's unified response (the CaT answer)."""
     estimator: str
-    """Which estimator produced it: "synthesis", "majority", "self_bon" or "min_ppl"."""
+    """Which estimator produced it: a name in catq.teacher.registry.ESTIMATORS."""
     anchor_output: str
     """The anchor's raw output (summary + unified response), kept for debugging."""
     format_fallback: bool = False

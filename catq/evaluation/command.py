@@ -110,7 +110,7 @@ async def evaluate(args, config: Config, out_dir: Path) -> dict:
 
 
 def parse_estimators(text: str) -> list[str]:
-    from catq.teacher.estimators import ESTIMATORS
+    from catq.teacher.registry import ESTIMATORS
 
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in ESTIMATORS]
@@ -130,7 +130,9 @@ def with_group_size(config: Config, group_size: int | None) -> Config:
 async def evaluate_on_engines(problems, config: Config, estimators: list[str], args,
                               versions: list[PolicyVersion] | None, policy_url: str, anchor_url: str) -> list[dict]:
     """Every version on the same prompts; ``versions`` None: whatever the engine serves."""
-    models = build_models(config, policy_url, anchor_url, "self_bon" in estimators)
+    from catq.teacher.registry import needs_policy
+
+    models = build_models(config, policy_url, anchor_url, needs_policy(estimators))
     try:
         load = versions is not None
         if versions is None:

@@ -18,12 +18,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
 
+from catq.teacher.registry import ESTIMATORS
+
 DPI = 120
 FIGSIZE = (8.0, 5.0)
 TRAINING_FIGSIZE = (8.0, 6.0)  # two stacked panels need more height than one
 SCALING_WIDTH_PER_VERSION = 4.0  # below 8 in total the figure stays at FIGSIZE
 ACCURACY_YLIM = (0.0, 1.05)  # a little above 1 so a perfect score and its label stay visible
-ESTIMATOR_ORDER = ("synthesis", "majority", "self_bon", "min_ppl")
+ESTIMATOR_ORDER = tuple(ESTIMATORS)
 TRAINING_TOP_KEYS = ("reward_mean", "signal_frac", "reference_present_frac")
 TRAINING_BOTTOM_KEYS = ("kl", "clip_frac")
 

@@ -30,6 +30,15 @@ reports as behaviour log-probs, so at version 0 the ratio is 1 up to numerics.
 Groups whose rewards are all equal have zero advantage everywhere and carry no signal: they are
 skipped (no forward, no KL) and counted. A batch with no signal left takes no optimizer step.
 Nor does a batch whose loss or gradient norm is NaN or infinite (:class:`NonFiniteStep`).
+
+CaT-SFT (``learner.objective = "sft"``, the paper's SFT baseline) trains on the same groups with
+another loss: one sample per group, the synthesized reference s as the completion of the prompt
+the policy saw (:func:`prepare_sft_group`), and
+
+    loss     = mean over the completion tokens of s of -log πθ(t)        (token NLL; no ratio, no KL)
+
+Rewards play no part, so a group with all-equal rewards still trains; a group with no reference
+text carries nothing and is set aside with that reason.
 """
 
 from __future__ import annotations
@@ -49,8 +58,15 @@ ADV_EPS = 1e-6
 """ε in (r - mean) / (std + ε); groups with std below this count as zero-variance."""
 
 
+GRPO, SFT = "grpo", "sft"
+"""The learner's objectives (``learner.objective``)."""
+NO_SIGNAL = "no signal: every answer got the same reward"
+NO_REFERENCE = "no reference: the anchor gave no text to fine-tune on"
+
+
 @dataclass
 class LossConfig:
+    objective: str = GRPO
     clip_eps: float = 0.2
     behaviour_weight_cap: float = 2.0
     kl_coef: float = 1e-3
@@ -96,6 +112,8 @@ class PreparedGroup:
     samples: list[TrainSample]
     rewards: list[float]
     has_signal: bool
+    why: str = NO_SIGNAL
+    """Why it carries no signal (when it does not)."""
 
 
 class StepCancelled(Exception):
@@ -140,6 +158,26 @@ def prepare_group(scored: ScoredGroup, vocab_size: int | None = None) -> Prepare
             anchor_logprobs=None if anchor is None else list(anchor),
         ))
     return PreparedGroup(samples, list(scored.rewards), has_signal=True)
+
+
+def prepare_sft_group(scored: ScoredGroup, reference_ids: list[int], vocab_size: int | None = None) -> PreparedGroup:
+    """CaT-SFT: one sample per group, the reference s (``reference_ids``, the policy's tokens of
+    it) after the group's prompt. Empty ``reference_ids``: no signal (``why`` says so). Raises
+    ValueError for a token id outside ``[0, vocab_size)``, prompt or reference."""
+    group = scored.group
+    rewards = list(scored.rewards)
+    if not reference_ids:
+        return PreparedGroup([], rewards, has_signal=False, why=NO_REFERENCE)
+    if vocab_size is not None:
+        bad = next((t for t in itertools.chain(group.prompt_token_ids, reference_ids)
+                    if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"group {group.prompt.prompt_id}: token id {bad} is outside the model's "
+                             f"vocabulary [0, {vocab_size})")
+    sample = TrainSample(prompt_ids=list(group.prompt_token_ids), completion_ids=list(reference_ids),
+                         behaviour_logprobs=[0.0] * len(reference_ids),  # unused: SFT has no ratio
+                         advantage=1.0, policy_version=group.policy_version)
+    return PreparedGroup([sample], rewards, has_signal=True)
 
 
 def check_token_ids(scored: ScoredGroup, vocab_size: int) -> None:
@@ -313,6 +351,22 @@ def policy_loss(
     )
 
 
+def sft_loss(logp: torch.Tensor) -> LossTerms:
+    """CaT-SFT's token NLL of the reference, summed over tokens (``pg_sum`` carries it; there is
+    no importance ratio, reported as 1, and no KL)."""
+    nll = -logp
+    tokens = int(logp.numel())
+    return LossTerms(loss_sum=nll.sum(), pg_sum=nll.detach().sum().item(), kl_sum=0.0, clipped=0,
+                     capped=0, ratio_sum=float(tokens), tokens=tokens)
+
+
+def micro_batch_loss(logp: torch.Tensor, mb: MicroBatch, cfg: LossConfig, anchor_logp: torch.Tensor | None) -> LossTerms:
+    """The configured objective's loss terms for one micro-batch."""
+    if cfg.objective == SFT:
+        return sft_loss(logp)
+    return policy_loss(logp, mb.behaviour_logprobs, mb.advantages, cfg, anchor_logp)
+
+
 def entropy_sum(logp_all: torch.Tensor) -> float:
     """Sum over tokens of the policy's entropy at each completion position."""
     with torch.no_grad():
@@ -350,7 +404,7 @@ def train_step(
     micro_batches: list[list[TrainSample]] | None = None,
     reduce_sums=None,
 ) -> dict:
-    """One GRPO optimizer step over ``batch`` with gradient accumulation over micro-batches of
+    """One optimizer step (GRPO, or CaT-SFT with ``cfg.loss.objective = "sft"``) over ``batch`` with gradient accumulation over micro-batches of
     ``cfg.micro_batch_rollouts`` rollouts. ``should_stop()`` is asked before each micro-batch:
     when it says yes the gradients are dropped and :class:`StepCancelled` is raised (a stopping
     learner does not wait for a long step; its groups stay pending and are trained later). A
@@ -394,13 +448,13 @@ def train_step(
         done += len(chunk)
         mb = collate(chunk, device)
         anchor_logp = mb.anchor_logprobs  # from the anchor engine, when it supplied them
-        if anchor is not None and cfg.loss.kl_coef > 0:
+        if anchor is not None and cfg.loss.kl_coef > 0 and cfg.loss.objective == GRPO:
             with torch.no_grad(), _autocast(device, cfg.autocast_bf16):
                 anchor_logp, _ = token_logprobs(completion_logits(anchor, mb), mb)
         with _autocast(device, cfg.autocast_bf16):
             logits = completion_logits(policy, mb)
         logp, logp_all = token_logprobs(logits, mb)
-        terms = policy_loss(logp, mb.behaviour_logprobs, mb.advantages, cfg.loss, anchor_logp)
+        terms = micro_batch_loss(logp, mb, cfg.loss, anchor_logp)
         (terms.loss_sum / total_tokens).backward()
         sums["entropy"] += entropy_sum(logp_all)
         del logits, logp_all

@@ -1,7 +1,9 @@
 """The learner's training state: policy, frozen anchor, optimizer, step and version.
 
 Synchronous and file-bound (no Redis); :mod:`catq.learner.worker` calls it from a thread.
-The policy starts from ``model.policy``, or from the newest checkpoint when there is one. The KL
+The policy starts from ``model.policy``, or from the newest checkpoint when there is one.
+``learner.objective`` picks the loss (:mod:`catq.learner.grpo`: GRPO, or CaT-SFT on the reference s,
+which :meth:`Trainer.prepare` tokenizes with the policy's tokenizer). The KL
 term's anchor log-probs normally arrive with each group from the anchor engine
 (``learner.anchor_logprobs = "engine"``); with "learner" the anchor π0 is a second, frozen copy
 loaded here from ``model.anchor`` even when both name the same weights: the policy is trained in
@@ -55,7 +57,7 @@ class Trainer:
         vocab_size = policy.get_input_embeddings().num_embeddings
         policy = distributed.shard(policy, ranks)
         anchor = None
-        if cfg.kl_coef > 0 and cfg.anchor_logprobs == "learner":
+        if cfg.kl_coef > 0 and cfg.anchor_logprobs == "learner" and cfg.objective == grpo.GRPO:
             anchor = load_causal_lm(config.model.anchor, device=str(device), cache_dir=cache_dir)
             anchor.requires_grad_(False).eval()
         optimizer = grpo.make_optimizer(policy, cfg.lr, cfg.weight_decay)
@@ -66,7 +68,7 @@ class Trainer:
         )
         step_config = grpo.StepConfig(
             loss=grpo.LossConfig(
-                clip_eps=cfg.clip_eps, behaviour_weight_cap=cfg.behaviour_weight_cap, kl_coef=cfg.kl_coef
+                objective=cfg.objective, clip_eps=cfg.clip_eps, behaviour_weight_cap=cfg.behaviour_weight_cap, kl_coef=cfg.kl_coef
             ),
             micro_batch_rollouts=cfg.micro_batch_rollouts,
             max_grad_norm=cfg.max_grad_norm,
@@ -102,6 +104,21 @@ class Trainer:
             cached = (self.state.step, set(self.state.trained_ids))
             self._trained_cache = cached
         return cached[1]
+
+    def prepare(self, message) -> grpo.PreparedGroup:
+        """One scored group checked and turned into samples for the configured objective (raises
+        ValueError when it cannot be trained on: :func:`catq.learner.grpo.prepare_group`)."""
+        if self.step_config.loss.objective == grpo.SFT:
+            return grpo.prepare_sft_group(message, self.reference_ids(message.referenced.reference),
+                                          self.vocab_size)
+        return grpo.prepare_group(message, self.vocab_size)
+
+    def reference_ids(self, reference: str) -> list[int]:
+        """CaT-SFT's target: the policy's tokens of s as the assistant's whole reply (ending with
+        the end-of-turn token, so the policy also learns where to stop); [] when s is blank."""
+        if not reference.strip():
+            return []
+        return self.tokenizer.encode(reference.strip(), add_special_tokens=False) + [self.tokenizer.eos_token_id]
 
     def train(self, groups: list[grpo.PreparedGroup], entry_ids: list[str], should_stop=None) -> dict:
         """One optimizer step on ``groups``; records them as trained. Returns the step's metrics

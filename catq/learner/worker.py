@@ -13,8 +13,9 @@ it exits 1 with a one-line message instead of publishing. Its loop:
    commit, for ``bus.result_ttl_s``) or buffered under another entry id (a duplicate entry; its
    status is left alone, it is logged and counted); a group more than ``learner.max_staleness``
    versions older than the current policy is dropped, counted and acked; a group whose rewards
-   are all equal carries no signal and is skipped, counted and acked (those two get status
-   "set_aside", with why). Everything else is checked and prepared
+   are all equal carries no signal and is skipped, counted and acked (with ``learner.objective =
+   "sft"`` rewards do not matter: a group whose reference is empty is skipped instead; these
+   get status "set_aside", with why). Everything else is checked and prepared
    for training (advantages, samples) once, and waits in the batch buffer.
 2. With ``batch_groups`` groups (or a partial batch after ``batch_timeout_s``), take one GRPO
    step (:mod:`catq.learner.grpo`) in a thread, so the event loop keeps the heartbeat going.
@@ -96,7 +97,7 @@ import structlog
 from catq import metrics as prometheus
 from catq.bus import LeaseLost
 from catq.config import Config
-from catq.learner.grpo import NonFiniteStep, StepCancelled, prepare_group
+from catq.learner.grpo import NO_REFERENCE, NonFiniteStep, StepCancelled
 from catq.learner.lease import Lease
 from catq.learner.tensorboard import TensorBoardLog
 from catq.messages import ScoredGroup
@@ -129,6 +130,15 @@ class Counts:
     """Groups whose (prompt id, policy version) was already trained or held (another entry)."""
     skipped_nonfinite: int = 0
     """Optimizer steps skipped because their loss or gradient norm was not finite."""
+    skipped_no_reference: int = 0
+    """CaT-SFT: groups whose reference was empty (nothing to fine-tune on)."""
+
+    def count_no_signal(self, prepared, with_reference: bool) -> None:
+        if prepared.why == NO_REFERENCE:
+            self.skipped_no_reference += 1
+            return
+        self.skipped_zero_variance += 1
+        self.zero_variance_with_reference += with_reference
 
     def as_dict(self) -> dict:
         return {
@@ -137,6 +147,7 @@ class Counts:
             "groups_skipped_already_trained": self.skipped_trained,
             "groups_skipped_duplicate": self.skipped_duplicate,
             "skipped_nonfinite": self.skipped_nonfinite,
+            "groups_skipped_no_reference": self.skipped_no_reference,
         }
 
 
@@ -207,12 +218,11 @@ class LearnerLoop:
             elif self.staleness(message) > self.config.learner.max_staleness:
                 self.counts.dropped_stale += 1
                 set_aside.append((delivery, f"stale: {self.staleness(message)} versions behind the policy"))
-            elif isinstance(prepared := prepare(message, self.trainer.vocab_size), str):
+            elif isinstance(prepared := prepare(message, self.trainer), str):
                 await self.bus.dead_letter(delivery, GROUP, prepared)
             elif not prepared.has_signal:
-                self.counts.skipped_zero_variance += 1
-                self.counts.zero_variance_with_reference += has_reference(message)
-                set_aside.append((delivery, "no signal: every answer got the same reward"))
+                self.counts.count_no_signal(prepared, has_reference(message))
+                set_aside.append((delivery, prepared.why))
             else:
                 self.buffer.append(delivery)
                 self.prepared[delivery.entry_id] = prepared
@@ -624,9 +634,10 @@ def has_reference(message: ScoredGroup) -> bool:
 
 def group_fractions(metrics: dict, messages: list[ScoredGroup], counts: Counts) -> dict:
     """``signal_frac`` and ``reference_present_frac`` over this batch's groups (``messages``,
-    used or skipped by the step) plus the zero-variance groups set aside at intake (``counts``)."""
+    used or skipped by the step) plus the groups set aside at intake for carrying no signal
+    (zero-variance, or under sft no reference: ``counts``)."""
     used = metrics.get("groups_used", 0)
-    seen = used + metrics.get("groups_skipped", 0) + counts.skipped_zero_variance
+    seen = used + metrics.get("groups_skipped", 0) + counts.skipped_zero_variance + counts.skipped_no_reference
     with_reference = sum(map(has_reference, messages)) + counts.zero_variance_with_reference
     return {
         "signal_frac": used / seen if seen else 0.0,
@@ -639,11 +650,12 @@ def pair_of(message: ScoredGroup) -> tuple[str, int]:
     return message.group.prompt.prompt_id, message.group.policy_version
 
 
-def prepare(message: ScoredGroup, vocab_size: int | None = None):
-    """The group prepared for training, or why it cannot be trained on (it is dead-lettered)."""
+def prepare(message: ScoredGroup, trainer):
+    """The group prepared for the trainer's objective, or why it cannot be trained on (it is
+    dead-lettered)."""
     if not message.group.prompt_token_ids:
         return "malformed scored group: no prompt_token_ids"
     try:
-        return prepare_group(message, vocab_size)
+        return trainer.prepare(message)
     except ValueError as exc:
         return f"malformed scored group: {exc}"

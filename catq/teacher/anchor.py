@@ -8,7 +8,7 @@ synthesis by default, which never shows the anchor the question). For ``open`` p
 drafts a rubric from s (catq.teacher.rubric.draft_rubric: several drafts merged while short of
 ``anchor.rubric_min_criteria``). A short rubric is used and flagged ``rubric_short`` in the
 prompt's result; a group whose drafts give no usable criterion is dead-lettered with the reason.
-``self_bon`` asks the policy (the first policy engine).
+An estimator that needs the policy (``self_bon``) asks the first policy engine.
 
 With ``learner.anchor_logprobs = "engine"`` (and a KL term), the anchor engine also scores every
 rollout's tokens under π0 in one prefill-only request, run beside the estimate, and the group
@@ -25,6 +25,7 @@ from catq.engines.client import EngineError, parse_version
 from catq.messages import RolloutGroup
 from catq.results import Status
 from catq.runtime import DeadLetterError, WorkerContext, run_worker
+from catq.teacher import registry
 from catq.teacher.estimators import estimate_reference
 from catq.teacher.rubric import RubricParseError, draft_rubric
 from catq.topology import REFERENCES
@@ -66,8 +67,8 @@ class AnchorHandler:
 
     @property
     def wants_anchor_logprobs(self) -> bool:
-        learner = self.ctx.config.learner
-        return learner.kl_coef > 0 and learner.anchor_logprobs == "engine"
+        learner = self.ctx.config.learner  # CaT-SFT has no KL term
+        return learner.kl_coef > 0 and learner.anchor_logprobs == "engine" and learner.objective == "grpo"
 
     async def attach_anchor_logprobs(self, group: RolloutGroup) -> None:
         """π0's log-prob of every rollout token, from the anchor engine, onto the rollouts. An
@@ -124,7 +125,7 @@ async def build_anchor_handler(ctx: WorkerContext) -> AnchorHandler:
     config = ctx.config
     anchor = engine_chat(config, config.engines.anchor_url, config.model.anchor, config.anchor.sampling)
     policy = None
-    if config.anchor.estimator == "self_bon":
+    if registry.estimator(config.anchor.estimator).needs_policy:
         policy = engine_chat(config, config.engines.policy_urls[0], config.model.policy, SELECTION_SAMPLING)
     return AnchorHandler(ctx, anchor, policy)
 

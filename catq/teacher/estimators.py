@@ -12,6 +12,11 @@
   rollout. An unreadable choice falls back to rollout 1 (``format_fallback``).
 - ``min_ppl``: the rollout with the lowest mean token negative log-likelihood under the
   behaviour log-probs; ties go to the lowest index.
+- ``mutual_predictability``: the rollout the anchor best predicts from the others
+  (:mod:`catq.teacher.mutual_predictability`).
+
+Each is an ``async def ..._estimate(group, *, anchor, policy, question, options)`` registered by
+name in :mod:`catq.teacher.registry`, which :func:`estimate_reference` dispatches through.
 
 The pure functions take plain data; :func:`estimate_reference` wires them to chat models given as
 async callables (see :mod:`catq.teacher.chat`), so everything here is testable without an engine.
@@ -27,7 +32,7 @@ from typing import Awaitable, Protocol
 
 from catq.config import AnchorConfig
 from catq.messages import ReferencedGroup, Rollout, RolloutGroup
-from catq.teacher import prompts
+from catq.teacher import prompts, registry
 from catq.teacher.answers import (
     _matching_braces,
     answers_equivalent,
@@ -36,7 +41,8 @@ from catq.teacher.answers import (
 )
 from catq.teacher.verify_pool import off_loop
 
-ESTIMATORS = ("synthesis", "majority", "self_bon", "min_ppl")
+ESTIMATORS = registry.ESTIMATORS
+"""Every estimator by name (re-exported from :mod:`catq.teacher.registry`)."""
 
 
 class ChatFn(Protocol):
@@ -156,7 +162,7 @@ def min_ppl_index(rollouts: list[Rollout]) -> int:
 
 def min_ppl_reference(group: RolloutGroup) -> Reference:
     best = group.rollouts[min_ppl_index(group.rollouts)]
-    return _rollout_reference(best.text, "min_ppl", "", False, group.prompt.task)
+    return rollout_reference(best.text, "min_ppl", "", False, group.prompt.task)
 
 
 def parse_selection(output: str, n: int) -> int | None:
@@ -171,10 +177,10 @@ def self_bon_reference(group: RolloutGroup, output: str) -> Reference:
     index = parse_selection(output, len(group.rollouts))
     fallback = index is None
     text = group.rollouts[0 if fallback else index].text
-    return _rollout_reference(text, "self_bon", output, fallback, group.prompt.task)
+    return rollout_reference(text, "self_bon", output, fallback, group.prompt.task)
 
 
-def _rollout_reference(text: str, estimator: str, output: str, fallback: bool, task: str) -> Reference:
+def rollout_reference(text: str, estimator: str, output: str, fallback: bool, task: str) -> Reference:
     answer = final_answer(text) if task == "math" else None
     return Reference(text, estimator, output, fallback, reference_answer=answer)
 
@@ -246,6 +252,25 @@ async def synthesize(group: RolloutGroup, anchor: ChatFn, options: AnchorConfig,
     return chosen
 
 
+async def synthesis_estimate(group: RolloutGroup, *, anchor: ChatFn, options: AnchorConfig,
+                             question: str | None, **_) -> Reference:
+    return await synthesize(group, anchor, options, question)
+
+
+async def majority_estimate(group: RolloutGroup, **_) -> Reference:
+    return await off_loop(majority_reference, group)
+
+
+async def self_bon_estimate(group: RolloutGroup, *, policy: ChatFn, **_) -> Reference:
+    # The policy always reads the question: it picks its own best answer to it.
+    output = await policy(prompts.selection_messages(group.prompt.question, [r.text for r in group.rollouts]))
+    return self_bon_reference(group, output)
+
+
+async def min_ppl_estimate(group: RolloutGroup, **_) -> Reference:
+    return min_ppl_reference(group)
+
+
 async def estimate_reference(
     group: RolloutGroup,
     estimator: str,
@@ -255,29 +280,22 @@ async def estimate_reference(
     include_question: bool = False,
     options: AnchorConfig | None = None,
 ) -> Reference:
-    """The reference for a group with the named estimator; for math the majority answer is
-    filled in whatever the estimator (it is part of the per-prompt result). ``options`` (the
-    run's ``[anchor]`` section) sets the synthesis prompt, priming and self-consistency;
-    None keeps the paper's synthesis with priming."""
+    """The reference for a group with the named estimator (:data:`catq.teacher.registry.ESTIMATORS`;
+    one that does not serve the prompt's task falls back to synthesis); for math the majority
+    answer is filled in whatever the estimator (it is part of the per-prompt result).
+    ``options`` (the run's ``[anchor]`` section) sets the synthesis prompt, priming and
+    self-consistency; None keeps the paper's synthesis with priming."""
     task = group.prompt.task
-    texts = [r.text for r in group.rollouts]
-    if estimator == "majority" and task != "math":
-        estimator = "synthesis"
-    if estimator == "synthesis":
-        question = group.prompt.question if include_question else None
-        ref = await synthesize(group, anchor, options or AnchorConfig(), question)
-    elif estimator == "majority":
-        ref = await off_loop(majority_reference, group)
-    elif estimator == "self_bon":
-        if policy is None:
-            raise ValueError("self_bon needs the policy model")
-        output = await policy(prompts.selection_messages(group.prompt.question, texts))
-        ref = self_bon_reference(group, output)
-    elif estimator == "min_ppl":
-        ref = min_ppl_reference(group)
-    else:
-        raise ValueError(f"unknown estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
+    spec = registry.estimator(estimator)
+    if task not in spec.tasks:
+        spec = registry.estimator(registry.FALLBACK)
+    if spec.needs_policy and policy is None:
+        raise ValueError(f"{spec.name} needs the policy model")
+    question = group.prompt.question if include_question else None
+    ref = await spec.load()(group, anchor=anchor, policy=policy, question=question,
+                            options=options or AnchorConfig())
     if task == "math" and ref.majority_answer is None:
+        texts = [r.text for r in group.rollouts]
         winners = await off_loop(majority_vote, [final_answer(t) for t in texts])
         ref.majority_answer = final_answer(texts[winners[0]]) if winners else None
     return ref

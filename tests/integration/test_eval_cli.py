@@ -79,7 +79,7 @@ def test_eval_writes_every_output_and_its_figures_recount(tmp_path):
     assert [row["g"] for row in version["by_g"]] == [1, 2, 4]
     full = version["by_g"][-1]
     assert full["single"]["value"] == pytest.approx(recount_single(version["prompts"]))
-    assert list(full["estimators"]) == ["synthesis", "majority", "self_bon", "min_ppl"]
+    assert list(full["estimators"]) == ["synthesis", "majority", "self_bon", "min_ppl", "mutual_predictability"]
     for name, est in full["estimators"].items():
         correct = [p["references"]["4"][name]["correct"] for p in version["prompts"]]
         assert est["accuracy"]["value"] == pytest.approx(sum(correct) / 6)

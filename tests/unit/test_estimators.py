@@ -183,3 +183,32 @@ async def test_self_bon_asks_the_policy_with_the_question():
 async def test_unknown_estimator():
     with pytest.raises(ValueError, match="unknown estimator"):
         await estimate_reference(make_group(["x"]), "oracle", anchor=FakeChat(""))
+
+
+# -- the registry ------------------------------------------------------------------------------
+
+
+def test_every_registered_estimator_loads_and_the_config_reads_the_registry():
+    from catq.config import AnchorConfig
+    from catq.teacher.registry import ESTIMATORS
+
+    for name, spec in ESTIMATORS.items():
+        assert callable(spec.load()), name
+        assert AnchorConfig(estimator=name).estimator == name
+    with pytest.raises(ValueError, match="unknown estimator 'vote'; known: synthesis, majority"):
+        AnchorConfig(estimator="vote")
+    assert [n for n, s in ESTIMATORS.items() if s.needs_policy] == ["self_bon"]
+
+
+async def test_an_estimator_added_to_the_registry_is_dispatched(monkeypatch):
+    from catq.teacher import registry
+
+    monkeypatch.setitem(registry.ESTIMATORS, "last", registry.Estimator("last", f"{__name__}:last_rollout"))
+    ref = await estimate_reference(make_group(["\\boxed{1}", "\\boxed{2}"]), "last", anchor=FakeChat(""))
+    assert ref.reference == "\\boxed{2}" and ref.estimator == "last" and ref.majority_answer == "1"
+
+
+async def last_rollout(group, **_):
+    from catq.teacher.estimators import Reference
+
+    return Reference(group.rollouts[-1].text, "last", "")

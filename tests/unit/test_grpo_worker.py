@@ -13,7 +13,7 @@ import structlog
 from catq.bus import Delivery, LeaseLost
 from catq.config import load_config
 from catq.learner.checkpoint import TrainingState
-from catq.learner.grpo import StepCancelled
+from catq.learner.grpo import StepCancelled, prepare_group
 from catq.learner.worker import LearnerLoop
 from tests.integration.test_learner_restart import make_scored
 
@@ -74,6 +74,9 @@ class FakeTrainer:
     @property
     def trained_id_set(self):
         return set(self.state.trained_ids)
+
+    def prepare(self, message):
+        return prepare_group(message, self.vocab_size)
 
     def train(self, groups, entry_ids, should_stop=None):
         if should_stop is not None and should_stop():

@@ -166,8 +166,8 @@ async def test_anchor_attaches_the_anchor_engines_logprobs_for_the_kl_term():
     assert all(r.anchor_logprobs == [-1.0, -2.0] for r in out.message.group.rollouts)
 
 
-async def test_no_prefill_without_a_kl_term_or_with_the_anchor_in_the_learner():
-    for learner in ({"kl_coef": 0.0}, {"anchor_logprobs": "learner"}):
+async def test_no_prefill_without_a_kl_term_with_the_anchor_in_the_learner_or_under_sft():
+    for learner in ({"kl_coef": 0.0}, {"anchor_logprobs": "learner"}, {"objective": "sft"}):
         ctx = make_ctx(learner=learner)
         group = await RolloutHandler(ctx, [FakeEngine(["\\boxed{4}"] * 8)], FakeTokenizer()).roll_out(prompt())
         anchor = FakeChat(["Unified response: \\boxed{4}"])
