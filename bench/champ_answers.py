@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CHAMP ({MODEL} solutions as rollouts; catq's final_answer, answers_equivalent and majority vote)")
     print_figures(figures)
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1))
+        command = " ".join(["python bench/champ_answers.py", *(sys.argv[1:] if argv is None else argv)])
+        Path(args.json).write_text(json.dumps({"command": command, **figures}, indent=1))
     return 0
 
 

@@ -93,6 +93,8 @@ async def evaluate(args, config: Config, out_dir: Path) -> dict:
     if not problems:
         raise EvalError(f"{args.data}: no problems to evaluate")
     estimators = parse_estimators(args.estimators, rubric=scoring_of(problems) == "rubric")
+    if scoring_of(problems) == "rubric" and not args.use_stack:
+        check_own_engine_judge(config)  # before minutes of engine loading, not after
     config = with_group_size(config, args.group_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.use_stack:
@@ -231,10 +233,16 @@ def build_judge(config: Config, anchor_url: str, own_engines: bool):
     engines = config.engines
     if not own_engines or engines.judge_api == "openai":
         return judge_chat(config)
-    if engines.judge_model not in ("", config.model.anchor):
+    check_own_engine_judge(config)
+    return judge_chat(config.model_copy(update={"engines": engines.model_copy(update={"judge_url": anchor_url})}))
+
+
+def check_own_engine_judge(config: Config) -> None:
+    """An engine judge eval can serve from its anchor engine, or an OpenAI-compatible one."""
+    engines = config.engines
+    if engines.judge_api == "sglang" and engines.judge_model not in ("", config.model.anchor):
         raise EvalError(f"the judge model {engines.judge_model!r} is not the anchor's: serve it and use "
                         "--use-stack, or point engines.judge_api at an OpenAI-compatible endpoint")
-    return judge_chat(config.model_copy(update={"engines": engines.model_copy(update={"judge_url": anchor_url})}))
 
 
 def version_result(version: PolicyVersion, records: list[PromptRecord], estimators: list[str],

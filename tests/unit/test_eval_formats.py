@@ -262,3 +262,17 @@ def test_breakdown_rows_per_value_in_natural_order():
     assert [row["n"] for row in groups["level"]] == [2, 1]
     assert groups["level"][0]["single"]["value"] == pytest.approx(0.5)
     assert groups["subject"][0]["estimators"]["majority"]["value"] == pytest.approx(2 / 3)
+
+
+async def test_a_judge_eval_cannot_serve_is_refused_before_any_engine_starts(tmp_path):
+    import argparse
+
+    from catq.evaluation.command import evaluate
+    from catq.evaluation.runner import EvalError
+
+    config = load_config(None)
+    config.engines.judge_model = "/models/some-other-judge"
+    args = argparse.Namespace(data=write(tmp_path, HEALTHBENCH), format="auto", limit=None, group_size=2,
+                              estimators="synthesis", use_stack=False, versions=None)
+    with pytest.raises(EvalError, match="not the anchor's"):
+        await evaluate(args, config, tmp_path / "out")
