@@ -1,7 +1,7 @@
 """The `catq` command. Each subcommand's work lives in a library module, imported only when that
 subcommand runs, so `catq status` never loads torch.
 
-    catq submit TEXT [--task math|open] [--file prompts.jsonl] [--wait]
+    catq submit TEXT [--task math|open] [--file prompts.jsonl [--format F]] [--wait]
     catq tail STREAM [--count N | --since 10m] [--follow] [--prompt ID] [--json]
     catq trace PROMPT_ID | --last [--json]     (a prompt's path: every stage, answers, rewards, times)
     catq top [--once]                          (live: streams, roles, learner, engines; q quits)
@@ -11,7 +11,8 @@ subcommand runs, so `catq status` never loads torch.
     catq engine --model PATH|default [--host H] [--port P] [--weights-dir DIR]
     catq model prepare        catq up [--config F]        catq demo
     catq sglang install       (real SGLang for CPU, in its own cached virtual environment)
-    catq eval --data FILE|NAME [--group-size G] [--estimators ...] [--versions 0,latest] [--out DIR]
+    catq eval --data FILE|NAME [--format auto|catq|math500|healthbench|champ] [--group-size G]
+              [--estimators ...] [--versions 0,latest] [--out DIR]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import importlib
 import sys
 
 from catq.config import Config, ConfigError, load_config
+from catq.evaluation.formats import FORMATS
 from catq.teacher.registry import ESTIMATORS
 from catq.topology import ROLES, STREAM_NAMES
 
@@ -39,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("text", nargs="?", help="prompt text (or use --file)")
     p.add_argument("--task", default="math", help="math | open (default math)")
-    p.add_argument("--file", help='JSONL, one {"text"|"messages", "task"} per line')
+    p.add_argument("--file", help='JSONL, one {"text"|"messages", "task"} per line (other fields are '
+                                  "kept as metadata, 'id' as the label), or a benchmark file (--format)")
+    p.add_argument("--format", default="auto", choices=FORMATS,
+                   help="--file's format (default auto: from the first line's keys); a benchmark's "
+                        "answers and rubrics are never sent")
     p.add_argument("--wait", action="store_true", help="wait for each result and print it")
     p.add_argument("--until", default="scored", choices=["referenced", "scored", "trained"],
                    help="with --wait: the status to wait for (default scored: answer and rewards; "
@@ -132,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--data", help="JSONL of problems with answers, or a bundled set: single_digit, "
                                   "two_digit_add, two_digit_mul, word, demo")
+    p.add_argument("--format", default="auto", choices=FORMATS,
+                   help="--data's format: catq, math500 or healthbench JSONL (default auto: from the first "
+                        "line's keys), or champ (the champ-dataset package's JSON file)")
     p.add_argument("--group-size", type=int, help="G rollouts per prompt (default: the config's)")
     p.add_argument("--estimators", default=",".join(ESTIMATORS),
                    help=f"comma-separated (default: all: {', '.join(ESTIMATORS)})")

@@ -50,48 +50,40 @@ def _run(config: Config, coro) -> int:
 # -- submit ---------------------------------------------------------------------------------------
 
 def submit_command(args: argparse.Namespace, config: Config) -> int:
-    from catq.ingest import PromptRequestError, parse_prompts
-
-    try:
-        items = _submit_items(args)
-        prompts = parse_prompts(items, config.ingest, default_task=args.task, check_batch=False)
-    except PromptRequestError as exc:
-        return _fail(str(exc), 2)
-    return _run(config, _submit(config, prompts, args.wait and args.until, args.timeout))
-
-
-def _submit_items(args: argparse.Namespace) -> list[Any]:
+    from catq.evaluation.formats import DatasetError
     from catq.ingest import PromptRequestError
 
-    items: list[Any] = []
+    try:
+        items = _submit_items(args, config)
+    except (PromptRequestError, DatasetError) as exc:
+        return _fail(str(exc), 2)
+    return _run(config, _submit(config, items, args.wait and args.until, args.timeout))
+
+
+def _submit_items(args: argparse.Namespace, config: Config) -> list:
+    """The prompt TEXT and every prompt of ``--file``, read by the loader `catq eval` uses
+    (:mod:`catq.evaluation.formats`): only the prompts go on, never a benchmark's answers."""
+    from catq.evaluation.formats import DataItem, read_data
+    from catq.ingest import PromptRequestError, parse_prompts
+
+    items = []
     if args.text is not None:
-        items.append({"text": args.text})
+        (prompt,) = parse_prompts({"text": args.text}, config.ingest, default_task=args.task, check_batch=False)
+        items.append(DataItem(prompt, 0))
     if args.file:
-        try:
-            lines = open(args.file, encoding="utf-8").read().splitlines()
-        except OSError as exc:
-            raise PromptRequestError(f"cannot read {args.file}: {exc.strerror}") from None
-        except UnicodeDecodeError as exc:
-            raise PromptRequestError(f"{args.file}: not valid UTF-8 (byte {exc.start})") from None
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                items.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise PromptRequestError(f"{args.file}:{number}: invalid JSON: {exc}") from None
+        items += read_data(args.file, getattr(args, "format", "auto"), limits=config.ingest, default_task=args.task)
     if not items:
         raise PromptRequestError("give a prompt TEXT or --file prompts.jsonl")
     return items
 
 
-async def _submit(config: Config, prompts: list, until: str | None, timeout: float) -> int:
+async def _submit(config: Config, items: list, until: str | None, timeout: float) -> int:
     from catq.results import ResultStore
 
     bus = _bus(config)
     results = ResultStore(bus, config.bus.result_ttl_s)
     try:
-        ids = await _enqueue_each(bus, results, prompts)
+        ids = await _enqueue_each(bus, results, items)
         if not until:
             return 0
         return await _wait_results(results, ids, Status(until), timeout)
@@ -99,19 +91,23 @@ async def _submit(config: Config, prompts: list, until: str | None, timeout: flo
         await bus.close()
 
 
-async def _enqueue_each(bus: Bus, results, prompts: list) -> list[str]:
+async def _enqueue_each(bus: Bus, results, items: list) -> list[str]:
     """Enqueue prompts one by one, each with its own Idempotency-Key made before its first try,
     so the Bus retrying a call whose reply was lost replays it instead of adding it twice. Prints
-    each id as it is enqueued (a prompt_id already there is named on stderr, not added)."""
+    each id as it is enqueued (a prompt_id already there is named on stderr, not added). A line's
+    label and metadata go to its result (what `catq trace` and --wait show), not on the stream."""
     from catq.ingest import enqueue, idempotency_record
 
     ids = []
-    for prompt in prompts:
+    for item in items:
+        prompt = item.prompt
         key = idempotency_record("catq submit", uuid.uuid4().hex)
         done = await enqueue(bus, results, [prompt], request_key=key)
         if not done.new[0]:
             print(f"catq: {prompt.prompt_id} was already submitted (status {done.statuses[0]}); "
                   "not added again", file=sys.stderr)
+        elif item.label is not None or item.metadata:
+            await results.update(prompt.prompt_id, label=item.label, metadata=item.metadata)
         print(prompt.prompt_id, flush=True)
         ids.append(prompt.prompt_id)
     return ids

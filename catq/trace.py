@@ -95,7 +95,8 @@ def build_trace(prompt_id: str, entries: list[tuple[str, str, bytes | None]],
         stages.append(learner)
     _add_latencies(stages)
     ingest = stages[0]
-    return {"prompt_id": prompt_id, "status": result.get("status"), "task": result.get("task") or ingest["task"],
+    return {"prompt_id": prompt_id, "label": result.get("label"), "status": result.get("status"),
+            "task": result.get("task") or ingest["task"],
             "question": result.get("question") or ingest["question"], "stages": stages,
             "missing": [f"{s} {i}" for s, i, p in entries if p is None]}
 
@@ -197,7 +198,8 @@ def print_trace(trace: dict) -> None:
     from catq.readable import console, print_block
 
     out = console()
-    out.print(f"prompt {trace['prompt_id']}  status {trace['status']}  task {trace['task']}",
+    label = f"  label {trace['label']}" if trace.get("label") is not None else ""
+    out.print(f"prompt {trace['prompt_id']}{label}  status {trace['status']}  task {trace['task']}",
               style="bold", overflow="ellipsis", no_wrap=True, crop=True)
     for stage in trace["stages"]:
         print_block(out, stage_title(stage), STAGE_ROWS[stage["stage"]](stage))

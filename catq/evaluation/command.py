@@ -2,6 +2,8 @@
 
     catq eval --data single_digit --group-size 8 --versions 0,latest --run RUN
     catq eval --data problems.jsonl --estimators synthesis,majority --limit 20 --out DIR
+    catq eval --data math500.jsonl --format math500       (benchmarks as published; see formats.py)
+    catq eval --data healthbench.jsonl --estimators synthesis,min_ppl   (scored by the judge)
     catq eval --data word --use-stack --config configs/demo.toml     (a running `catq up`)
     catq eval --run RUN --plot                                       (training curves only)
 
@@ -9,7 +11,9 @@ By default it starts the engines it needs (a policy engine that loads each versi
 a frozen anchor engine, both catq's own, models from the config), like the demo does; with
 ``--use-stack`` it uses the config's engine URLs and evaluates the version they serve.
 Writes ``results.json`` (every per-prompt record), ``report.md`` and PNG plots to ``--out``
-(default ``<run_dir>/eval-<time>``) and prints the tables.
+(default ``<run_dir>/eval-<time>``) and prints the tables. Math is scored by final answers against
+the known ones; HealthBench by the configured judge against each prompt's physician rubric (with
+its own engines, an engine judge of the anchor's model is served by the anchor engine).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import time
 from pathlib import Path
 
 from catq.config import Config
-from catq.evaluation.records import PromptRecord, scaling_sizes, summarize
+from catq.evaluation.records import PromptRecord, scaling_sizes, summarize, summarize_groups
 from catq.evaluation.runner import (
     EvalError,
     EvalModels,
@@ -85,12 +89,12 @@ async def evaluate(args, config: Config, out_dir: Path) -> dict:
     from catq.evaluation.datasets import load_problems
 
     started = time.monotonic()
-    problems = load_problems(args.data, args.limit)
+    problems = load_problems(args.data, args.limit, getattr(args, "format", "auto"))
     if not problems:
         raise EvalError(f"{args.data}: no problems to evaluate")
-    if any(p.task != "math" for p in problems):
-        raise EvalError("catq eval measures math prompts (final answers compared with the known answer)")
-    estimators = parse_estimators(args.estimators)
+    estimators = parse_estimators(args.estimators, rubric=scoring_of(problems) == "rubric")
+    if scoring_of(problems) == "rubric" and not args.use_stack:
+        check_own_engine_judge(config)  # before minutes of engine loading, not after
     config = with_group_size(config, args.group_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.use_stack:
@@ -109,14 +113,26 @@ async def evaluate(args, config: Config, out_dir: Path) -> dict:
             "versions": versions, "differences": differences(versions)}
 
 
-def parse_estimators(text: str) -> list[str]:
+def parse_estimators(text: str, rubric: bool = False) -> list[str]:
+    """The named estimators; for rubric-scored prompts without "majority" (a vote needs final
+    answers: on open prompts it is synthesis again, so it would only repeat that row)."""
     from catq.teacher.registry import ESTIMATORS
 
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in ESTIMATORS]
     if unknown or not names:
         raise EvalError(f"--estimators: unknown {unknown or names}; known: {', '.join(ESTIMATORS)}")
+    if rubric and "majority" in names:
+        names.remove("majority")
+        if not names:
+            raise EvalError("--estimators: majority needs final answers; rubric-scored prompts "
+                            "take synthesis, self_bon or min_ppl")
     return names
+
+
+def scoring_of(problems) -> str:
+    """"rubric" when the prompts are scored against rubrics by the judge, else "answer"."""
+    return "rubric" if any(p.rubric is not None for p in problems) else "answer"
 
 
 def with_group_size(config: Config, group_size: int | None) -> Config:
@@ -132,7 +148,9 @@ async def evaluate_on_engines(problems, config: Config, estimators: list[str], a
     """Every version on the same prompts; ``versions`` None: whatever the engine serves."""
     from catq.teacher.registry import needs_policy
 
-    models = build_models(config, policy_url, anchor_url, needs_policy(estimators))
+    judged = scoring_of(problems) == "rubric"
+    models = build_models(config, policy_url, anchor_url, needs_policy(estimators),
+                          judge=judged, own_engines=versions is not None)
     try:
         load = versions is not None
         if versions is None:
@@ -145,7 +163,7 @@ async def evaluate_on_engines(problems, config: Config, estimators: list[str], a
                                        scaling=getattr(args, "scaling", True),
                                        later_estimators=getattr(args, "later_estimators", None))
     finally:
-        for model in (models.policy, models.anchor, models.selector):
+        for model in (models.policy, models.anchor, models.selector, models.judge):
             if model is not None:
                 await model.close()
 
@@ -187,7 +205,8 @@ def progress_bar(total: int, label: str):
                 mininterval=1.0 if sys.stderr.isatty() else 10.0)
 
 
-def build_models(config: Config, policy_url: str, anchor_url: str, with_selector: bool) -> EvalModels:
+def build_models(config: Config, policy_url: str, anchor_url: str, with_selector: bool, *,
+                 judge: bool = False, own_engines: bool = True) -> EvalModels:
     from catq.engines.client import EngineClient
     from catq.engines.tokenizer import chat_tokenizer
     from catq.teacher.anchor import SELECTION_SAMPLING
@@ -203,14 +222,37 @@ def build_models(config: Config, policy_url: str, anchor_url: str, with_selector
     anchor = engine_chat(config, anchor_url, config.model.anchor, config.anchor.sampling)
     selector = (engine_chat(config, policy_url, config.model.policy, SELECTION_SAMPLING)
                 if with_selector else None)
-    return EvalModels(policy, tokenizer, anchor, selector)
+    return EvalModels(policy, tokenizer, anchor, selector,
+                      build_judge(config, anchor_url, own_engines) if judge else None)
+
+
+def build_judge(config: Config, anchor_url: str, own_engines: bool):
+    """The configured judge. With eval's own engines, an engine judge (SGLang API) of the
+    anchor's model is the anchor engine eval started (as the default stack serves it); one of
+    another model is not started here."""
+    from catq.teacher.chat import judge_chat
+
+    engines = config.engines
+    if not own_engines or engines.judge_api == "openai":
+        return judge_chat(config)
+    check_own_engine_judge(config)
+    return judge_chat(config.model_copy(update={"engines": engines.model_copy(update={"judge_url": anchor_url})}))
+
+
+def check_own_engine_judge(config: Config) -> None:
+    """An engine judge eval can serve from its anchor engine, or an OpenAI-compatible one."""
+    engines = config.engines
+    if engines.judge_api == "sglang" and engines.judge_model not in ("", config.model.anchor):
+        raise EvalError(f"the judge model {engines.judge_model!r} is not the anchor's: serve it and use "
+                        "--use-stack, or point engines.judge_api at an OpenAI-compatible endpoint")
 
 
 def version_result(version: PolicyVersion, records: list[PromptRecord], estimators: list[str],
                    failures: list[Failure] = ()) -> dict:
     return {"label": version.label, "policy_version": version.policy_version, "step": version.step,
             "weights": str(version.path) if version.path else None,
-            "by_g": summarize(records, estimators), "prompts": [r.as_dict() for r in records],
+            "by_g": summarize(records, estimators), "by_group": summarize_groups(records, estimators),
+            "prompts": [r.as_dict() for r in records],
             "failed": [dataclasses.asdict(f) for f in failures]}
 
 
@@ -232,12 +274,14 @@ def version_difference(before: dict, after: dict) -> dict:
 
 
 def single_of(prompt: dict) -> float:
-    correct = prompt["rollout_correct"]
-    return sum(correct) / len(correct) if correct else 0.0
+    scores = prompt.get("rollout_scores")
+    scores = [float(c) for c in prompt["rollout_correct"]] if scores is None else scores
+    return sum(scores) / len(scores) if scores else 0.0
 
 
 def meta(args, config: Config, problems, estimators: list[str], wall_time_s: float) -> dict:
-    return {"data": args.data, "prompts": len(problems), "group_size": config.rollout.group_size,
+    return {"data": args.data, "format": getattr(args, "format", "auto"), "scoring": scoring_of(problems),
+            "prompts": len(problems), "group_size": config.rollout.group_size,
             "estimators": estimators, "policy": config.model.policy, "anchor": config.model.anchor,
             "math_match": config.reward.math_match, "synthesis_prompt": config.anchor.prompt,
             "anchor_estimator_prompt_sampling": config.anchor.sampling.model_dump(),

@@ -7,8 +7,8 @@ The bundled files are written by :func:`generate` from the triples in :data:`BUN
 checks they still match, so a set can always be rebuilt rather than hand-edited. Prompts never
 show a worked answer: a small model would copy it instead of computing.
 
-Lines are validated by :func:`catq.ingest.parse_prompts`, the same check ``catq submit`` uses, so a
-file that loads here would also be accepted by the pipeline; only ``answer`` and ``kind`` are ours.
+Files are read by :mod:`catq.evaluation.formats`, the reader ``catq submit --file`` uses too, so a
+file that loads here would also be accepted by the pipeline (without its answers).
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ import argparse
 import json
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from catq.config import IngestConfig
-from catq.ingest import PromptRequestError, parse_prompts
+from catq.evaluation.formats import DataItem, DatasetError, RubricItem, read_data
 from catq.messages import ChatMessage
 
 SUFFIX = "Put your final answer in \\boxed{}."
@@ -83,18 +82,21 @@ WORD_TEMPLATES = (
 )
 
 
-class DatasetError(ValueError):
-    """An evaluation source that cannot be loaded; the message names the file and line."""
-
-
 @dataclass
 class EvalProblem:
     messages: list[ChatMessage]
     task: str
-    answer: str
-    """The known final answer; only the scorer sees it, never the policy."""
+    answer: str | None
+    """math: the known final answer; only the scorer sees it, never the policy."""
     text: str
     """The question (last user turn), for reports."""
+    label: str | None = None
+    """The file's own id of the problem (``id``, MATH-500's ``unique_id``...)."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)
+    """Breakdown key -> value (MATH-500: subject, level): results are also shown per value."""
+    rubric: list[RubricItem] | None = None
+    """open (HealthBench): the criteria a response is scored by; None for math."""
 
 
 # -- generation -----------------------------------------------------------------------------------
@@ -172,68 +174,36 @@ def bundled_names() -> list[str]:
     return [*BUNDLED, "demo"]
 
 
-def load_problems(source: str, limit: int | None = None) -> list[EvalProblem]:
-    """Problems from a bundled set name or a JSONL path (a bundled name wins over a same-named file).
+def load_problems(source: str, limit: int | None = None, fmt: str = "auto") -> list[EvalProblem]:
+    """Problems from a bundled set name or a data file in any of
+    :data:`catq.evaluation.formats.FORMATS` (a bundled name wins over a same-named file).
 
     ``demo`` is the math half of the demo prompts: the open questions have no answer to score.
     """
-    label, text = _read_source(source)
-    problems: list[EvalProblem] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if limit is not None and len(problems) >= limit:
-            break
-        if not line.strip():
-            continue
-        record = _decode_line(line, f"{label}:{number}")
-        if source == "demo" and record.get("task") != "math":
-            continue
-        problems.append(_problem_from(record, f"{label}:{number}"))
-    return problems
-
-
-def _read_source(source: str) -> tuple[str, str]:
-    """(label for error messages, file text)."""
     if source in bundled_names():
         filename = DEMO_FILE if source == "demo" else f"eval_{source}.jsonl"
-        return f"catq/data/{filename}", resources.files("catq.data").joinpath(filename).read_text("utf-8")
-    path = Path(source)
-    if not path.is_file():
-        raise DatasetError(f"{source!r} is not a file nor a bundled set ({', '.join(bundled_names())})")
-    try:
-        return source, path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"cannot read {source}: {exc}") from None
+        label = f"catq/data/{filename}"
+        text = resources.files("catq.data").joinpath(filename).read_text("utf-8")
+        items = read_data(source, "catq", label=label, text=text)
+        if source == "demo":
+            items = [item for item in items if item.prompt.task == "math"]
+    else:
+        if not Path(source).is_file():
+            raise DatasetError(f"{source!r} is not a file nor a bundled set ({', '.join(bundled_names())})")
+        items, label = read_data(source, fmt), source
+    return [_problem_from(item, f"{label}:{item.line}") for item in items[:limit]]
 
 
-def _decode_line(line: str, where: str) -> dict:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{where}: invalid JSON: {exc}") from None
-    if not isinstance(record, dict):
-        raise DatasetError(f"{where}: must be a JSON object, got {type(record).__name__}")
-    return record
-
-
-def _problem_from(record: dict, where: str) -> EvalProblem:
-    answer = _answer_of(record, where)
-    prompt_fields = {key: value for key, value in record.items() if key not in ("answer", "kind")}
-    try:
-        (prompt,) = parse_prompts(prompt_fields, IngestConfig(), default_task="math", check_batch=False)
-    except PromptRequestError as exc:
-        raise DatasetError(f"{where}: {exc}") from None
-    return EvalProblem(messages=prompt.messages, task=prompt.task, answer=answer, text=prompt.question)
-
-
-def _answer_of(record: dict, where: str) -> str:
-    answer = record.get("answer")
-    if answer is None:
+def _problem_from(item: DataItem, where: str) -> EvalProblem:
+    """What `catq eval` can score: a math prompt with its answer, or an open one with a rubric."""
+    prompt = item.prompt
+    if prompt.task == "math" and item.answer is None:
         raise DatasetError(f"{where}: missing 'answer'")
-    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-        raise DatasetError(f"{where}: 'answer' must be a string or number, got {type(answer).__name__}")
-    if not str(answer).strip():
-        raise DatasetError(f"{where}: 'answer' is empty")
-    return str(answer)
+    if prompt.task != "math" and item.rubric is None:
+        raise DatasetError(f"{where}: an open prompt is scored only against a physician rubric "
+                           "(a HealthBench file, --format healthbench)")
+    return EvalProblem(messages=prompt.messages, task=prompt.task, answer=item.answer, text=prompt.question,
+                       label=item.label, metadata=item.metadata, groups=item.groups, rubric=item.rubric)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,27 @@ def accuracy_rows(version: dict) -> list[list[str]]:
 
 
 ACCURACY_HEADER = ["method", "accuracy [95% CI]", "answer", "= majority", "signal", "n"]
+SCORE_HEADER = ["method", "HealthBench score [95% CI]", "n"]
+
+
+def score_rows(version: dict) -> list[list[str]]:
+    """[method, mean score, n] at full G, for rubric-scored prompts."""
+    full = version["by_g"][-1]
+    rows = [["single sample", fmt(full["single"]), str(full["single"]["n"])]]
+    rows += [[name, fmt(est["accuracy"]), str(est["accuracy"]["n"])] for name, est in full["estimators"].items()]
+    return rows
+
+
+def group_tables(version: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(key, header, rows) per breakdown key: n, single and each estimator per value at full G."""
+    tables = []
+    for key, rows in version.get("by_group", {}).items():
+        names = list(rows[0]["estimators"]) if rows else []
+        header = [key, "n", "single", *names]
+        tables.append((key, header, [[row["value"], str(row["n"]), fmt(row["single"]),
+                                      *(fmt(row["estimators"][n]) if n in row["estimators"] else "-" for n in names)]
+                                     for row in rows]))
+    return tables
 
 
 def scaling_rows(version: dict) -> tuple[list[str], list[list[str]]]:
@@ -60,19 +81,31 @@ def signed(iv: dict) -> str:
     return f"{iv['value']:+.2f} [{iv['low']:+.2f}, {iv['high']:+.2f}]"
 
 
+ANSWER_NOTE = ("answer: share of references with a readable final answer; = majority: share agreeing "
+               "with the vote over the same rollouts; signal: share of groups whose rewards differ "
+               "(what GRPO learns from). 95% intervals: Wilson for rates, bootstrap over prompts for means.")
+RUBRIC_NOTE = ("Each response graded by the judge on every physician criterion: points met over the "
+               "positive points available, clipped to [0, 1] (HealthBench). 95% intervals: bootstrap "
+               "over prompts (Wilson where every score is 0 or 1).")
+
+
 def render(results: dict, table=text_table, heading=lambda text: text) -> str:
     """The whole report: per version the accuracy table and the scaling table, then the
     differences between versions; ``table``/``heading`` pick text or markdown."""
     meta = results["meta"]
+    rubric = meta.get("scoring") == "rubric"
     parts = [heading(f"catq eval: {meta['prompts']} prompts from {meta['data']}, G={meta['group_size']}, "
                      f"policy {meta['policy']}, anchor {meta['anchor']}, {meta['wall_time_s']:.0f} s"),
              match_line(meta),
-             "answer: share of references with a readable final answer; = majority: share agreeing "
-             "with the vote over the same rollouts; signal: share of groups whose rewards differ "
-             "(what GRPO learns from). 95% intervals: Wilson for rates, bootstrap over prompts for means."]
+             RUBRIC_NOTE if rubric else ANSWER_NOTE]
     for version in results["versions"]:
-        parts.append(heading(f"{version['label']}: accuracy at G={version['by_g'][-1]['g']}"))
-        parts.append(table(ACCURACY_HEADER, accuracy_rows(version)))
+        what = "HealthBench score" if rubric else "accuracy"
+        parts.append(heading(f"{version['label']}: {what} at G={version['by_g'][-1]['g']}"))
+        parts.append(table(SCORE_HEADER, score_rows(version)) if rubric
+                     else table(ACCURACY_HEADER, accuracy_rows(version)))
+        for key, header, rows in group_tables(version):
+            parts.append(heading(f"{version['label']}: {what} by {key} at G={version['by_g'][-1]['g']}"))
+            parts.append(table(header, rows))
         if version.get("failed"):
             parts.append(f"{len(version['failed'])} prompts left out after engine errors "
                          f"(see results.json), first: {version['failed'][0]['error'][:200]}")

@@ -24,7 +24,7 @@ from typing import Awaitable, Callable
 
 from catq.config import Config
 from catq.evaluation.datasets import EvalProblem
-from catq.evaluation.records import PromptRecord, is_correct, judge_outcome
+from catq.evaluation.records import Outcome, PromptRecord, is_correct, judge_outcome
 from catq.messages import Prompt, RolloutGroup, new_prompt_id
 
 
@@ -52,6 +52,8 @@ class EvalModels:
     tokenizer: object
     anchor: object
     selector: object | None = None
+    judge: object | None = None
+    """Grades rubric-scored (HealthBench) responses; None when every prompt is math."""
 
 
 EstimateFn = Callable[..., Awaitable]
@@ -108,9 +110,12 @@ async def evaluate_problem(problem: EvalProblem, models: EvalModels, config: Con
     match = config.reward.math_match
     prompt = Prompt(prompt_id=new_prompt_id(), task=problem.task, messages=list(problem.messages))
     group = await sample_group(models.policy, models.tokenizer, prompt, config)
+    if problem.rubric is not None:
+        return await evaluate_rubric_problem(problem, group, models, config, estimators, sizes, estimate)
     answers = [response_answer(r.text, match) for r in group.rollouts]
     record = PromptRecord(problem.text, problem.answer, [r.text for r in group.rollouts], answers,
-                          [is_correct(a, problem.answer, match) for a in answers])
+                          [is_correct(a, problem.answer, match) for a in answers], label=problem.label,
+                          metadata=problem.metadata, groups=problem.groups)
     jobs = [(g, name) for g in sizes for name in estimators]
     outcomes = await asyncio.gather(*(
         reference_outcome(dataclasses.replace(group, rollouts=group.rollouts[:g]), name, problem.answer,
@@ -118,6 +123,33 @@ async def evaluate_problem(problem: EvalProblem, models: EvalModels, config: Con
         for g, name in jobs))
     for (g, name), outcome in zip(jobs, outcomes):
         record.references.setdefault(g, {})[name] = outcome
+    return record
+
+
+async def evaluate_rubric_problem(problem: EvalProblem, group: RolloutGroup, models: EvalModels, config: Config,
+                                  estimators: list[str], sizes: list[int], estimate: EstimateFn) -> PromptRecord:
+    """A HealthBench prompt: the rollouts and each estimator's reference graded by the judge
+    against the physicians' rubric (:mod:`catq.evaluation.healthbench`)."""
+    from catq.evaluation.healthbench import RubricGrader
+
+    if models.judge is None:
+        raise EvalError("rubric-scored prompts need a judge model")
+    grader = RubricGrader(models.judge, config.judge, problem.messages, problem.rubric)
+    texts = [r.text for r in group.rollouts]
+    graded = await grader.grade(texts)
+    record = PromptRecord(problem.text, "", texts, [None] * len(texts), [], label=problem.label,
+                          metadata=problem.metadata, groups=problem.groups,
+                          rollout_scores=[g.score for g in graded],
+                          rollout_criteria_met=[g.criteria_met for g in graded])
+    jobs = [(g, name) for g in sizes for name in estimators]
+    refs = await asyncio.gather(*(
+        estimate(dataclasses.replace(group, rollouts=group.rollouts[:g]), name, anchor=models.anchor,
+                 policy=models.selector, include_question=config.anchor.include_question, options=config.anchor)
+        for g, name in jobs))
+    scores = await grader.grade([ref.reference for ref in refs])
+    for (g, name), ref, score in zip(jobs, refs, scores):
+        record.references.setdefault(g, {})[name] = Outcome(None, False, False, [], ref.reference,
+                                                            ref.format_fallback, score=score.score)
     return record
 
 

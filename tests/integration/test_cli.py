@@ -54,7 +54,7 @@ def test_submit_file_and_bad_input_enqueue_nothing(capsys, redis_url, run_name, 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine", "task": "math"}\n{"text": "", "task": "open"}\n')
     code, _, err = cli(capsys, "submit", "--file", str(bad), *common)
-    assert code == 2 and "prompts[1].text" in err
+    assert code == 2 and "bad.jsonl:2: text: is empty" in err
     bad.write_text('{"text": "fine"}\n{nope\n')
     code, _, err = cli(capsys, "submit", "--file", str(bad), *common)
     assert code == 2 and "bad.jsonl:2: invalid JSON" in err
@@ -64,6 +64,36 @@ def test_submit_file_and_bad_input_enqueue_nothing(capsys, redis_url, run_name, 
     code, out, _ = cli(capsys, "submit", "--file", str(good), *common)
     assert code == 0 and len(out.split()) == 2
     assert [p.task for p in prompts_in(redis_url, run_name)] == ["open", "math"]
+
+
+def test_submit_file_keeps_extra_fields_and_sends_no_answers(capsys, redis_url, run_name, tmp_path):
+    """A user's own lines (an id, any fields) and a MATH-500 file go in as they are: labels and
+    metadata land in the result, the answer and the worked solution go nowhere."""
+    from catq.trace import build_trace
+
+    common = ["--run", run_name, "--redis-url", redis_url]
+    own = tmp_path / "own.jsonl"
+    own.write_text('{"id": "q-1", "text": "What is 2+2?", "source": "mine", "answer": "4"}\n')
+    math500 = tmp_path / "math500.jsonl"
+    math500.write_text(json.dumps({"problem": "Find x if 2x = 6.", "solution": "x = 6/2 = SECRET",
+                                   "answer": "3", "subject": "Algebra", "level": 1,
+                                   "unique_id": "test/algebra/1.json"}) + "\n")
+    code, out, err = cli(capsys, "submit", "--file", str(own), *common)
+    assert code == 0, err
+    code, out2, err = cli(capsys, "submit", "--file", str(math500), "--format", "math500", *common)
+    assert code == 0, err
+    ids = out.split() + out2.split()
+    prompts = prompts_in(redis_url, run_name)
+    assert [p.prompt_id for p in prompts] == ids
+    assert prompts[1].question.startswith("Find x if 2x = 6.")
+    raw = sync_redis.Redis.from_url(redis_url).xrange(run_key(run_name, "prompts"))
+    assert not any(b"SECRET" in f[b"message"] or b"Algebra" in f[b"message"] for _, f in raw)
+    client = sync_redis.Redis.from_url(redis_url, decode_responses=True)
+    results = [{k: json.loads(v) for k, v in client.hgetall(run_key(run_name, f"result:{i}")).items()} for i in ids]
+    assert results[0]["label"] == "q-1" and results[0]["metadata"] == {"id": "q-1", "source": "mine"}
+    assert results[1]["label"] == "test/algebra/1.json"
+    assert results[1]["metadata"] == {"subject": "Algebra", "level": 1, "unique_id": "test/algebra/1.json"}
+    assert build_trace(ids[1], [], {"prompt_id": ids[1], **results[1]})["label"] == "test/algebra/1.json"
 
 
 def test_submit_wait_prints_scored_result(capsys, redis_url, run_name):

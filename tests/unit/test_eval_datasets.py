@@ -184,7 +184,7 @@ def test_load_file_with_text_messages_numbers_and_blank_lines(tmp_path):
     ('{"answer": "2"}', "exactly one of 'text' or 'messages'"),
     ('{"text": "What is 1 + 1?", "task": "poetry", "answer": "2"}', "unknown task"),
     ('{"messages": [{"role": "user"}], "answer": "2"}', "'role' and 'content'"),
-    ('{"text": "What is 1 + 1?", "answer": "2", "source": "x"}', "unknown key 'source'"),
+    ('{"text": "What is 1 + 1?", "answer": "2", "prompt_id": "a b"}', "prompt_id: must be 1-128"),
 ])
 def test_bad_line_names_file_line_and_problem(tmp_path, bad_line, problem):
     path = write_lines(tmp_path, '{"text": "What is 1 + 2?", "answer": "3"}', "", bad_line)
