@@ -17,6 +17,7 @@ What lives where (one :class:`Bus` is built from these parts, each a mixin over 
 ``records.py``      result hashes, restart counts, policy version, trained pairs
 ``liveness.py``     heartbeats, per-role work counters, engine replicas
 ``leases.py``       the learner lease and the fenced policy-version publish
+``admission.py``    what ingest asks before admitting: a group's backlog, a client's token bucket
 ``lua/*.lua``       the scripts, one a file, each with a KEYS/ARGV header (``scripts.py`` loads them)
 ``stream_bus.py``   :class:`StreamBus`, what a stream role's worker loop needs of a transport
 ==================  ===========================================================================
@@ -39,6 +40,7 @@ letters); Redis errors are retried as :mod:`catq.bus.connection` says.
 
 from __future__ import annotations
 
+from catq.bus.admission import Admission
 from catq.bus.connection import (
     AUTH_ERROR_CODES,
     SOCKET_TIMEOUT_S,
@@ -77,7 +79,7 @@ __all__ = [
 ]
 
 
-class Bus(GroupReads, Inspection, Records, Liveness, Leases):
+class Bus(GroupReads, Inspection, Records, Liveness, Leases, Admission):
     """Streams of one run. Safe to share between the tasks of one event loop."""
 
     def __init__(
@@ -94,3 +96,4 @@ class Bus(GroupReads, Inspection, Records, Liveness, Leases):
         self._init_groups()
         self._init_inspection()
         self._init_leases()
+        self._init_admission()

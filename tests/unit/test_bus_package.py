@@ -27,6 +27,7 @@ SCRIPT_SHA1 = {
     "lease_renew": "7bf57c2c6b2bf2f181ad5a0a8fe6d24538ca001b",
     "lease_release": "c2832521c299b7348603608f277262c99a946660",
     "fenced_publish": "c79ad7fcc3bdd63f89bc7e00fc00a1d7fc1499da",
+    "rate_limit": "8d9012ffd856d65b021afc1e893183176da77b55",  # added with the shared rate limit (h-load)
 }
 LUA_DIR = Path(catq.bus.__file__).parent / "lua"
 
@@ -51,7 +52,7 @@ def test_the_bus_registers_the_unchanged_scripts():
     bus = Bus("redis://127.0.0.1:1", "unit")  # no connection is made to build it
     shas = {bus._complete.sha, bus._screen_script.sha, bus._publish_traced.sha, bus._replay.sha,
             bus._publish_once.sha, bus._trim.sha, bus._lease_acquire.sha, bus._lease_renew.sha,
-            bus._lease_release.sha, bus._fenced_publish.sha}
+            bus._lease_release.sha, bus._fenced_publish.sha, bus._rate_limit.sha}
     assert shas == set(SCRIPT_SHA1.values())
 
 

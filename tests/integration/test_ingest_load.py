@@ -1,0 +1,163 @@
+"""Ingest under load, against a real Redis and real HTTP servers (aiohttp test servers, in
+process): admission control on the prompts backlog, one rate limit shared by every ingest
+replica, and a Redis out of memory (its own server, a tiny maxmemory, noeviction)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from catq import redis_server
+from catq.bus import Bus
+from catq.config import IngestConfig
+from catq.ingest import make_app
+from catq.messages import Prompt
+from catq.results import ResultStore
+from catq.topology import PROMPTS
+
+from .procs import free_port
+
+LIMITS = IngestConfig(max_text_chars=5000, max_batch=3, redis_deadline_s=2.0)
+
+
+@pytest.fixture
+async def serve():
+    """``await serve(bus, limits)`` → a client of a fresh ingest app (its own port, its own
+    backlog gauge: a second call is a second replica)."""
+    clients = []
+
+    async def make(on: Bus, limits: IngestConfig = LIMITS) -> TestClient:
+        client = TestClient(TestServer(make_app(on, ResultStore(on, 60), limits, None)))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+async def post(client: TestClient, body, key: str | None = None):
+    response = await client.post("/v1/prompts", json=body, headers={"Idempotency-Key": key} if key else None)
+    return response, await response.json()
+
+
+# -- admission control ----------------------------------------------------------------------------
+
+async def test_a_full_backlog_refuses_new_prompts_but_answers_replays_until_rollout_drains_it(bus, serve):
+    limits = LIMITS.model_copy(update={"max_backlog": 5})
+    client = await serve(bus, limits)
+    accepted = []
+    for i in range(5):
+        response, body = await post(client, {"text": f"q{i}"}, key=f"k{i}")
+        assert response.status == 202
+        accepted += body["ids"]
+
+    refused, body = await post(client, {"text": "sixth"}, key="k5")
+    assert refused.status == 429 and refused.headers["Retry-After"] == "5"
+    assert body["error"]["message"].startswith(
+        "backlog full: 5 prompts accepted and not yet rolled out, this prompt would exceed the limit of 5")
+    assert await bus.redis.xlen(bus.key("prompts")) == 5  # nothing enqueued
+    assert len(await bus.redis.keys(bus.key("result:*"))) == 5
+
+    replay, body = await post(client, {"text": "q0"}, key="k0")
+    assert replay.status == 202 and replay.headers["Idempotent-Replayed"] == "true"
+    assert body["ids"] == [accepted[0]]
+    again, body = await post(client, {"text": "q1", "prompt_id": accepted[1]})
+    assert again.status == 200 and body["prompts"] == [{"prompt_id": accepted[1], "status": "queued", "new": False}]
+
+    # Another replica knows nothing of the first one's count: it reads the backlog from Redis.
+    other = await serve(bus, limits)
+    assert (await post(other, {"text": "sixth"}))[0].status == 429
+
+    # Rollout takes the prompts: delivered but not acknowledged, they are still backlog.
+    taken = await bus.read(PROMPTS.name, PROMPTS.consumer, "test-rollout", count=10, message_type=Prompt)
+    assert [d.message.prompt_id for d in taken] == accepted
+    await asyncio.sleep(1.05)  # the gauges' reads are at most a second old
+    assert (await post(other, {"text": "sixth"}))[0].status == 429
+    await bus.ack(taken, PROMPTS.consumer)
+    await asyncio.sleep(1.05)
+    for replica in (client, other):
+        response, _ = await post(replica, {"text": "after the drain"})
+        assert response.status == 202
+    assert await bus.redis.xlen(bus.key("prompts")) == 7
+
+
+# -- one rate limit for every replica -------------------------------------------------------------
+
+async def test_two_ingest_replicas_share_one_rate_limit(bus, run_name, redis_url, serve):
+    per_s, burst = 2.0, 3
+    limits = LIMITS.model_copy(update={"rate_limit_per_s": per_s, "rate_limit_burst": burst})
+    second_bus = Bus(redis_url, run_name)  # a replica has its own connections
+    try:
+        replicas = [await serve(bus, limits), await serve(second_bus, limits)]
+        started = time.monotonic()
+        statuses = []
+        for _ in range(5):
+            for replica in replicas:
+                statuses.append((await post(replica, {"text": "q"}))[0].status)
+        elapsed = time.monotonic() - started
+        admitted = statuses.count(202)
+        # One bucket: the burst plus what refilled meanwhile, never a burst per replica.
+        assert burst <= admitted <= burst + math.floor(elapsed * per_s)
+        assert set(statuses) == {202, 429} and admitted < 2 * burst
+        assert await bus.redis.xlen(bus.key("prompts")) == admitted
+        refused = await replicas[1].post("/v1/prompts", json={"text": "q"})
+        assert refused.status == 429 and int(refused.headers["Retry-After"]) == 1
+        assert "rate limit: 2 requests/s, bursts of 3" in (await refused.json())["error"]["message"]
+        bucket = await bus.redis.keys(bus.key("ratelimit:*"))
+        assert len(bucket) == 1 and 0 < await bus.redis.pttl(bucket[0]) <= 3000  # expires when full again
+        await asyncio.sleep(0.6)  # one request's worth at 2/s
+        assert (await post(replicas[1], {"text": "q"}))[0].status == 202
+    finally:
+        await second_bus.close()
+
+
+# -- Redis out of memory --------------------------------------------------------------------------
+
+@pytest.fixture
+def small_redis(tmp_path):
+    """A Redis of our own (never the shared one) that evicts nothing; the test sets its maxmemory."""
+    port = free_port()
+    proc = redis_server.start_server(redis_server.server_binary(), "127.0.0.1", port, tmp_path)
+    try:
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        redis_server.stop_server(proc)
+
+
+async def test_redis_out_of_memory_is_503_with_nothing_half_written(small_redis, run_name, serve):
+    bus = Bus(small_redis, run_name, reconnect_timeout_s=2)
+    try:
+        limits = LIMITS.model_copy(update={"max_backlog": 1000})
+        client = await serve(bus, limits)
+        await bus.redis.config_set("maxmemory-policy", "noeviction")
+        used = int((await bus.redis.info("memory"))["used_memory"])
+        await bus.redis.config_set("maxmemory", used + 256 * 1024)
+        text, accepted, statuses = "x" * 4000, [], []
+        for i in range(200):  # ~12 KB a request: Redis runs out long before
+            response, body = await post(client, {"prompts": [{"text": f"{i} {text}"}] * 3}, key=f"k{i}")
+            statuses.append(response.status)
+            if response.status != 202:
+                break
+            accepted += body["ids"]
+        assert statuses[-1] == 503 and set(statuses[:-1]) == {202} and accepted
+        assert response.headers["Retry-After"] == "5"
+        assert body["error"]["message"].startswith("Redis is out of memory (at its maxmemory, evicting nothing) "
+                                                   "and refused the write")
+        # Nothing half-written: exactly the accepted prompts, each with its result record.
+        entries = await bus.redis.xrange(bus.key("prompts"))
+        assert len(entries) == len(accepted) == len(await bus.redis.keys(bus.key("result:*")))
+        assert (await client.get(f"/v1/prompts/{accepted[0]}")).status == 200  # reads still answer
+
+        await bus.redis.config_set("maxmemory", 0)  # memory freed (the pipeline drained)
+        retry, body = await post(client, {"prompts": [{"text": f"{len(statuses) - 1} {text}"}] * 3},
+                                 key=f"k{len(statuses) - 1}")
+        assert retry.status == 202 and "Idempotent-Replayed" not in retry.headers
+        assert await bus.redis.xlen(bus.key("prompts")) == len(accepted) + 3
+    finally:
+        await bus.close()
