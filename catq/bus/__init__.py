@@ -62,7 +62,7 @@ from catq.bus.entries import (
     prompt_of,
 )
 from catq.bus.groups import MAX_BLOCK_MS, GroupReads
-from catq.bus.inspect import ConsumerStats, GroupStats, Inspection, StreamStats
+from catq.bus.inspect import ConsumerStats, GroupStats, Inspection, RedisMemory, StreamStats
 from catq.bus.keys import legacy_run_key, run_key
 from catq.bus.leases import Leases, LeaseLost
 from catq.bus.liveness import LATENCY_SAMPLES, Liveness
@@ -73,7 +73,7 @@ from catq.config import BusConfig
 __all__ = [
     "AUTH_ERROR_CODES", "LATENCY_SAMPLES", "MAX_BLOCK_MS", "MESSAGE_FIELD", "SOCKET_TIMEOUT_S",
     "SOURCE_FIELD", "Bus", "ConsumerStats", "Delivery", "EntryId", "GroupStats", "KeyedEntry",
-    "LeaseLost", "Output", "PublishedOnce", "RedisAuthError", "StreamBus", "StreamStats",
+    "LeaseLost", "Output", "PublishedOnce", "RedisAuthError", "RedisMemory", "StreamBus", "StreamStats",
     "auth_error", "is_auth_error", "is_retryable", "legacy_run_key", "prompt_of", "redis_answers",
     "redis_state", "run_key",
 ]

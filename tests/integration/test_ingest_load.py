@@ -15,7 +15,7 @@ from catq import redis_server
 from catq.bus import Bus
 from catq.config import IngestConfig
 from catq.ingest import make_app
-from catq.messages import Prompt
+from catq.messages import ChatMessage, Prompt
 from catq.results import ResultStore
 from catq.topology import PROMPTS
 
@@ -138,6 +138,8 @@ async def test_redis_out_of_memory_is_503_with_nothing_half_written(small_redis,
         await bus.redis.config_set("maxmemory-policy", "noeviction")
         used = int((await bus.redis.info("memory"))["used_memory"])
         await bus.redis.config_set("maxmemory", used + 256 * 1024)
+        memory = await bus.memory()  # as `catq status` shows it
+        assert (memory.maxmemory_bytes, memory.policy) == (used + 256 * 1024, "noeviction")
         text, accepted, statuses = "x" * 4000, [], []
         for i in range(200):  # ~12 KB a request: Redis runs out long before
             response, body = await post(client, {"prompts": [{"text": f"{i} {text}"}] * 3}, key=f"k{i}")
@@ -161,3 +163,20 @@ async def test_redis_out_of_memory_is_503_with_nothing_half_written(small_redis,
         assert await bus.redis.xlen(bus.key("prompts")) == len(accepted) + 3
     finally:
         await bus.close()
+
+
+# -- the backlog as the Bus reads it --------------------------------------------------------------
+
+async def test_backlog_counts_pending_and_undelivered_entries_even_when_redis_cannot_tell_the_lag(bus):
+    prompts = [Prompt(prompt_id=f"p{i}", task="math", messages=[ChatMessage("user", "q")]) for i in range(6)]
+    assert await bus.backlog("prompts", "rollout", cap=100) == 0  # no stream yet
+    ids = [await bus.publish("prompts", p) for p in prompts]
+    assert await bus.backlog("prompts", "rollout", cap=100) == 6  # no group yet: every entry
+    taken = await bus.read("prompts", "rollout", "c", count=2, message_type=Prompt)
+    await bus.ack(taken[:1], "rollout")
+    assert await bus.backlog("prompts", "rollout", cap=100) == 5  # 1 pending + 4 undelivered
+    await bus.redis.xdel(bus.key("prompts"), ids[3])  # a hole after the group's position: no lag
+    groups = await bus.redis.xinfo_groups(bus.key("prompts"))
+    assert groups[0]["lag"] is None
+    assert await bus.backlog("prompts", "rollout", cap=100) == 4
+    assert await bus.backlog("prompts", "rollout", cap=2) == 3  # counted only as far as needed

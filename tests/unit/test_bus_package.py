@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import catq.bus
-from catq.bus import Bus, EntryId, StreamBus, prompt_of
+from catq.bus import Bus, EntryId, RedisMemory, StreamBus, prompt_of
 from catq.bus.scripts import SCRIPTS, lua
 from catq.messages import ChatMessage, DeadLetter, Prompt, WeightsPublished, encode
 
@@ -97,3 +97,12 @@ def test_the_bus_implements_stream_bus_with_the_same_signatures():
 def test_no_module_of_the_bus_package_is_over_300_lines():
     for path in Path(catq.bus.__file__).parent.glob("*.py"):
         assert len(path.read_text().splitlines()) <= 300, path.name
+
+
+def test_redis_memory_line_says_used_against_maxmemory_and_warns_of_eviction():
+    gib = 1024 ** 3
+    assert RedisMemory(gib // 4, 2 * gib, "noeviction").line() == \
+        "redis memory: 256.0 MiB used of 2.0 GiB maxmemory (12%), noeviction"
+    assert "no maxmemory (unbounded" in RedisMemory(900_000, 0, "noeviction").line()
+    assert RedisMemory(gib, 2 * gib, "allkeys-lru").line().endswith(
+        "policy allkeys-lru may evict catq's keys silently: set noeviction")
