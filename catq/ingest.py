@@ -53,10 +53,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from redis.exceptions import OutOfMemoryError
 
 from catq import metrics as catq_metrics
-from catq.bus import Bus, KeyedEntry, PublishedOnce, is_retryable
+from catq.bus import Bus, KeyedEntry, PublishedOnce, is_out_of_memory, is_retryable
 from catq.config import Config, ConfigError, IngestConfig
 from catq.messages import TASKS, ChatMessage, Prompt, new_prompt_id
 from catq.results import ResultStore, Status
@@ -428,10 +427,10 @@ async def within_deadline(request: web.Request, work):
         return await asyncio.wait_for(work, deadline)
     except TimeoutError:
         raise RedisUnavailable(f"Redis did not answer within {deadline:g} s") from None
-    except OutOfMemoryError:
-        raise RedisOutOfMemory("Redis is out of memory (at its maxmemory, evicting nothing) and refused "
-                               "the write; it accepts prompts again as the pipeline drains") from None
     except Exception as exc:
+        if is_out_of_memory(exc):
+            raise RedisOutOfMemory("Redis is out of memory (at its maxmemory, evicting nothing) and refused "
+                                   "the write; it accepts prompts again as the pipeline drains") from None
         if not is_retryable(exc):
             raise
         raise RedisUnavailable(f"Redis unreachable ({exc})") from None

@@ -47,6 +47,7 @@ from catq.bus.connection import (
     RedisAuthError,
     auth_error,
     is_auth_error,
+    is_out_of_memory,
     is_retryable,
     redis_answers,
     redis_state,
@@ -73,9 +74,9 @@ from catq.config import BusConfig
 __all__ = [
     "AUTH_ERROR_CODES", "LATENCY_SAMPLES", "MAX_BLOCK_MS", "MESSAGE_FIELD", "SOCKET_TIMEOUT_S",
     "SOURCE_FIELD", "Bus", "ConsumerStats", "Delivery", "EntryId", "GroupStats", "KeyedEntry",
-    "LeaseLost", "Output", "PublishedOnce", "RedisAuthError", "RedisMemory", "StreamBus", "StreamStats",
-    "auth_error", "is_auth_error", "is_retryable", "legacy_run_key", "prompt_of", "redis_answers",
-    "redis_state", "run_key",
+    "LeaseLost", "Output", "PublishedOnce", "RedisAuthError", "RedisMemory", "StreamBus",
+    "StreamStats", "auth_error", "is_auth_error", "is_out_of_memory", "is_retryable",
+    "legacy_run_key", "prompt_of", "redis_answers", "redis_state", "run_key",
 ]
 
 

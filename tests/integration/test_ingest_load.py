@@ -5,6 +5,7 @@ replica, and a Redis out of memory (its own server, a tiny maxmemory, noeviction
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 
@@ -19,7 +20,7 @@ from catq.messages import ChatMessage, Prompt
 from catq.results import ResultStore
 from catq.topology import PROMPTS
 
-from .procs import free_port
+from .procs import free_port, start_bus_worker, stop_process, wait_for
 
 LIMITS = IngestConfig(max_text_chars=5000, max_batch=3, redis_deadline_s=2.0)
 
@@ -180,3 +181,40 @@ async def test_backlog_counts_pending_and_undelivered_entries_even_when_redis_ca
     assert groups[0]["lag"] is None
     assert await bus.backlog("prompts", "rollout", cap=100) == 4
     assert await bus.backlog("prompts", "rollout", cap=2) == 3  # counted only as far as needed
+
+
+@pytest.mark.slow  # a worker process
+async def test_a_worker_keeps_its_work_while_redis_is_out_of_memory_and_finishes_it_after(
+        small_redis, run_name, tmp_path):
+    bus = Bus(small_redis, run_name, reconnect_timeout_s=2)
+    worker = start_bus_worker(small_redis, run_name, tmp_path / "worker.log", "--claim-idle-ms", "300")
+    try:
+        await wait_for(lambda: bus.live_workers("echo"), what="the worker's heartbeat")
+        ids = [await bus.publish("prompts", Prompt(prompt_id=f"p{i}", task="math",
+                                                   messages=[ChatMessage("user", "sleep:1.5")])) for i in range(3)]
+        await wait_for(_pending(bus, 3), what="every prompt in flight")
+        await bus.redis.config_set("maxmemory-policy", "noeviction")
+        await bus.redis.config_set("maxmemory", int((await bus.redis.info("memory"))["used_memory"]) // 2)
+        await asyncio.sleep(2.5)  # the handlers finish; every write of their results is refused
+        assert worker.poll() is None
+        assert await bus.redis.xlen(bus.key("echoed")) == 0 and await bus.redis.xlen(bus.key("dead")) == 0
+        await bus.redis.config_set("maxmemory", 0)  # memory freed
+        await wait_for(_pending(bus, 0), what="every prompt done after memory freed")
+        echoed = await bus.redis.xrange(bus.key("echoed"))
+        assert sorted(f[b"source"].decode() for _, f in echoed) == sorted(ids)  # each once, none lost
+        assert await bus.redis.xlen(bus.key("dead")) == 0
+        log = (tmp_path / "worker.log").read_text()
+        assert "redis out of memory; keeping the result, will retry" in log
+        done = [json.loads(line) for line in log.splitlines() if '"event": "done"' in line]
+        assert sorted(d["entry_id"] for d in done) == sorted(ids)
+        assert {d["attempts"] for d in done} == {1}  # kept, not redone after a reclaim
+    finally:
+        stop_process(worker)
+        await bus.close()
+
+
+def _pending(bus: Bus, count: int):
+    async def check() -> bool:
+        group = (await bus.stream_stats(("prompts",)))["prompts"].group("echo")
+        return group is not None and group.pending == count and not group.lag
+    return check

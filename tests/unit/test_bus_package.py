@@ -106,3 +106,15 @@ def test_redis_memory_line_says_used_against_maxmemory_and_warns_of_eviction():
     assert "no maxmemory (unbounded" in RedisMemory(900_000, 0, "noeviction").line()
     assert RedisMemory(gib, 2 * gib, "allkeys-lru").line().endswith(
         "policy allkeys-lru may evict catq's keys silently: set noeviction")
+
+
+def test_out_of_memory_is_named_once_and_a_worker_waits_it_out():
+    from redis.exceptions import OutOfMemoryError, ResponseError
+
+    from catq.bus import is_out_of_memory, is_retryable
+    from catq.runtime import is_transient
+
+    oom = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+    assert is_out_of_memory(oom) and not is_out_of_memory(ResponseError("WRONGTYPE"))
+    assert not is_retryable(oom)  # the Bus does not spin on it: ingest answers 503 at once
+    assert is_transient(oom)  # a handler's write refused for memory is not the message's fault
