@@ -203,12 +203,24 @@ class IngestConfig(Section):
     rate_limit_per_s: float = Field(0.0, ge=0.0)
     """Requests per second each client may make on average (client: the bearer token when auth
     is on, else the remote address); over it the answer is 429 with Retry-After. 0 = no limit.
-    Counted per ingest process."""
+    Counted in Redis, so every ingest replica shares one limit per client."""
     rate_limit_burst: int = Field(20, ge=1)
     """Requests a client may make at once before ``rate_limit_per_s`` paces it."""
+    max_backlog: int = Field(0, ge=0)
+    """Admission control: most prompts accepted and not yet rolled out (the ``prompts`` group's
+    pending plus lag, read at most a second old); a request that would exceed it gets 429 with
+    Retry-After. Bounds the queue (and Redis's memory) when prompts arrive faster than rollout
+    takes them. 0 = no limit. When on, at least ``max_batch``, so a full batch can be admitted."""
     redis_deadline_s: float = Field(5.0, gt=0.0)
     """How long a request waits for Redis before answering 503 (a POST never hangs while Redis
     is down; its enqueue is one atomic script, so it either happened whole or not at all)."""
+
+    @model_validator(mode="after")
+    def _backlog_admits_a_batch(self) -> IngestConfig:
+        if self.max_backlog and self.max_backlog < self.max_batch:
+            raise ValueError(f"ingest.max_backlog ({self.max_backlog}) is below ingest.max_batch "
+                             f"({self.max_batch}): a full batch could never be admitted")
+        return self
 
 
 class RolloutConfig(Section):

@@ -24,11 +24,18 @@ Enqueueing is all or nothing and idempotent (:func:`enqueue`, one atomic script 
   ``bus.result_ttl_s``) gets the first request's answer again (header ``Idempotent-Replayed``)
   and enqueues nothing; the same key with a different body is 422.
 
-Each client (the bearer token when auth is on, else the remote address) gets
-``rate_limit_per_s`` requests per second with bursts of ``rate_limit_burst`` (429 with
-Retry-After beyond; off when 0). A request whose Redis work takes longer than
-``redis_deadline_s`` (Redis down) is answered 503 with Retry-After; its enqueue happened whole or
-not at all, so retrying with the same key or ids is safe.
+Under load (each answer says which limit it hit):
+
+- each client (the bearer token when auth is on, else the remote address) gets
+  ``rate_limit_per_s`` requests per second with bursts of ``rate_limit_burst`` (429 with
+  Retry-After beyond; off when 0), one token bucket in Redis shared by every ingest replica;
+- admission control: while the ``prompts`` backlog (accepted, not yet rolled out) would exceed
+  ``max_backlog``, new prompts get 429 with Retry-After (off when 0); a request that writes
+  nothing (an ``Idempotency-Key`` replay, prompt ids all already there) is still answered;
+- a request whose Redis work takes longer than ``redis_deadline_s`` (Redis down), or that Redis
+  refuses for memory (OOM, at ``maxmemory`` with ``noeviction``), is answered 503 with
+  Retry-After; its enqueue happened whole or not at all, so retrying with the same key or ids is
+  safe.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from typing import Any
 from aiohttp import web
 
 from catq import metrics as catq_metrics
-from catq.bus import Bus, KeyedEntry, is_retryable
+from catq.bus import Bus, KeyedEntry, PublishedOnce, is_out_of_memory, is_retryable
 from catq.config import Config, ConfigError, IngestConfig
 from catq.messages import TASKS, ChatMessage, Prompt, new_prompt_id
 from catq.results import ResultStore, Status
@@ -64,9 +71,10 @@ IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 class PromptRequestError(ValueError):
     """A request that cannot be enqueued; ``status`` is the HTTP status to answer with."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers
 
 
 # -- validation -----------------------------------------------------------------------------------
@@ -238,17 +246,35 @@ async def enqueue(bus: Bus, results: ResultStore, prompts: list[Prompt], *,
     A prompt whose id already has a result is left alone (its status is reported). A
     ``request_key`` (see :func:`idempotency_record`) seen before replays its first outcome; seen
     with another ``fingerprint`` (a different request), it is refused with 422."""
-    entries = [KeyedEntry(p, ResultStore.hash_name(p.prompt_id),
-                          ResultStore.encode_fields(status=Status.QUEUED, task=p.task, question=p.question))
-               for p in prompts]
     request = json.dumps({"fingerprint": fingerprint, "ids": [p.prompt_id for p in prompts]})
-    done = await bus.publish_once(PROMPTS.name, entries, results.ttl_s,
+    done = await bus.publish_once(PROMPTS.name, _keyed_entries(prompts), results.ttl_s,
                                   request_key=request_key, request_value=request)
-    first = json.loads(done.request_value)
+    return _enqueued(done, done.request_value, fingerprint)
+
+
+def _keyed_entries(prompts: list[Prompt]) -> list[KeyedEntry]:
+    return [KeyedEntry(p, ResultStore.hash_name(p.prompt_id),
+                       ResultStore.encode_fields(status=Status.QUEUED, task=p.task, question=p.question))
+            for p in prompts]
+
+
+def _enqueued(done: PublishedOnce, request_value: str, fingerprint: str) -> Enqueued:
+    first = json.loads(request_value)
     if first["fingerprint"] != fingerprint:
         raise PromptRequestError("Idempotency-Key was already used for a different request", 422)
     statuses = [Status.QUEUED.value if raw is None else _status_of(raw) for raw in done.existing]
     return Enqueued(first["ids"], statuses, [raw is None for raw in done.existing], done.replayed)
+
+
+async def answer_without_writing(bus: Bus, prompts: list[Prompt], *, request_key: str | None = None,
+                                 fingerprint: str = "") -> Enqueued | None:
+    """What :func:`enqueue` would answer for a request that writes nothing (a replayed
+    ``request_key``, or prompt ids that all exist already), or None if it would enqueue."""
+    done = await bus.published_before(_keyed_entries(prompts), request_key=request_key)
+    if done is None:
+        return None
+    request = json.dumps({"fingerprint": fingerprint, "ids": [p.prompt_id for p in prompts]})
+    return _enqueued(done, done.request_value or request, fingerprint)
 
 
 def _status_of(raw: str) -> str:
@@ -269,33 +295,41 @@ def fingerprint_of(body: Any) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-# -- per-client rate limit --------------------------------------------------------------------------
+# -- admission control --------------------------------------------------------------------------
 
-class RateLimiter:
-    """A token bucket per client: ``burst`` requests at once, refilled at ``per_s`` a second.
-    In memory: per ingest process, forgotten on restart."""
+BACKLOG_RETRY_AFTER_S = 5
+"""Retry-After when the backlog is full: rollout drains it a prompt group at a time (seconds
+each), so asking again sooner mostly earns another 429."""
 
-    MAX_CLIENTS = 10_000
-    """Above this many buckets, full ones (idle clients) are dropped."""
 
-    def __init__(self, per_s: float, burst: int, clock=time.monotonic):
-        self.per_s, self.burst, self.clock = per_s, burst, clock
-        self.buckets: dict[str, tuple[float, float]] = {}
+class BacklogGauge:
+    """The ``prompts`` backlog (accepted, not yet rolled out) as this ingest sees it: read
+    through the Bus at most once per ``max_age_s`` (reading it on every request would add a
+    round trip to each), plus what this process enqueued since, so that between two reads one
+    ingest never admits past the limit."""
 
-    def wait_s(self, client: str) -> float:
-        """Take one request from the client's bucket: 0.0 if allowed, else seconds until it is."""
-        now = self.clock()
-        tokens, at = self.buckets.get(client, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - at) * self.per_s)
-        allowed = tokens >= 1.0
-        self.buckets[client] = (tokens - allowed, now)
-        if len(self.buckets) > self.MAX_CLIENTS:
-            self._forget_idle(now)
-        return 0.0 if allowed else (1.0 - tokens) / self.per_s
+    def __init__(self, bus: Bus, limit: int, max_age_s: float = 1.0, clock=time.monotonic):
+        self.bus, self.limit, self.max_age_s, self.clock = bus, limit, max_age_s, clock
+        self.value, self.read_at = 0, -math.inf
+        self._reading = asyncio.Lock()  # concurrent requests share one read
 
-    def _forget_idle(self, now: float) -> None:
-        self.buckets = {c: (t, at) for c, (t, at) in self.buckets.items()
-                        if t + (now - at) * self.per_s < self.burst}
+    async def current(self) -> int:
+        if self.clock() - self.read_at >= self.max_age_s:
+            async with self._reading:
+                if self.clock() - self.read_at >= self.max_age_s:
+                    self.value = await self.bus.backlog(PROMPTS.name, PROMPTS.consumer, cap=self.limit + 1)
+                    self.read_at = self.clock()
+        return self.value
+
+    def added(self, count: int) -> None:
+        self.value += count
+
+    def refusal(self, backlog: int, adding: int) -> PromptRequestError:
+        what = "this prompt" if adding == 1 else f"these {adding} prompts"
+        return PromptRequestError(
+            f"backlog full: {backlog} prompts accepted and not yet rolled out, {what} would exceed "
+            f"the limit of {self.limit} (ingest.max_backlog); retry after {BACKLOG_RETRY_AFTER_S} s",
+            429, headers={"Retry-After": str(BACKLOG_RETRY_AFTER_S)})
 
 
 # -- the HTTP app ---------------------------------------------------------------------------------
@@ -304,10 +338,19 @@ BUS_KEY = web.AppKey("bus", Bus)
 RESULTS_KEY = web.AppKey("results", ResultStore)
 LIMITS_KEY = web.AppKey("limits", IngestConfig)
 TOKEN_KEY = web.AppKey("token", str)
+BACKLOG_KEY = web.AppKey("backlog", BacklogGauge)
 
 
 class RedisUnavailable(Exception):
     """Redis did not answer within the request's deadline."""
+
+    retry_after_s = 1
+
+
+class RedisOutOfMemory(RedisUnavailable):
+    """Redis refused a write: it is at ``maxmemory`` and evicts nothing (noeviction)."""
+
+    retry_after_s = BACKLOG_RETRY_AFTER_S
 
 
 def make_app(bus: Bus, results: ResultStore, limits: IngestConfig, token: str | None) -> web.Application:
@@ -316,9 +359,11 @@ def make_app(bus: Bus, results: ResultStore, limits: IngestConfig, token: str | 
     if token:
         middlewares.append(_auth_middleware(token))
     if limits.rate_limit_per_s > 0:
-        middlewares.append(_rate_limit_middleware(RateLimiter(limits.rate_limit_per_s, limits.rate_limit_burst)))
+        middlewares.append(_rate_limit_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=limits.max_body_bytes)
     app[BUS_KEY], app[RESULTS_KEY], app[LIMITS_KEY], app[TOKEN_KEY] = bus, results, limits, token or ""
+    if limits.max_backlog:
+        app[BACKLOG_KEY] = BacklogGauge(bus, limits.max_backlog)
     app.router.add_post("/v1/prompts", submit_prompts)
     app.router.add_get("/v1/prompts/{prompt_id}", get_prompt)
     app.router.add_get("/healthz", healthz)
@@ -340,18 +385,19 @@ def _auth_middleware(token: str):
     return auth
 
 
-def _rate_limit_middleware(limiter: RateLimiter):
-    @web.middleware
-    async def rate_limit(request: web.Request, handler):
-        if request.path != "/healthz":
-            wait = limiter.wait_s(client_of(request))
-            if wait > 0:
-                seconds = max(1, math.ceil(wait))
-                return _error(429, f"rate limit: {limiter.per_s:g} requests/s, bursts of {limiter.burst}; "
-                                   f"retry after {seconds} s", headers={"Retry-After": str(seconds)})
-        return await handler(request)
-
-    return rate_limit
+@web.middleware
+async def _rate_limit_middleware(request: web.Request, handler):
+    """Per-client token bucket in Redis, so every ingest replica counts against one limit."""
+    if request.path != "/healthz":
+        limits = request.app[LIMITS_KEY]
+        wait = await within_deadline(request, request.app[BUS_KEY].take_token(
+            client_of(request), limits.rate_limit_per_s, limits.rate_limit_burst))
+        if wait > 0:
+            seconds = max(1, math.ceil(wait))
+            return _error(429, f"rate limit: {limits.rate_limit_per_s:g} requests/s, bursts of "
+                               f"{limits.rate_limit_burst}; retry after {seconds} s",
+                          headers={"Retry-After": str(seconds)})
+    return await handler(request)
 
 
 @web.middleware
@@ -360,7 +406,8 @@ async def _unavailable_middleware(request: web.Request, handler):
         return await handler(request)
     except RedisUnavailable as exc:
         return _error(503, f"{exc}; nothing was half-written: retry (with the same Idempotency-Key or "
-                           "prompt_id to be sure nothing is enqueued twice)", headers={"Retry-After": "1"})
+                           "prompt_id to be sure nothing is enqueued twice)",
+                      headers={"Retry-After": str(exc.retry_after_s)})
 
 
 def client_of(request: web.Request) -> str:
@@ -381,6 +428,9 @@ async def within_deadline(request: web.Request, work):
     except TimeoutError:
         raise RedisUnavailable(f"Redis did not answer within {deadline:g} s") from None
     except Exception as exc:
+        if is_out_of_memory(exc):
+            raise RedisOutOfMemory("Redis is out of memory (at its maxmemory, evicting nothing) and refused "
+                                   "the write; it accepts prompts again as the pipeline drains") from None
         if not is_retryable(exc):
             raise
         raise RedisUnavailable(f"Redis unreachable ({exc})") from None
@@ -396,12 +446,27 @@ async def submit_prompts(request: web.Request) -> web.Response:
         body = decode_body(await _read_body(request, limits), limits)
         prompts = parse_prompts(body, limits, default_task="math")
         key = _request_key(request)
-        done = await within_deadline(request, enqueue(request.app[BUS_KEY], request.app[RESULTS_KEY], prompts,
-                                                      request_key=key, fingerprint=fingerprint_of(body)))
+        done = await within_deadline(request, _admit(request.app, prompts, key, fingerprint_of(body)))
     except PromptRequestError as exc:
-        return _error(exc.status, str(exc))
+        return _error(exc.status, str(exc), headers=exc.headers)
     headers = {"Idempotent-Replayed": "true"} if done.replayed else None
     return web.json_response(done.body(), status=done.http_status, headers=headers)
+
+
+async def _admit(app: web.Application, prompts: list[Prompt], key: str | None, fingerprint: str) -> Enqueued:
+    """Enqueue, unless the backlog is full: then only a request that writes nothing is answered."""
+    gauge = app.get(BACKLOG_KEY)
+    if gauge is not None:
+        backlog = await gauge.current()
+        if backlog + len(prompts) > gauge.limit:
+            done = await answer_without_writing(app[BUS_KEY], prompts, request_key=key, fingerprint=fingerprint)
+            if done is None:
+                raise gauge.refusal(backlog, len(prompts))
+            return done
+    done = await enqueue(app[BUS_KEY], app[RESULTS_KEY], prompts, request_key=key, fingerprint=fingerprint)
+    if gauge is not None:
+        gauge.added(sum(done.new))
+    return done
 
 
 async def _read_body(request: web.Request, limits: IngestConfig) -> bytes:

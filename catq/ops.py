@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Any
 
-from catq.bus import Bus, EntryId, RedisAuthError, StreamStats, is_retryable, prompt_of
+from catq.bus import Bus, EntryId, RedisAuthError, RedisMemory, StreamStats, is_retryable, prompt_of
 from catq.config import Config
 from catq.log import redact, setup_cli_logging
 from catq.messages import MessageDecodeError, decode, to_json
@@ -242,26 +242,27 @@ def migrate_keys_command(args: argparse.Namespace, config: Config) -> int:
 
 def status_command(args: argparse.Namespace, config: Config) -> int:
     try:
-        stats, health = asyncio.run(_stats(config))
+        stats, health, memory = asyncio.run(_stats(config))
     except RedisAuthError as exc:
         return _fail(str(exc), 2)
     except Exception as exc:
         return _fail(f"cannot read run {config.run!r} at {redact(config.redis_url)}: {exc}")
-    print(render_status(config.run, stats, health))
+    print(render_status(config.run, stats, health, memory))
     return 0
 
 
-async def _stats(config: Config) -> tuple[dict[str, StreamStats], list]:
+async def _stats(config: Config) -> tuple[dict[str, StreamStats], list, RedisMemory | None]:
     from catq.health import role_health
 
     bus = _bus(config)
     try:
-        return await bus.stream_stats(), await role_health(bus, config)
+        return await bus.stream_stats(), await role_health(bus, config), await bus.memory()
     finally:
         await bus.close()
 
 
-def render_status(run: str, stats: dict[str, StreamStats], health: list | None = None) -> str:
+def render_status(run: str, stats: dict[str, StreamStats], health: list | None = None,
+                  memory: RedisMemory | None = None) -> str:
     from catq.health import starved
 
     lines = [f"run {run}"]
@@ -280,6 +281,8 @@ def render_status(run: str, stats: dict[str, StreamStats], health: list | None =
         lines += [f"  STARVED {line}" for line in starved(stats, health)]
     dead = stats[DEAD.name].length if DEAD.name in stats else 0
     lines.append(f"  dead letters: {dead}" + ("  (catq tail dead)" if dead else ""))
+    if memory is not None:
+        lines.append(f"  {memory.line()}")
     return "\n".join(lines)
 
 

@@ -22,9 +22,11 @@ Failure rules for stream roles, in one place:
 - Redis refuses our password or permissions (:class:`~catq.bus.RedisAuthError`, a ConfigError),
   checked before any role serves and on every read: the role stops the same way, exit 2;
 - ``handle`` raises a *transient* error (:func:`is_transient`: an engine answering 5xx or not at
-  all, Redis or the network down): not the message's fault, so nothing is counted; the worker
-  keeps the entry, reads nothing new, and retries it after a backoff (1 s doubling to
-  ``worker.transient_backoff_max_s``) until it works or the worker stops;
+  all, Redis or the network down, Redis out of memory): not the message's fault, so nothing is
+  counted; the worker keeps the entry, reads nothing new, and retries it after a backoff (1 s
+  doubling to ``worker.transient_backoff_max_s``) until it works or the worker stops;
+- Redis refuses the completion for memory (``maxmemory`` with ``noeviction``): the worker keeps
+  the outputs and retries the completion with backoff until memory frees (the work is not redone);
 - ``handle`` raises anything else, or runs past ``worker.message_deadline_s``: a *failure*,
   counted in Redis; the entry is left pending, reclaimed after ``bus.claim_idle_ms`` and
   retried, and dead-lettered at its ``bus.max_attempts``-th failure. An entry delivered
@@ -55,7 +57,7 @@ from typing import Any
 import structlog
 
 from catq import metrics
-from catq.bus import Bus, Delivery, Output, RedisAuthError, StreamBus, is_retryable
+from catq.bus import Bus, Delivery, Output, RedisAuthError, StreamBus, is_out_of_memory, is_retryable
 from catq.config import BusConfig, Config, ConfigError
 from catq.log import default_worker_id, setup_logging
 from catq.messages import prompt_id_of
@@ -110,6 +112,8 @@ def is_transient(exc: BaseException) -> bool:
 
     if isinstance(exc, EngineError):
         return not exc.refused
+    if is_out_of_memory(exc):  # Redis refused a write for memory: it frees as the pipeline drains
+        return True
     if isinstance(exc, (aiohttp.ClientConnectionError, ConnectionError, TimeoutError)):
         return True
     return is_retryable(exc) and not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
@@ -353,7 +357,8 @@ class _WorkerLoop:
         if outputs is None:
             return  # stopped while waiting out a transient failure: left pending
         try:
-            await asyncio.shield(self.bus.complete(delivery, self.group, outputs))
+            if not await asyncio.shield(self._complete_when_memory_allows(delivery, outputs, log)):
+                return  # stopped while Redis was out of memory: left pending
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -362,6 +367,23 @@ class _WorkerLoop:
         log.info("done", seconds=round(time.monotonic() - started, 3),
                  outputs=[o.stream for o in outputs])
         await self._count("handled", started)
+
+    async def _complete_when_memory_allows(self, delivery: Delivery, outputs: list[Output], log) -> bool:
+        """Complete; while Redis refuses it for memory (maxmemory, noeviction), keep the outputs
+        and try again with backoff rather than redo the work later. False if stopped meanwhile."""
+        wait = 0.5
+        while True:
+            try:
+                await self.bus.complete(delivery, self.group, outputs)
+                return True
+            except Exception as exc:
+                if not is_out_of_memory(exc) or self.stop.is_set():
+                    raise
+                log.warning("redis out of memory; keeping the result, will retry", retry_in_s=wait)
+            await self._wait_stop(wait)
+            if self.stop.is_set():
+                return False
+            wait = min(wait * 2, self.ctx.config.worker.transient_backoff_max_s)
 
     async def _count(self, outcome: str, started: float) -> None:
         """Count the message (``/metrics`` and, for `catq top`, Redis); never fails the work."""

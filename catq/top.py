@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 
-from catq.bus import Bus, StreamStats
+from catq.bus import Bus, RedisMemory, StreamStats
 from catq.config import Config
 from catq.topology import DEAD, ROLES, WORK_STREAMS
 
@@ -47,6 +47,7 @@ class Frame:
     work: dict[str, RoleWork]
     learner: dict[str, Any]
     engines: dict[str, str]
+    memory: RedisMemory | None = None
     at: float = field(default_factory=time.time)
 
 
@@ -132,7 +133,7 @@ async def read_frame(bus: Bus, config: Config) -> Frame:
     for role in WORKER_LOOP_ROLES:
         work[role] = role_work(*await bus.role_stats(role))
     return Frame(config.run, await bus.stream_stats(), await role_health(bus, config), work,
-                 await learner_status(bus), await engine_versions(config))
+                 await learner_status(bus), await engine_versions(config), await bus.memory())
 
 
 def role_work(counts: dict[str, int], samples: list[tuple[float, float, str]],
@@ -178,7 +179,8 @@ async def engine_versions(config: Config) -> dict[str, str]:
 
 def render(frame: Frame) -> Group:
     title = f"catq top — run {frame.run} — {time.strftime('%H:%M:%S', time.localtime(frame.at))}  (q quits)"
-    return Group(title, streams_table(frame), roles_table(frame), learner_table(frame), engines_table(frame))
+    memory = [frame.memory.line()] if frame.memory is not None else []
+    return Group(title, *memory, streams_table(frame), roles_table(frame), learner_table(frame), engines_table(frame))
 
 
 def streams_table(frame: Frame) -> Table:

@@ -17,6 +17,7 @@ What lives where (one :class:`Bus` is built from these parts, each a mixin over 
 ``records.py``      result hashes, restart counts, policy version, trained pairs
 ``liveness.py``     heartbeats, per-role work counters, engine replicas
 ``leases.py``       the learner lease and the fenced policy-version publish
+``admission.py``    what ingest asks before admitting: a group's backlog, a client's token bucket
 ``lua/*.lua``       the scripts, one a file, each with a KEYS/ARGV header (``scripts.py`` loads them)
 ``stream_bus.py``   :class:`StreamBus`, what a stream role's worker loop needs of a transport
 ==================  ===========================================================================
@@ -39,12 +40,14 @@ letters); Redis errors are retried as :mod:`catq.bus.connection` says.
 
 from __future__ import annotations
 
+from catq.bus.admission import Admission
 from catq.bus.connection import (
     AUTH_ERROR_CODES,
     SOCKET_TIMEOUT_S,
     RedisAuthError,
     auth_error,
     is_auth_error,
+    is_out_of_memory,
     is_retryable,
     redis_answers,
     redis_state,
@@ -60,7 +63,7 @@ from catq.bus.entries import (
     prompt_of,
 )
 from catq.bus.groups import MAX_BLOCK_MS, GroupReads
-from catq.bus.inspect import ConsumerStats, GroupStats, Inspection, StreamStats
+from catq.bus.inspect import ConsumerStats, GroupStats, Inspection, RedisMemory, StreamStats
 from catq.bus.keys import legacy_run_key, run_key
 from catq.bus.leases import Leases, LeaseLost
 from catq.bus.liveness import LATENCY_SAMPLES, Liveness
@@ -71,13 +74,13 @@ from catq.config import BusConfig
 __all__ = [
     "AUTH_ERROR_CODES", "LATENCY_SAMPLES", "MAX_BLOCK_MS", "MESSAGE_FIELD", "SOCKET_TIMEOUT_S",
     "SOURCE_FIELD", "Bus", "ConsumerStats", "Delivery", "EntryId", "GroupStats", "KeyedEntry",
-    "LeaseLost", "Output", "PublishedOnce", "RedisAuthError", "StreamBus", "StreamStats",
-    "auth_error", "is_auth_error", "is_retryable", "legacy_run_key", "prompt_of", "redis_answers",
-    "redis_state", "run_key",
+    "LeaseLost", "Output", "PublishedOnce", "RedisAuthError", "RedisMemory", "StreamBus",
+    "StreamStats", "auth_error", "is_auth_error", "is_out_of_memory", "is_retryable",
+    "legacy_run_key", "prompt_of", "redis_answers", "redis_state", "run_key",
 ]
 
 
-class Bus(GroupReads, Inspection, Records, Liveness, Leases):
+class Bus(GroupReads, Inspection, Records, Liveness, Leases, Admission):
     """Streams of one run. Safe to share between the tasks of one event loop."""
 
     def __init__(
@@ -94,3 +97,4 @@ class Bus(GroupReads, Inspection, Records, Liveness, Leases):
         self._init_groups()
         self._init_inspection()
         self._init_leases()
+        self._init_admission()

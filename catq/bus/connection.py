@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, AuthorizationError, ResponseError
+from redis.exceptions import AuthenticationError, AuthorizationError, OutOfMemoryError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -52,6 +52,13 @@ def is_retryable(exc: BaseException) -> bool:
     if is_auth_error(exc):
         return False
     return isinstance(exc, (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Redis refused a write for memory: at ``maxmemory`` with ``noeviction`` it refuses every
+    command (or script) that may grow it, whole, and serves the rest. Not retried here: ingest
+    answers 503 at once, a worker waits for memory (``catq.runtime``)."""
+    return isinstance(exc, OutOfMemoryError)
 
 
 def auth_error(url: str, exc: BaseException) -> RedisAuthError:

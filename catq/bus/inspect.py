@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from catq.bus.connection import Connection, log
 from catq.bus.entries import MESSAGE_FIELD, as_str
 from catq.bus.groups import MAX_BLOCK_MS
@@ -62,6 +64,34 @@ class StreamStats:
     def as_dict(self) -> dict[str, Any]:
         """The JSON-able form :meth:`Inspection.stats` returns."""
         return asdict(self)
+
+
+@dataclass
+class RedisMemory:
+    """Redis's memory as INFO reports it (the whole server: every run on it)."""
+
+    used_bytes: int
+    maxmemory_bytes: int
+    """0: no limit (Redis grows until the host runs out)."""
+    policy: str
+    """What Redis does at the limit: catq wants "noeviction" (refuse writes, lose nothing)."""
+
+    def line(self) -> str:
+        used = _size(self.used_bytes)
+        if not self.maxmemory_bytes:
+            return f"redis memory: {used} used, no maxmemory (unbounded: set maxmemory with noeviction)"
+        share = 100 * self.used_bytes / self.maxmemory_bytes
+        warning = "" if self.policy == "noeviction" else \
+            f"; policy {self.policy} may evict catq's keys silently: set noeviction"
+        return f"redis memory: {used} used of {_size(self.maxmemory_bytes)} maxmemory ({share:.0f}%), {self.policy}{warning}"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 class Inspection(Connection):
@@ -166,6 +196,18 @@ class Inspection(Connection):
                     ))
             out[stream] = StreamStats(int(length), groups)
         return out
+
+    async def memory(self) -> RedisMemory | None:
+        """Redis's used memory against its ``maxmemory``; None where INFO tells neither (a
+        cluster answers per node, some managed Redis refuse INFO)."""
+        try:
+            info = await self.retrying(lambda: self.redis.info("memory"), "info memory")
+        except ResponseError:
+            return None
+        if "used_memory" not in info:
+            return None
+        return RedisMemory(int(info["used_memory"]), int(info.get("maxmemory", 0)),
+                           str(info.get("maxmemory_policy", "?")))
 
     # -- dead letters --
 

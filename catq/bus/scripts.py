@@ -11,7 +11,7 @@ from functools import cache
 from importlib.resources import files
 
 SCRIPTS = ("complete", "screen", "publish_traced", "replay", "publish_once", "trim",
-           "lease_acquire", "lease_renew", "lease_release", "fenced_publish")
+           "lease_acquire", "lease_renew", "lease_release", "fenced_publish", "rate_limit")
 
 
 @cache

@@ -94,6 +94,30 @@ class Streams(Connection):
         value, outcome = msgpack.unpackb(record, raw=False)
         return PublishedOnce([None if o is False else o for o in outcome], value, bool(replayed))
 
+    async def published_before(self, entries: list[KeyedEntry], *, request_key: str | None = None,
+                               status_field: str = "status") -> PublishedOnce | None:
+        """What :meth:`publish_once` would answer without writing anything, or None when it would
+        publish something: the first call's outcome when ``request_key`` was seen, else the
+        records' statuses when every entry's record exists. Reads only (ingest answers these
+        while its backlog is full)."""
+        if request_key is not None:
+            seen = await self.retrying(lambda: self.redis.get(self.key(request_key)), "published before")
+            if seen is not None:
+                value, outcome = msgpack.unpackb(seen, raw=False)
+                return PublishedOnce([None if o is False else o for o in outcome], value, True)
+
+        async def statuses() -> list:
+            pipe = self.redis.pipeline(transaction=False)
+            for entry in entries:
+                pipe.exists(self.key(entry.record))
+                pipe.hget(self.key(entry.record), status_field)
+            return await pipe.execute()
+
+        replies = await self.retrying(statuses, "published before")
+        if not all(replies[0::2]):
+            return None
+        return PublishedOnce([as_str(s) if s is not None else "" for s in replies[1::2]], "", False)
+
     async def complete(self, delivery: Delivery, group: str, outputs: list[Output], *,
                        prompt_id: str | None = None) -> None:
         """Write outputs (each with ``source`` = the input's id), the done markers (of the entry

@@ -44,6 +44,7 @@ def test_submit_tail_status(capsys, redis_url, run_name):
     assert code == 0 and line["type"] == "Prompt" and line["prompt_id"] == pid
     code, out, _ = cli(capsys, "status", *common)
     assert code == 0 and "prompts     length 1" in out and "dead letters: 0" in out
+    assert "  redis memory: " in out.splitlines()[-1]  # used against maxmemory (this Redis's own)
 
 
 def test_submit_file_and_bad_input_enqueue_nothing(capsys, redis_url, run_name, tmp_path):

@@ -183,6 +183,7 @@ async def test_top_once_and_role_stats(bus, capsys, redis_url, run_name):
     code, out, _ = await cli(capsys, "top", "--once", "--run", run_name, "--redis-url", redis_url)
     assert code == 0
     assert "scored" in out and "judge" in out and "dead letters: 0" in out
+    assert "redis memory: " in out  # Redis's used memory against maxmemory
 
 
 @pytest.mark.slow  # starts processes

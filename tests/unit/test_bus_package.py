@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import catq.bus
-from catq.bus import Bus, EntryId, StreamBus, prompt_of
+from catq.bus import Bus, EntryId, RedisMemory, StreamBus, prompt_of
 from catq.bus.scripts import SCRIPTS, lua
 from catq.messages import ChatMessage, DeadLetter, Prompt, WeightsPublished, encode
 
@@ -27,6 +27,7 @@ SCRIPT_SHA1 = {
     "lease_renew": "7bf57c2c6b2bf2f181ad5a0a8fe6d24538ca001b",
     "lease_release": "c2832521c299b7348603608f277262c99a946660",
     "fenced_publish": "c79ad7fcc3bdd63f89bc7e00fc00a1d7fc1499da",
+    "rate_limit": "8d9012ffd856d65b021afc1e893183176da77b55",  # added with the shared rate limit (h-load)
 }
 LUA_DIR = Path(catq.bus.__file__).parent / "lua"
 
@@ -51,7 +52,7 @@ def test_the_bus_registers_the_unchanged_scripts():
     bus = Bus("redis://127.0.0.1:1", "unit")  # no connection is made to build it
     shas = {bus._complete.sha, bus._screen_script.sha, bus._publish_traced.sha, bus._replay.sha,
             bus._publish_once.sha, bus._trim.sha, bus._lease_acquire.sha, bus._lease_renew.sha,
-            bus._lease_release.sha, bus._fenced_publish.sha}
+            bus._lease_release.sha, bus._fenced_publish.sha, bus._rate_limit.sha}
     assert shas == set(SCRIPT_SHA1.values())
 
 
@@ -96,3 +97,24 @@ def test_the_bus_implements_stream_bus_with_the_same_signatures():
 def test_no_module_of_the_bus_package_is_over_300_lines():
     for path in Path(catq.bus.__file__).parent.glob("*.py"):
         assert len(path.read_text().splitlines()) <= 300, path.name
+
+
+def test_redis_memory_line_says_used_against_maxmemory_and_warns_of_eviction():
+    gib = 1024 ** 3
+    assert RedisMemory(gib // 4, 2 * gib, "noeviction").line() == \
+        "redis memory: 256.0 MiB used of 2.0 GiB maxmemory (12%), noeviction"
+    assert "no maxmemory (unbounded" in RedisMemory(900_000, 0, "noeviction").line()
+    assert RedisMemory(gib, 2 * gib, "allkeys-lru").line().endswith(
+        "policy allkeys-lru may evict catq's keys silently: set noeviction")
+
+
+def test_out_of_memory_is_named_once_and_a_worker_waits_it_out():
+    from redis.exceptions import OutOfMemoryError, ResponseError
+
+    from catq.bus import is_out_of_memory, is_retryable
+    from catq.runtime import is_transient
+
+    oom = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+    assert is_out_of_memory(oom) and not is_out_of_memory(ResponseError("WRONGTYPE"))
+    assert not is_retryable(oom)  # the Bus does not spin on it: ingest answers 503 at once
+    assert is_transient(oom)  # a handler's write refused for memory is not the message's fault

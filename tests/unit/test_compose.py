@@ -37,6 +37,12 @@ def test_redis_has_aof_and_a_healthcheck(services):
     assert "redis-cli" in redis["healthcheck"]["test"]
 
 
+def test_redis_has_a_memory_limit_and_never_evicts(services):
+    command = services["redis"]["command"]
+    assert command[command.index("--maxmemory") + 1] == "${CATQ_REDIS_MAXMEMORY:-2gb}"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"  # refuse writes, lose nothing
+
+
 PASSWORD = "${CATQ_REDIS_PASSWORD:?set CATQ_REDIS_PASSWORD}"
 
 

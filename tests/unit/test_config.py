@@ -65,3 +65,21 @@ def test_run_name_is_checked(monkeypatch):
     monkeypatch.delenv("CATQ_RUN", raising=False)
     with pytest.raises(ConfigError, match="run name"):
         load_config(None, run="a:b")
+
+
+def test_admission_control_is_off_in_the_demo_and_by_default_and_on_in_gpu_and_compose_configs(monkeypatch):
+    import re
+
+    import yaml
+
+    monkeypatch.delenv("CATQ_RUN", raising=False)
+    monkeypatch.delenv("CATQ_REDIS_URL", raising=False)
+    root = CONFIGS[0].parent
+    assert load_config(None).ingest.max_backlog == 0
+    assert load_config(root / "demo.toml").ingest.max_backlog == 0
+    for gpu in root.glob("gpu-*.toml"):
+        assert load_config(gpu).ingest.max_backlog >= load_config(gpu).ingest.max_batch, gpu.name
+    compose = yaml.safe_load((root.parent / "compose.yaml").read_text())
+    command = " ".join(compose["services"]["ingest"]["command"])
+    default = re.search(r"\$\{CATQ_CONFIG:-([\w.-]+)\}", command).group(1)
+    assert load_config(root / default).ingest.max_backlog > 0

@@ -1,4 +1,4 @@
-"""Ingest's pure guards: body decoding limits, the rate limiter's buckets, the bind check."""
+"""Ingest's pure guards: body decoding limits, the backlog gauge's caching, the bind check."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 
 from catq.config import ConfigError, IngestConfig
 from catq.ingest import (
+    BacklogGauge,
     PromptRequestError,
-    RateLimiter,
     check_exposure,
     decode_body,
     fingerprint_of,
@@ -40,31 +40,38 @@ class Clock:
         return self.now
 
 
-def test_rate_limiter_allows_a_burst_then_paces_each_client_separately():
-    clock = Clock()
-    limiter = RateLimiter(per_s=2.0, burst=3, clock=clock)
-    assert [limiter.wait_s("a") for _ in range(3)] == [0.0, 0.0, 0.0]
-    assert limiter.wait_s("a") == pytest.approx(0.5)
-    assert limiter.wait_s("b") == 0.0  # another client has its own bucket
-    clock.now += 0.25
-    assert limiter.wait_s("a") == pytest.approx(0.25)  # refused requests take nothing
-    clock.now += 0.25
-    assert limiter.wait_s("a") == 0.0
-    clock.now += 60
-    assert [limiter.wait_s("a") for _ in range(4)][-1] > 0  # refills only up to the burst
+class CountingBus:
+    """Answers ``backlog`` with a set value and counts the reads (the gauge's only Bus call)."""
+
+    def __init__(self, backlog: int):
+        self.backlog_now, self.reads = backlog, 0
+
+    async def backlog(self, stream: str, group: str, cap: int) -> int:
+        assert (stream, group) == ("prompts", "rollout") and cap == 11
+        self.reads += 1
+        return self.backlog_now
 
 
-def test_rate_limiter_forgets_idle_clients_when_it_holds_too_many(monkeypatch):
-    clock = Clock()
-    monkeypatch.setattr(RateLimiter, "MAX_CLIENTS", 3)
-    limiter = RateLimiter(per_s=1.0, burst=2, clock=clock)
-    for client in "abc":
-        limiter.wait_s(client)
-    clock.now += 10  # a, b, c are full again: idle
-    limiter.wait_s("d")
-    limiter.wait_s("d")
-    limiter.wait_s("e")
-    assert set(limiter.buckets) == {"d", "e"}
+async def test_backlog_gauge_reads_at_most_once_a_second_and_counts_its_own_enqueues():
+    clock, bus = Clock(), CountingBus(4)
+    gauge = BacklogGauge(bus, limit=10, clock=clock)
+    assert await gauge.current() == 4
+    gauge.added(3)  # enqueued by this process since the read
+    bus.backlog_now = 0  # drained meanwhile, but the read is not a second old yet
+    clock.now += 0.9
+    assert await gauge.current() == 7 and bus.reads == 1
+    clock.now += 0.1
+    assert await gauge.current() == 0 and bus.reads == 2
+    refusal = gauge.refusal(9, 2)
+    assert refusal.status == 429 and refusal.headers == {"Retry-After": "5"}
+    assert str(refusal).startswith("backlog full: 9 prompts accepted and not yet rolled out, these 2 "
+                                   "prompts would exceed the limit of 10 (ingest.max_backlog)")
+
+
+def test_max_backlog_below_max_batch_is_a_config_error():
+    with pytest.raises(ValueError, match=r"max_backlog \(5\) is below ingest.max_batch \(256\)"):
+        IngestConfig(max_backlog=5)
+    assert IngestConfig(max_backlog=5, max_batch=5).max_backlog == 5
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])

@@ -299,6 +299,10 @@ def test_redis_keeps_an_aof_on_its_own_volume_and_requires_the_password(applied)
     args = c["args"]
     assert args[0] == "redis-server" and args[args.index("--appendonly") + 1] == "yes"
     assert args[args.index("--requirepass") + 1] == "$(CATQ_REDIS_PASSWORD)"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"  # refuse writes, lose nothing
+    gib = {"gb": 1, "Gi": 1}
+    maxmemory, limit = args[args.index("--maxmemory") + 1], c["resources"]["limits"]["memory"]
+    assert int(maxmemory[:-2]) * gib[maxmemory[-2:]] < int(limit[:-2]) * gib[limit[-2:]]  # room for the fork
     env = env_of(c)
     for name in ("CATQ_REDIS_PASSWORD", "REDISCLI_AUTH"):  # REDISCLI_AUTH: the probes' redis-cli
         assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "catq-secrets", "key": "redis-password"}
