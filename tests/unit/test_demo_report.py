@@ -49,3 +49,11 @@ def test_the_training_and_held_out_splits_never_share_a_question():
     assert len(held_out) == 40 and len(train) == 162 - 40
     assert not {p["text"] for p in train} & {p["text"] for p in held_out}
     assert training_split(40) == (train, held_out)  # seeded: the same split every run
+
+
+def test_open_report_says_when_a_question_got_no_usable_rubric_instead_of_a_reward():
+    results = [{"status": "dead", "cat_answer": "Drink water.", "error": "no valid rubric after 3 attempts: "
+                "draft 1: no usable <criterion> elements (2 about the rubric or its instructions)"}]
+    text = "\n".join(open_report(OPEN[:1], results))
+    assert "no usable rubric, so no reward" in text and "mean reward" not in text
+    assert "CaT answer: Drink water." in text
