@@ -122,7 +122,7 @@ class ProgressView:
             from tqdm import tqdm
 
             self.bar = tqdm(total=target_steps, desc="learner step", unit="step", file=out,
-                            dynamic_ncols=True, bar_format="{desc} {n_fmt}/{total_fmt} |{bar:20}| {elapsed}  {postfix}")
+                            dynamic_ncols=True, bar_format="{desc} {n_fmt}/{total_fmt} |{bar:20}| {elapsed}{postfix}")
 
     def show(self, state: Progress) -> None:
         if self.bar is not None:
