@@ -22,7 +22,6 @@ The known answers are read only by the measurements.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import random
@@ -34,6 +33,13 @@ from pathlib import Path
 
 from catq.config import Config, load_config
 from catq.demo_feed import TrainingFeed
+from catq.demo_measure import (
+    EvalCounter,
+    assemble_results,
+    measure_final,
+    measure_v0_apart,
+    start_v0_measurement,
+)
 from catq.evaluation.runner import read_metrics
 from catq.launcher import LaunchError, Stack
 from catq.messages import ChatMessage, Prompt, new_prompt_id
@@ -43,7 +49,6 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
 POLL_S = 3.0
 OPEN_GRACE_S = 120.0
 """After training, how long to wait for open questions still in the pipeline."""
-EVAL_CONCURRENCY = 16
 
 
 @dataclass
@@ -143,19 +148,6 @@ class ProgressView:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-class EvalCounter:
-    """A tqdm-like progress for an evaluation running in the background: only counts."""
-
-    def __init__(self, total: int):
-        self.total, self.done = total, 0
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-
-    def close(self) -> None:
-        pass
 
 
 def load_demo_prompts() -> list[DemoPrompt]:
@@ -288,99 +280,6 @@ async def watch_training(config: Config, plan: DemoPlan, open_prompts: list[Demo
         view.close()
 
 
-def anchor_serves_initial_policy(config: Config) -> bool:
-    """Whether the stack's anchor engine serves the initial policy (same model, launched by the
-    stack as catq's engine), so v0 can be measured on it while the policy trains."""
-    anchor = next((s for s in config.engines.launch if s.url == config.engines.anchor_url), None)
-    return (anchor is not None and not anchor.policy and anchor.kind == "catq"
-            and config.model.anchor == config.model.policy)
-
-
-async def evaluate_one(config: Config, problems, estimators: list[str], version, policy_url: str,
-                       anchor_url: str, progress: EvalCounter | None = None,
-                       concurrency: int = EVAL_CONCURRENCY) -> dict:
-    """One version's `catq eval` result, measured on the given engines (the policy engine loads
-    ``version`` first when it has weights)."""
-    from catq.evaluation.command import build_models, evaluate_versions
-
-    models = build_models(config, policy_url, anchor_url, "self_bon" in estimators)
-    try:
-        [result] = await evaluate_versions(
-            problems, models, config, estimators, [version], load=version.path is not None,
-            concurrency=concurrency, progress=(lambda total, label: progress) if progress else None,
-            scaling=False)
-        return result
-    finally:
-        for model in (models.policy, models.anchor, models.selector):
-            if model is not None:
-                await model.close()
-
-
-def initial_version():
-    from catq.evaluation.runner import PolicyVersion
-
-    return PolicyVersion("v0", None, 0, 0)
-
-
-def start_v0_measurement(config: Config, problems, plan: DemoPlan) -> tuple[asyncio.Task, EvalCounter] | None:
-    """Measure v0 on the anchor engine in the background (None when it does not serve v0)."""
-    if not anchor_serves_initial_policy(config):
-        return None
-    counter = EvalCounter(len(problems))
-    url = config.engines.anchor_url
-    task = asyncio.create_task(evaluate_one(config, problems, parse_estimators(plan.estimators), initial_version(),
-                                            url, url, counter, concurrency=EVAL_CONCURRENCY // 2))
-    return task, counter
-
-
-def parse_estimators(text: str) -> list[str]:
-    from catq.evaluation.command import parse_estimators as parse
-
-    return parse(text)
-
-
-async def measure_final(config: Config, problems, plan: DemoPlan, v0_task: asyncio.Task | None) -> list[dict]:
-    """[v0, final] results: the final policy on the stack's policy engine (the roles stopped),
-    alongside v0 still finishing on the anchor engine."""
-    from catq.evaluation.runner import resolve_versions
-
-    estimators = parse_estimators(plan.estimators)
-    final = asyncio.create_task(evaluate_one(
-        config, problems, later_estimators(plan.estimators) or estimators, resolve_versions("latest", config)[0],
-        config.engines.policy_urls[0], config.engines.anchor_url))
-    if v0_task is None:
-        return [None, await final]
-    first, last = await asyncio.gather(v0_task, final)
-    return [first, last]
-
-
-async def measure_v0_apart(config: Config, held_out: Path, plan: DemoPlan) -> dict:
-    """v0 on engines of its own, when the stack's anchor could not measure it."""
-    from catq.evaluation.command import evaluate
-
-    args = argparse.Namespace(data=str(held_out), group_size=None, estimators=plan.estimators,
-                              versions="0", limit=None, concurrency=EVAL_CONCURRENCY, use_stack=False,
-                              scaling=False, later_estimators=None)
-    return (await evaluate(args, config, config.run_path / "eval-v0"))["versions"][0]
-
-
-def assemble_results(config: Config, held_out: Path, problems, plan: DemoPlan, versions: list[dict],
-                     wall_s: float) -> dict:
-    from catq.evaluation.command import differences, meta
-
-    args = argparse.Namespace(data=str(held_out))
-    return {"meta": meta(args, config, problems, parse_estimators(plan.estimators), wall_s),
-            "versions": versions, "differences": differences(versions)}
-
-
-def later_estimators(estimators: str) -> list[str] | None:
-    """The final policy is measured without synthesis: the anchor's reading of the initial
-    policy's rollouts is the figure the demo shows, and on CPU each synthesis costs a long
-    prefill (about half the evaluation's time at 135M)."""
-    names = [n.strip() for n in estimators.split(",") if n.strip() and n.strip() != "synthesis"]
-    return names or None
-
-
 def open_report(prompts: list[DemoPrompt], results: list[dict]) -> list[str]:
     lines = []
     for item, result in zip(prompts, results):
@@ -479,7 +378,7 @@ async def run_demo(config: Config, config_path: Path, out, plan: DemoPlan | None
             out.write(f"stack is up; submitting {len(open_prompts)} open questions and {len(texts)} training "
                       "questions (no answers), each training question again while it gives signal\n")
             await submit(config, open_prompts)
-            v0 = start_v0_measurement(config, problems, plan)
+            v0 = start_v0_measurement(config, problems, plan.estimators)
             if v0 is not None:
                 out.write(f"measuring v0 on the {len(problems)} held-out problems meanwhile, on the anchor engine\n")
             state, reason = await watch_training(config, plan, open_prompts, out, feed, v0[1] if v0 else None)
@@ -496,9 +395,9 @@ async def run_demo(config: Config, config_path: Path, out, plan: DemoPlan | None
                 return 1
             out.write(f"measuring the final policy on the {len(problems)} held-out problems...\n")
             measuring = time.monotonic()
-            versions = await measure_final(config, problems, plan, v0[0] if v0 else None)
+            versions = await measure_final(config, problems, plan.estimators, v0[0] if v0 else None)
         if versions[0] is None:
-            versions[0] = await measure_v0_apart(config, held_out, plan)
+            versions[0] = await measure_v0_apart(config, held_out, plan.estimators)
     timings.measuring_s = time.monotonic() - measuring
     return report(config, held_out, problems, plan, versions, open_prompts, open_results, feed, timings,
                   time.monotonic() - started, reason, out)
@@ -509,7 +408,7 @@ def report(config: Config, held_out: Path, problems, plan: DemoPlan, versions: l
            elapsed_s: float, reason: str, out) -> int:
     from catq.evaluation.command import write_outputs
 
-    results = assemble_results(config, held_out, problems, plan, versions, timings.measuring_s)
+    results = assemble_results(config, held_out, problems, plan.estimators, versions, timings.measuring_s)
     out_dir = config.run_path / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     text = write_outputs(results, config, out_dir, with_training=True)
