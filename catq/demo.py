@@ -213,11 +213,16 @@ def as_prompt(text: str, task: str = "math", prompt_id: str | None = None) -> Pr
     return Prompt(prompt_id=prompt_id or new_prompt_id(), task=task, messages=[ChatMessage("user", text)])
 
 
-async def feed_training(session: DemoSession, feed: TrainingFeed) -> None:
-    """Tell the feed the results of the submissions in flight, then submit what it asks for."""
+async def observe_in_flight(session: DemoSession, feed: TrainingFeed) -> None:
+    """Tell the feed the results of the submissions in flight."""
     flying = feed.in_flight()
     for question, result in zip(flying, await session.results([q.prompt_id for q in flying])):
         feed.observe(question, result)
+
+
+async def feed_training(session: DemoSession, feed: TrainingFeed) -> None:
+    """Tell the feed the results of the submissions in flight, then submit what it asks for."""
+    await observe_in_flight(session, feed)
     batch = feed.next_batch()
     if batch:
         prompts = [as_prompt(q.text) for q in batch]
@@ -274,6 +279,8 @@ async def watch_training(config: Config, plan: DemoPlan, open_prompts: list[Demo
                 view.show(state)
                 reason = stop_reason(plan, state, feed)
                 if reason is not None:
+                    if feed is not None:
+                        await observe_in_flight(session, feed)  # the summary counts what is final now
                     return state, reason
                 await asyncio.sleep(POLL_S)
     finally:

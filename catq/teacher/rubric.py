@@ -34,10 +34,12 @@ _ENTITY = re.compile(r"&(#x[0-9a-fA-F]{1,6}|#[0-9]{1,7}|lt|gt|amp|quot|apos);")
 _PLACEHOLDER = re.compile(r"(?:the response)?\s*(?:\.\.\.|…)?", re.IGNORECASE)
 """An echo of the prompt's format example ("The response ...") is not a criterion."""
 _SELF_REFERENCE = re.compile(
-    r"\b(?:rubric|criteri(?:on|a)|reference|binary|checkable|clearly met|short sentence)\b", re.IGNORECASE)
+    r"\b(?:rubric|criteri(?:on|a)|reference|binary|checkable|clearly met|formatted"
+    r"|(?:single|one|short) sentences?)\b", re.IGNORECASE)
 """A criterion about the rubric, the reference or the instructions themselves ("The response must
-meet all criteria specified in the reference", "Each criterion is binary"): the judge reads a
-response alone, so it cannot check it, and a small judge says yes to it every time."""
+meet all criteria specified in the reference"; "... formatted as a single sentence", an echo of
+"be one short sentence"): the judge reads a response alone, so it cannot check it, and a small
+judge says yes to it every time."""
 _PREDEFINED = {"lt": "<", "gt": ">", "amp": "&", "quot": '"', "apos": "'"}
 
 

@@ -131,7 +131,8 @@ def test_lenient_parse_takes_any_number_with_the_same_safety():
 def test_criteria_about_the_rubric_the_reference_or_the_instructions_are_dropped():
     degenerate = ["The response must meet all criteria specified in the reference.",
                   "The rubric is followed.", "Each criterion is binary: clearly met or not met.",
-                  "Matches the reference response.", "It is one short sentence."]
+                  "Matches the reference response.", "It is one short sentence.",
+                  "The response must be formatted as a single sentence with no more than 3 sentences."]
     kept = ["The response recommends drinking water.", "The response references a doctor's advice."]
     assert parse_rubric(xml(degenerate + kept), min_criteria=2) == kept
     with pytest.raises(RubricParseError, match="no usable <criterion> elements"):
