@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "measured before and after on held-out ones")
     _common(p)
     p.add_argument("--steps", type=int, default=20, help="learner steps to train for (default 20)")
-    p.add_argument("--train-minutes", type=float, default=11.0,
-                   help="stop training after this long even short of --steps (default 11)")
+    p.add_argument("--train-minutes", type=float, default=15.0,
+                   help="stop training after this long even short of --steps (default 15; a cap: the demo stops at --steps)")
     p.add_argument("--held-out", type=int, default=40,
                    help="held-out problems evaluated before and after (default 40)")
     p.add_argument("--estimators", default="synthesis,majority",
@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default synthesis,majority)")
     p.add_argument("--open", type=int, default=2,
                    help="bundled open questions to submit, of 4 (default 2: each costs ~30 s of CPU)")
+    p.add_argument("--seed", type=int, default=0, help="order the training questions are submitted in (default 0)")
+    p.add_argument("--train-questions", type=int,
+                   help="train on the first N of the 122 training questions only (default all)")
+    p.add_argument("--retire-after", type=int, default=3,
+                   help="stop submitting a question after this many groups in a row without signal (default 3)")
     p.set_defaults(target="catq.demo:demo_command")
     return parser
 

@@ -514,7 +514,9 @@ class Stack:
 
     # ---- stop --------------------------------------------------------------------------
 
-    async def stop(self) -> None:
+    async def stop_roles(self) -> None:
+        """Stop supervising and stop every role in the order of the data flow; the engines and
+        Redis keep serving (the demo measures the final policy on the stack's engines)."""
         if self._supervisor:
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)
@@ -522,6 +524,9 @@ class Stack:
         grace = self.config.worker.grace_period_s + 10.0
         for role in ROLES:
             await asyncio.gather(*(stop_child(c, grace) for c in self.roles.get(role, [])))
+
+    async def stop(self) -> None:
+        await self.stop_roles()
         await asyncio.gather(*(stop_child(c, 30.0) for c in self.engines))
         if self.redis_child:
             await stop_child(self.redis_child, 30.0)

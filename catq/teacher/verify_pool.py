@@ -22,6 +22,7 @@ CALL_TIMEOUT_S = 60.0
 """Longest one call may take (a whole group's comparisons; each sympy call has its own limit)."""
 
 _pool: ProcessPoolExecutor | None = None
+_turns: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
 
 
 class VerifyTimeout(Exception):
@@ -45,8 +46,24 @@ def _discard(pool: ProcessPoolExecutor) -> None:
         _pool = None
 
 
+def _turn() -> asyncio.Semaphore:
+    """One call at a time per event loop: the helper runs one anyway, and the time limit must
+    bound a call's own run, not its wait behind the others (many prompts of an evaluation, or a
+    busy machine, queue for minutes)."""
+    global _turns
+    loop = asyncio.get_running_loop()
+    if _turns is None or _turns[0] is not loop:
+        _turns = (loop, asyncio.Semaphore(1))
+    return _turns[1]
+
+
 async def off_loop(fn: Callable[..., T], *args, timeout_s: float = CALL_TIMEOUT_S) -> T:
     """``fn(*args)`` in the helper process (``fn`` and its arguments must pickle)."""
+    async with _turn():
+        return await _run(fn, *args, timeout_s=timeout_s)
+
+
+async def _run(fn: Callable[..., T], *args, timeout_s: float) -> T:
     pool = _helper()
     try:
         return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(pool, fn, *args), timeout_s)

@@ -49,3 +49,23 @@ def test_the_training_and_held_out_splits_never_share_a_question():
     assert len(held_out) == 40 and len(train) == 162 - 40
     assert not {p["text"] for p in train} & {p["text"] for p in held_out}
     assert training_split(40) == (train, held_out)  # seeded: the same split every run
+
+
+def test_open_report_says_when_a_question_got_no_usable_rubric_instead_of_a_reward():
+    results = [{"status": "dead", "cat_answer": "Drink water.", "error": "no valid rubric after 3 attempts: "
+                "draft 1: no usable <criterion> elements (2 about the rubric or its instructions)"}]
+    text = "\n".join(open_report(OPEN[:1], results))
+    assert "no usable rubric, so no reward" in text and "mean reward" not in text
+    assert "CaT answer: Drink water." in text
+
+
+def test_v0_is_measured_on_the_anchor_engine_only_where_it_serves_the_initial_policy():
+    from catq.config import load_config
+    from catq.demo import DEFAULT_CONFIG
+    from catq.demo_measure import anchor_serves_initial_policy, later_estimators
+
+    config = load_config(DEFAULT_CONFIG, run="x")
+    assert anchor_serves_initial_policy(config)
+    other = config.model_copy(update={"model": config.model.model_copy(update={"anchor": "/models/other"})})
+    assert not anchor_serves_initial_policy(other)
+    assert later_estimators("synthesis,majority") == ["majority"] and later_estimators("synthesis") is None
