@@ -89,9 +89,24 @@ def final_answer(text: str, *, last_number: bool = True) -> str | None:
         return None
     boxed = last_boxed(text)
     if boxed is not None:
-        return _clean(boxed)
+        return _without_unit(_clean(boxed))
     stated = _stated_answer(text) or _trailing_equation(text)
-    return stated or (_last_number(text) if last_number else None)
+    if stated:
+        return _without_unit(stated)
+    return _last_number(text) if last_number else None
+
+
+_TRAILING_UNIT = re.compile(r"^(?P<value>.*\d.*?)(?:\s|\\[,;:! ])*\\(?:text|textrm|textbf|mathrm|mbox)"
+                            r"(?![a-zA-Z])\s*(?:\{[^{}\d]*\}?)?\s*$", re.DOTALL)
+
+
+def _without_unit(answer: str) -> str:
+    """"131" from "131 \\text{ apples}", and from the cut-off "131 \\text" / "62 \\text{" a
+    rollout ends with at the token limit: a trailing word unit after a number is not part of the
+    answer, and left in, each spelling formed a vote class of its own. Worded answers
+    ("\\text{blue}") have no number before the unit and stay."""
+    match = _TRAILING_UNIT.match(answer)
+    return match.group("value").strip() if match else answer
 
 
 def _stated_answer(text: str) -> str | None:

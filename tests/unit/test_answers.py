@@ -116,3 +116,30 @@ def test_text_answer_detection():
 def test_huge_or_unbalanced_input_is_safe():
     assert last_boxed("\\boxed{" * 10_000) is None
     assert not answers_equivalent("1" * 1000, "2" * 1000)
+
+
+UNIT_AFTER_NUMBER = [
+    ("\\boxed{131 \\text{ apples}}", "131"),
+    ("so there are \\boxed{138 \\text}", "138"),          # a box closed right after the cut-off unit
+    ("The answer is 131 \\text", "131"),                   # cut off at the token limit
+    ("The answer is 62 \\text{", "62"),
+    ("The answer is 62 \\text{ dollars", "62"),
+    ("Total = 40\\,\\text{km}", "40"),
+    ("\\boxed{\\frac{1}{2} \\mathrm{hours}}", "\\frac{1}{2}"),
+    ("\\boxed{\\text{blue}}", "\\text{blue}"),             # a worded answer keeps its wrapper
+    ("so the answer is x = 3 \\text{ and } y = 4", "x = 3 \\text{ and } y = 4"),
+]
+
+
+@pytest.mark.parametrize("text,expected", UNIT_AFTER_NUMBER)
+def test_a_trailing_text_unit_is_not_part_of_the_answer(text, expected):
+    assert final_answer(text) == expected
+
+
+def test_cut_off_units_vote_with_the_bare_number():
+    from catq.teacher.estimators import majority_vote
+
+    answers = [final_answer(t) for t in ("\\boxed{131}", "The answer is 131 \\text", "The answer is 131 \\text{",
+                                         "\\boxed{138 \\text}", "\\boxed{138}")]
+    assert answers == ["131", "131", "131", "138", "138"]
+    assert majority_vote(answers) == [0, 1, 2]
