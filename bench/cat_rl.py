@@ -62,7 +62,7 @@ from catq.learner.publish import published_versions, version_dir  # noqa: E402
 ARMS = {"cat": "synthesis", "ttrl": "majority"}
 """Training arm -> anchor.estimator."""
 POLL_S = 10.0
-SMOKE = {"budget_s": 600.0, "max_steps": 2, "train": 6, "held_out": 3, "group_size": 4,
+SMOKE = {"budget_s": 900.0, "max_steps": 2, "train": 6, "held_out": 3, "group_size": 4,
          "max_new_tokens": 24, "batch_groups": 1, "anchor_tokens": 48}
 """The cheapest run that still takes two learner steps per arm through the real stack."""
 
@@ -72,8 +72,9 @@ SMOKE = {"budget_s": 600.0, "max_steps": 2, "train": 6, "held_out": 3, "group_si
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="policy = anchor: 'default' or an HF directory")
-    parser.add_argument("--budget-s", type=float, default=900.0, help="training wall time per arm")
-    parser.add_argument("--max-steps", type=int, default=200, help="learner steps per arm, at most")
+    parser.add_argument("--budget-s", type=float, help="training wall time per arm (default 900; "
+                        "with --resume: a new, larger budget continues finished arms too)")
+    parser.add_argument("--max-steps", type=int, help="learner steps per arm, at most (default 200)")
     parser.add_argument("--train", type=int, default=300, help="training questions submitted per arm")
     parser.add_argument("--held-out", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0, help="data split and learner seed")
@@ -104,8 +105,12 @@ def settings(args: argparse.Namespace) -> tuple[Path, argparse.Namespace]:
     if args.resume:
         directory = Path(args.resume).resolve()
         saved = json.loads((directory / "args.json").read_text())
-        saved.update(out=args.out or saved.get("out"), resume=str(directory))
+        extended = {k: getattr(args, k) for k in ("budget_s", "max_steps") if getattr(args, k) is not None}
+        saved.update(out=args.out or saved.get("out"), resume=str(directory), **extended)
+        (directory / "args.json").write_text(json.dumps(saved, indent=1))
         return directory, argparse.Namespace(**saved)
+    args.budget_s = 900.0 if args.budget_s is None else args.budget_s
+    args.max_steps = 200 if args.max_steps is None else args.max_steps
     directory = Path(args.dir or f"/tmp/catq-cat-rl-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "args.json").write_text(json.dumps(vars(args), indent=1))
@@ -190,8 +195,9 @@ async def train_arm(arm: str, directory: Path, args) -> ArmState:
     arm_dir.mkdir(exist_ok=True)
     state_path = arm_dir / "state.json"
     state = ArmState.load(state_path, run=f"cat-rl-{arm}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if state.done:
+    if state.done and not budget_left(state, arm_dir, args):
         return state
+    (directory / "eval" / "results.json").unlink(missing_ok=True)  # measured before this training
     config_path = write_arm_config(arm_dir, args, ARMS[arm], state.run)
     config = load_config(config_path)
     print(f"{arm}: starting the stack (run {state.run}, log {arm_dir / 'stack.log'})", flush=True)
@@ -205,6 +211,12 @@ async def train_arm(arm: str, directory: Path, args) -> ArmState:
     state.save(state_path)
     save_groups(arm_dir, await fetch_results(config, prompts_of(state)))
     return state
+
+
+def budget_left(state: ArmState, arm_dir: Path, args) -> bool:
+    """Whether a finished arm has time and steps left (a resume with a larger budget)."""
+    steps = len(read_metrics(load_config(arm_dir / "catq.toml")))
+    return state.trained_s < args.budget_s and steps < args.max_steps
 
 
 async def submit_questions(config, directory: Path) -> list[str]:
