@@ -62,6 +62,9 @@ from catq.learner.publish import published_versions, version_dir  # noqa: E402
 ARMS = {"cat": "synthesis", "ttrl": "majority"}
 """Training arm -> anchor.estimator."""
 POLL_S = 10.0
+REQUEST_TIMEOUT_S = 3600.0
+"""Per engine call: on a CPU shared with other jobs a group of G long rollouts can take minutes,
+and a call that times out is retried from scratch (the default 300 s lost whole groups)."""
 SMOKE = {"budget_s": 900.0, "max_steps": 2, "train": 6, "held_out": 3, "group_size": 4,
          "max_new_tokens": 24, "batch_groups": 1, "anchor_tokens": 48}
 """The cheapest run that still takes two learner steps per arm through the real stack."""
@@ -175,6 +178,7 @@ def write_arm_config(arm_dir: Path, args, estimator: str, run: str) -> Path:
     if args.model != "default":
         text = text.replace('"default"', json.dumps(str(Path(args.model).resolve())))
     for section, key, value in (
+            ("engines", "request_timeout_s", REQUEST_TIMEOUT_S),
             ("rollout.math", "max_new_tokens", args.max_new_tokens),
             ("anchor", "estimator", json.dumps(estimator)),
             ("anchor.sampling", "max_new_tokens", args.anchor_tokens),
