@@ -273,11 +273,14 @@ def save_groups(arm_dir: Path, results: list[dict]) -> None:
     (arm_dir / "groups.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
 
 
-def final_weights(directory: Path, arm: str) -> Path:
+def final_weights(directory: Path, arm: str) -> Path | None:
+    """The arm's newest published version (a link named after the arm); None when the learner
+    published none in the budget (its final policy is then v0)."""
     config = load_config(directory / arm / "catq.toml")
     published = published_versions(config.weights_dir)
     if not published:
-        raise SystemExit(f"{arm}: the learner published no version; see {directory / arm / 'stack.log'}")
+        print(f"{arm}: the learner published no version in the budget; its final policy is v0", flush=True)
+        return None
     return labelled(directory / f"{arm}-final", version_dir(config.weights_dir, published[-1]))
 
 
@@ -327,7 +330,7 @@ def measure(directory: Path, args) -> dict:
     path = directory / "eval" / "results.json"
     if path.exists():
         return json.loads(path.read_text())
-    weights = [final_weights(directory, arm) for arm in ARMS]
+    weights = [w for w in (final_weights(directory, arm) for arm in ARMS) if w is not None]
     config = load_config(directory / "cat" / "catq.toml")
     eval_args = argparse.Namespace(data=str(directory / "held_out.jsonl"), group_size=args.group_size,
                                    estimators="majority", versions=",".join(["0", *map(str, weights)]),
@@ -337,18 +340,19 @@ def measure(directory: Path, args) -> dict:
     return results
 
 
-def arm_row(arm: str, diff: dict | None, state: ArmState | None, groups: list[dict],
-            key: dict[str, str], steps: int) -> dict:
-    if diff is None:  # "none": the final policy is v0
-        return {"gain": 0.0, "gain_ci": [0.0, 0.0], "steps": 0, "train_s": 0.0,
-                "reward_accuracy": None, "reference_accuracy": None}
-    change = diff["difference"]
-    return {"gain": change["value"], "gain_ci": [change["low"], change["high"]], "steps": steps,
-            "train_s": round(state.trained_s, 1), "single_after": diff["single_to"],
-            "reward_accuracy": reward_accuracy(groups, key)["value"],
-            "reward_accuracy_ci": reward_accuracy(groups, key),
-            "reference_accuracy": reference_accuracy(groups, key)["value"],
-            "reference_accuracy_ci": reference_accuracy(groups, key),
+def arm_row(diff: dict | None, state: ArmState | None = None, groups: list[dict] = (),
+            key: dict[str, str] | None = None, steps: int = 0) -> dict:
+    """One arm's figures; ``diff`` None: its final policy is v0 (no training, or no version
+    published), so its gain is 0 by construction."""
+    gain = ({"gain": diff["difference"]["value"],
+             "gain_ci": [diff["difference"]["low"], diff["difference"]["high"]], "single_after": diff["single_to"]}
+            if diff else {"gain": 0.0, "gain_ci": [0.0, 0.0]})
+    if state is None:
+        return {**gain, "steps": 0, "train_s": 0.0, "reward_accuracy": None, "reference_accuracy": None}
+    rewards, references = reward_accuracy(groups, key), reference_accuracy(groups, key)
+    return {**gain, "steps": steps, "train_s": round(state.trained_s, 1),
+            "reward_accuracy": rewards["value"], "reward_accuracy_ci": rewards,
+            "reference_accuracy": references["value"], "reference_accuracy_ci": references,
             "groups_scored": len(scored_groups(groups)),
             "peak_rss_mb": round(state.peak_rss_mb), "peak_process_rss_mb": round(state.peak_process_rss_mb),
             "accuracy_by_version": accuracy_by_version(groups, key)}
@@ -356,11 +360,11 @@ def arm_row(arm: str, diff: dict | None, state: ArmState | None, groups: list[di
 
 def table(directory: Path, args, results: dict, states: dict[str, ArmState]) -> dict:
     diffs = {d["to"].removesuffix("-final"): d for d in results["differences"]}
-    arms = {"none": arm_row("none", None, None, [], {}, 0)}
+    arms = {"none": arm_row(None)}
     for arm, state in states.items():
         groups = read_jsonl(directory / arm / "groups.jsonl")
         steps = len(read_metrics(load_config(directory / arm / "catq.toml")))
-        arms[arm] = arm_row(arm, diffs[arm], state, groups, answer_key(directory, state), steps)
+        arms[arm] = arm_row(diffs.get(arm), state, groups, answer_key(directory, state), steps)
     ttrl_gain = arms["ttrl"]["gain"]
     return {"model": args.model, "data": "two-step word problems (catq.evaluation.wordgen)",
             "v0_single": results["versions"][0]["by_g"][-1]["single"],
