@@ -102,12 +102,12 @@ def read_metrics(config: Config) -> list[dict]:
 
 async def evaluate_problem(problem: EvalProblem, models: EvalModels, config: Config, estimators: list[str],
                            sizes: list[int], estimate: EstimateFn) -> PromptRecord:
-    from catq.teacher.answers import final_answer
+    from catq.teacher.answers import rollout_answer
     from catq.teacher.rollout import sample_group
 
     prompt = Prompt(prompt_id=new_prompt_id(), task=problem.task, messages=list(problem.messages))
     group = await sample_group(models.policy, models.tokenizer, prompt, config)
-    answers = [final_answer(r.text) for r in group.rollouts]
+    answers = [rollout_answer(r.text, r.finish_reason) for r in group.rollouts]
     record = PromptRecord(problem.text, problem.answer, [r.text for r in group.rollouts], answers,
                           [is_correct(a, problem.answer) for a in answers])
     jobs = [(g, name) for g in sizes for name in estimators]

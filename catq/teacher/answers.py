@@ -96,6 +96,19 @@ def final_answer(text: str, *, last_number: bool = True) -> str | None:
     return _last_number(text) if last_number else None
 
 
+def rollout_answer(text: str, finish_reason: str = "stop") -> str | None:
+    """The final answer of a sampled response. One cut off at the token limit
+    (``finish_reason == "length"``) states an answer only in a complete box or on a line it
+    finished: its last number is a mid-computation (often a question's) number, and a stated
+    answer on the cut line may itself be cut ("the answer is 2" of 21)."""
+    if finish_reason != "length":
+        return final_answer(text)
+    if last_boxed(text) is not None:
+        return final_answer(text)
+    finished = text.rsplit("\n", 1)[0] if "\n" in text else ""
+    return final_answer(finished, last_number=False)
+
+
 _TRAILING_UNIT = re.compile(r"^(?P<value>.*\d.*?)(?:\s|\\[,;:! ])*\\(?:text|textrm|textbf|mathrm|mbox)"
                             r"(?![a-zA-Z])\s*(?:\{[^{}\d]*\}?)?\s*$", re.DOTALL)
 

@@ -24,7 +24,7 @@ from typing import Literal
 from catq.config import JudgeConfig
 from catq.messages import ReferencedGroup, Rollout, ScoredGroup, Verdict
 from catq.teacher import prompts
-from catq.teacher.answers import answers_equivalent, final_answer
+from catq.teacher.answers import answers_equivalent, rollout_answer
 from catq.teacher.estimators import ChatFn
 from catq.teacher.verify_pool import off_loop
 
@@ -47,7 +47,7 @@ def parse_yes_no(reply: str) -> bool | None:
 
 def score_math(rollouts: list[Rollout], reference_answer: str | None) -> tuple[list[float], list[str | None]]:
     """(rewards, each rollout's extracted final answer)."""
-    answers = [final_answer(r.text) for r in rollouts]
+    answers = [rollout_answer(r.text, r.finish_reason) for r in rollouts]
     rewards = [1.0 if answers_equivalent(reference_answer, a) else 0.0 for a in answers]
     return rewards, answers
 
