@@ -113,13 +113,26 @@ _TRAILING_UNIT = re.compile(r"^(?P<value>.*\d.*?)(?:\s|\\[,;:! ])*\\(?:text|text
                             r"(?![a-zA-Z])\s*(?:\{[^{}\d]*\}?)?\s*$", re.DOTALL)
 
 
+_NUMBER_THEN_WORDS = re.compile(r"^(?P<value>-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)\s+(?P<words>[a-zA-Z][a-zA-Z' ]*)$")
+_MEANINGFUL_WORDS = {"pi", "sqrt", "infty", "percent", "hundred", "hundreds", "thousand", "thousands", "million",
+                     "millions", "billion", "dozen", "dozens", "half", "halves", "thirds", "quarters", "squared",
+                     "cubed", "times", "over", "i"}
+"""Words after a number that change its value: never dropped."""
+
+
 def _without_unit(answer: str) -> str:
     """"131" from "131 \\text{ apples}", and from the cut-off "131 \\text" / "62 \\text{" a
-    rollout ends with at the token limit: a trailing word unit after a number is not part of the
-    answer, and left in, each spelling formed a vote class of its own. Worded answers
-    ("\\text{blue}") have no number before the unit and stay."""
+    rollout ends with at the token limit; "81" from "81 flowers" ("The answer is: 81 flowers"):
+    a trailing word unit after a number is not part of the answer, and left in, "81 flowers"
+    never matched 81 and each spelling formed a vote class of its own. Worded answers
+    ("\\text{blue}") have no number before the unit and stay, as do words that change the value."""
     match = _TRAILING_UNIT.match(answer)
-    return match.group("value").strip() if match else answer
+    if match:
+        return match.group("value").strip()
+    match = _NUMBER_THEN_WORDS.match(answer)
+    if match and not set(match.group("words").lower().split()) & _MEANINGFUL_WORDS:
+        return match.group("value")
+    return answer
 
 
 def _stated_answer(text: str) -> str | None:

@@ -127,6 +127,12 @@ UNIT_AFTER_NUMBER = [
     ("Total = 40\\,\\text{km}", "40"),
     ("\\boxed{\\frac{1}{2} \\mathrm{hours}}", "\\frac{1}{2}"),
     ("\\boxed{\\text{blue}}", "\\text{blue}"),             # a worded answer keeps its wrapper
+    ("The answer is: 81 flowers.", "81"),                   # seen in cat_rl's groups: never matched 81
+    ("The answer is 200 candies left", "200"),
+    ("The answer is 23 years old.", "23"),
+    ("The answer is 121 trays of 11", "121 trays of 11"),   # a second number: not a unit
+    ("The answer is 10 percent", "10 percent"),              # words that change the value stay
+    ("The answer is no solution.", "no solution"),
     ("so the answer is x = 3 \\text{ and } y = 4", "x = 3 \\text{ and } y = 4"),
 ]
 
