@@ -351,8 +351,9 @@ def arm_row(diff: dict | None, state: ArmState | None = None, groups: list[dict]
         return {**gain, "steps": 0, "train_s": 0.0, "reward_accuracy": None, "reference_accuracy": None}
     rewards, references = reward_accuracy(groups, key), reference_accuracy(groups, key)
     return {**gain, "steps": steps, "train_s": round(state.trained_s, 1),
-            "reward_accuracy": rewards["value"], "reward_accuracy_ci": rewards,
-            "reference_accuracy": references["value"], "reference_accuracy_ci": references,
+            "reward_accuracy": rewards["value"] if rewards["n"] else None, "reward_accuracy_ci": rewards,
+            "reference_accuracy": references["value"] if references["n"] else None,
+            "reference_accuracy_ci": references,
             "groups_scored": len(scored_groups(groups)),
             "peak_rss_mb": round(state.peak_rss_mb), "peak_process_rss_mb": round(state.peak_process_rss_mb),
             "accuracy_by_version": accuracy_by_version(groups, key)}
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = table(directory, args, measure(directory, args), states)
     out = Path(args.out or directory / "cat_rl.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=1))
+    out.write_text(json.dumps(summary, indent=1).replace("NaN", "null"))  # no groups: no interval
     print(render(summary))
     print(f"wrote {out} and {plot(summary, out.with_suffix('.png'))}; run directory {directory}")
     return 0
