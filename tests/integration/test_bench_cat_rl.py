@@ -13,13 +13,13 @@ import pytest
 
 from .procs import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # two arms of >= 2 steps, then three evaluations
 
 
 def test_smoke_trains_both_arms_and_scores_their_rewards_against_withheld_answers(tmp_path):
     out = tmp_path / "table.json"
     result = subprocess.run([sys.executable, "bench/cat_rl.py", "--smoke", "--dir", str(tmp_path), "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=1500)
+                            cwd=ROOT, capture_output=True, text=True, timeout=1700)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert re.search(r"^ratio cat/ttrl \(gain in held-out single-sample accuracy\) (-?\d+\.\d\d|nan)$",
                      result.stdout, re.M)
