@@ -112,7 +112,7 @@ async def evaluate_problem(problem: EvalProblem, models: EvalModels, config: Con
     group = await sample_group(models.policy, models.tokenizer, prompt, config)
     if problem.rubric is not None:
         return await evaluate_rubric_problem(problem, group, models, config, estimators, sizes, estimate)
-    answers = [response_answer(r.text, match) for r in group.rollouts]
+    answers = [response_answer(r.text, match, r.finish_reason) for r in group.rollouts]
     record = PromptRecord(problem.text, problem.answer, [r.text for r in group.rollouts], answers,
                           [is_correct(a, problem.answer, match) for a in answers], label=problem.label,
                           metadata=problem.metadata, groups=problem.groups)

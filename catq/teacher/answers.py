@@ -91,9 +91,50 @@ def final_answer(text: str, *, last_number: bool = True) -> str | None:
         return None
     boxed = last_boxed(text)
     if boxed is not None:
-        return _clean(boxed)
+        return _without_unit(_clean(boxed))
     stated = _stated_answer(text) or _trailing_equation(text)
-    return stated or (_last_number(text) if last_number else None)
+    if stated:
+        return _without_unit(stated)
+    return _last_number(text) if last_number else None
+
+
+def rollout_answer(text: str, finish_reason: str = "stop") -> str | None:
+    """The final answer of a sampled response. One cut off at the token limit
+    (``finish_reason == "length"``) states an answer only in a complete box or on a line it
+    finished: its last number is a mid-computation (often a question's) number, and a stated
+    answer on the cut line may itself be cut ("the answer is 2" of 21)."""
+    if finish_reason != "length":
+        return final_answer(text)
+    if last_boxed(text) is not None:
+        return final_answer(text)
+    finished = text.rsplit("\n", 1)[0] if "\n" in text else ""
+    return final_answer(finished, last_number=False)
+
+
+_TRAILING_UNIT = re.compile(r"^(?P<value>.*\d.*?)(?:\s|\\[,;:! ])*\\(?:text|textrm|textbf|mathrm|mbox)"
+                            r"(?![a-zA-Z])\s*(?:\{[^{}\d]*\}?)?\s*$", re.DOTALL)
+
+
+_NUMBER_THEN_WORDS = re.compile(r"^(?P<value>-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)\s+(?P<words>[a-zA-Z][a-zA-Z' ]*)$")
+_MEANINGFUL_WORDS = {"pi", "sqrt", "infty", "percent", "hundred", "hundreds", "thousand", "thousands", "million",
+                     "millions", "billion", "dozen", "dozens", "half", "halves", "thirds", "quarters", "squared",
+                     "cubed", "times", "over", "i"}
+"""Words after a number that change its value: never dropped."""
+
+
+def _without_unit(answer: str) -> str:
+    """"131" from "131 \\text{ apples}", and from the cut-off "131 \\text" / "62 \\text{" a
+    rollout ends with at the token limit; "81" from "81 flowers" ("The answer is: 81 flowers"):
+    a trailing word unit after a number is not part of the answer, and left in, "81 flowers"
+    never matched 81 and each spelling formed a vote class of its own. Worded answers
+    ("\\text{blue}") have no number before the unit and stay, as do words that change the value."""
+    match = _TRAILING_UNIT.match(answer)
+    if match:
+        return match.group("value").strip()
+    match = _NUMBER_THEN_WORDS.match(answer)
+    if match and not set(match.group("words").lower().split()) & _MEANINGFUL_WORDS:
+        return match.group("value")
+    return answer
 
 
 def _stated_answer(text: str) -> str | None:
@@ -215,13 +256,13 @@ def boxed_exact_form(answer: str | None) -> str | None:
     return squashed or None
 
 
-def response_answer(text: str, match: str = "equivalent") -> str | None:
-    """A response's final answer as ``match`` reads it: :func:`final_answer` (box, stated answer,
-    closing equation, last number) for "equivalent"; the last box's content, whitespace removed,
-    for "boxed_exact" (None when the response has no box)."""
+def response_answer(text: str, match: str = "equivalent", finish_reason: str = "stop") -> str | None:
+    """A response's final answer as ``match`` reads it: :func:`rollout_answer` (box, stated answer,
+    closing equation, last number; less for a cut-off response) for "equivalent"; the last box's
+    content, whitespace removed, for "boxed_exact" (None when the response has no box)."""
     if match == "boxed_exact":
         return boxed_exact_form(last_boxed(text or ""))
-    return final_answer(text)
+    return rollout_answer(text, finish_reason)
 
 
 def known_answer(known: str, match: str = "equivalent") -> str:

@@ -38,6 +38,7 @@ from catq.teacher.answers import (
     answers_equivalent,
     final_answer,
     last_boxed,
+    rollout_answer,
 )
 from catq.teacher.verify_pool import off_loop
 
@@ -139,7 +140,7 @@ def majority_vote(answers: list[str | None]) -> list[int]:
 
 
 def majority_reference(group: RolloutGroup) -> Reference:
-    answers = [final_answer(r.text) for r in group.rollouts]
+    answers = [rollout_answer(r.text, r.finish_reason) for r in group.rollouts]
     winners = majority_vote(answers)
     if not winners:
         return Reference(group.rollouts[0].text, "majority", "", format_fallback=True)
@@ -295,7 +296,7 @@ async def estimate_reference(
     ref = await spec.load()(group, anchor=anchor, policy=policy, question=question,
                             options=options or AnchorConfig())
     if task == "math" and ref.majority_answer is None:
-        texts = [r.text for r in group.rollouts]
-        winners = await off_loop(majority_vote, [final_answer(t) for t in texts])
-        ref.majority_answer = final_answer(texts[winners[0]]) if winners else None
+        answers = [rollout_answer(r.text, r.finish_reason) for r in group.rollouts]
+        winners = await off_loop(majority_vote, answers)
+        ref.majority_answer = answers[winners[0]] if winners else None
     return ref

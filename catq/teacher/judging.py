@@ -56,7 +56,7 @@ def parse_yes_no(reply: str) -> bool | None:
 def score_math(rollouts: list[Rollout], reference_answer: str | None,
                match: str = "equivalent") -> tuple[list[float], list[str | None]]:
     """(rewards, each rollout's final answer as ``match`` reads it)."""
-    answers = [response_answer(r.text, match) for r in rollouts]
+    answers = [response_answer(r.text, match, r.finish_reason) for r in rollouts]
     rewards = [1.0 if answers_match(reference_answer, a, match) else 0.0 for a in answers]
     return rewards, answers
 

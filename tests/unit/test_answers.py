@@ -116,3 +116,67 @@ def test_text_answer_detection():
 def test_huge_or_unbalanced_input_is_safe():
     assert last_boxed("\\boxed{" * 10_000) is None
     assert not answers_equivalent("1" * 1000, "2" * 1000)
+
+
+UNIT_AFTER_NUMBER = [
+    ("\\boxed{131 \\text{ apples}}", "131"),
+    ("so there are \\boxed{138 \\text}", "138"),          # a box closed right after the cut-off unit
+    ("The answer is 131 \\text", "131"),                   # cut off at the token limit
+    ("The answer is 62 \\text{", "62"),
+    ("The answer is 62 \\text{ dollars", "62"),
+    ("Total = 40\\,\\text{km}", "40"),
+    ("\\boxed{\\frac{1}{2} \\mathrm{hours}}", "\\frac{1}{2}"),
+    ("\\boxed{\\text{blue}}", "\\text{blue}"),             # a worded answer keeps its wrapper
+    ("The answer is: 81 flowers.", "81"),                   # seen in cat_rl's groups: never matched 81
+    ("The answer is 200 candies left", "200"),
+    ("The answer is 23 years old.", "23"),
+    ("The answer is 121 trays of 11", "121 trays of 11"),   # a second number: not a unit
+    ("The answer is 10 percent", "10 percent"),              # words that change the value stay
+    ("The answer is no solution.", "no solution"),
+    ("so the answer is x = 3 \\text{ and } y = 4", "x = 3 \\text{ and } y = 4"),
+]
+
+
+@pytest.mark.parametrize("text,expected", UNIT_AFTER_NUMBER)
+def test_a_trailing_text_unit_is_not_part_of_the_answer(text, expected):
+    assert final_answer(text) == expected
+
+
+def test_cut_off_units_vote_with_the_bare_number():
+    from catq.teacher.estimators import majority_vote
+
+    answers = [final_answer(t) for t in ("\\boxed{131}", "The answer is 131 \\text", "The answer is 131 \\text{",
+                                         "\\boxed{138 \\text}", "\\boxed{138}")]
+    assert answers == ["131", "131", "131", "138", "138"]
+    assert majority_vote(answers) == [0, 1, 2]
+
+
+CUT_OFF = [
+    # seen in bench/cat_rl.py's groups (135M, 24-token rollouts): the last number of a cut-off
+    # rollout is the question's, and a majority of such "answers" made a reference
+    ("Mia reads 35 pages on Monday and 3 times as many pages on Tuesday,", None),
+    ("A garden has 7 rows of 9 tulips and 12 roses, so there are a total of ", None),
+    ("Summary:\n1. The answer is 22.\n2. The answer is 2", "22"),    # the cut line's "2" of 21
+    ("7 * 9 = 63 tulips, 63 + 12 = \\boxed{75} flowers. Also", "75"),  # a complete box counts
+    ("So 3 + 4 = 7\nThen we add", "7"),                             # a finished line counts
+]
+
+
+@pytest.mark.parametrize("text,expected", CUT_OFF)
+def test_a_cut_off_rollout_states_an_answer_only_where_it_finished(text, expected):
+    from catq.teacher.answers import rollout_answer
+
+    assert rollout_answer(text, "length") == expected
+    assert rollout_answer(text, "stop") == final_answer(text)  # finished rollouts: unchanged
+
+
+def test_cut_off_rollouts_neither_vote_nor_get_rewarded_for_question_numbers():
+    from catq.messages import Float32s, Int32s, Rollout
+    from catq.teacher.judging import score_math
+
+    def rollout(text, finish):
+        return Rollout(text, Int32s([1]), Float32s([0.0]), finish)
+
+    rollouts = [rollout("There are 12 roses and 7 rows of", "length"), rollout("so \\boxed{75}", "stop")]
+    rewards, answers = score_math(rollouts, "12")
+    assert answers == [None, "75"] and rewards == [0.0, 0.0]
