@@ -16,7 +16,8 @@ any other status apart), the ``prompts`` backlog (through the Bus, as ingest rea
 submit -> referenced latency (of the prompts referenced so far; each accepted prompt's result is
 polled through the Bus), each role's and engine's RSS (psutil), Redis's used memory (the whole
 server: on a shared Redis other runs count too) and this run's key count, dead letters, and
-error-level lines in the stack's log.
+error lines in the stack's log. Whether memory stayed flat is judged on the samples taken under
+load (the drain's are plotted, not judged).
 
 Then it stops submitting, waits (at most ``--drain-s``) until every accepted prompt is answered
 (scored by the judge, or past it; dead letters do not count), stops the stack, prints a summary
@@ -303,8 +304,10 @@ def summarize(samples: list[dict], traffic: Traffic, args, load_s: float) -> dic
     last = samples[-1]
     latencies = list(traffic.referenced_s.values())
     roles = sorted(set().union(*(s["rss_bytes"] for s in samples)))
-    rss_flat = {role: flat(thirds(samples, lambda s, r=role: s["rss_bytes"].get(r))) for role in roles}
-    redis_flat = flat(thirds(samples, lambda s: s["redis_used_bytes"]))
+    # flat or not is a question about the load: the drain's samples (load stopped) are left out
+    loaded = [s for s in samples if s["t_s"] <= load_s]
+    rss_flat = {role: flat(thirds(loaded, lambda s, r=role: s["rss_bytes"].get(r))) for role in roles}
+    redis_flat = flat(thirds(loaded, lambda s: s["redis_used_bytes"]))
     throughput = len(traffic.answered) / load_s if load_s else 0.0
     targets = {
         "backlog_within_max": max(s["backlog"] for s in samples) <= args.max_backlog,
