@@ -353,28 +353,28 @@ def plot(samples: list[dict], path: Path) -> None:
 
     t = [s["t_s"] / 60 for s in samples]
     fig, axes = plt.subplots(3, 2, figsize=(12, 10), sharex=True)
-    series = [
-        (axes[0][0], "prompts", {"accepted": "accepted", "refused (429)": "refused_429", "answered": "answered"}),
-        (axes[0][1], "backlog", {"backlog": "backlog"}),
-        (axes[1][0], "submit -> referenced (s)", {"p50": "latency_p50_s", "p95": "latency_p95_s", "p99": "latency_p99_s"}),
-        (axes[2][0], "redis", {"used MiB": "redis_used_mib", "run keys": "redis_keys"}),
-        (axes[2][1], "problems", {"dead letters": "dead_letters", "error lines": "error_lines"}),
-    ]
-    for s in samples:
-        s_used = s["redis_used_bytes"]
-        s["redis_used_mib"] = s_used / 2**20 if s_used is not None else None
-    for ax, title, lines in series:
-        for label, key in lines.items():
-            ax.plot(t, [s.get(key) for s in samples], label=label)
-        ax.set_title(title)
-        ax.legend(fontsize=7)
+
+    def mib(value: int | None) -> float:
+        return value / 2**20 if value is not None else float("nan")
+
     roles = sorted(set().union(*(s["rss_bytes"] for s in samples)))
-    for role in roles:
-        axes[1][1].plot(t, [s["rss_bytes"].get(role, float("nan")) / 2**20 for s in samples], label=role)
-    axes[1][1].set_title("RSS (MiB)")
-    axes[1][1].legend(fontsize=6)
-    for s in samples:
-        s.pop("redis_used_mib")
+    panels = [
+        (axes[0][0], "prompts", {"accepted": lambda s: s["accepted"], "refused (429)": lambda s: s["refused_429"],
+                                 "answered": lambda s: s["answered"]}),
+        (axes[0][1], "backlog", {"backlog": lambda s: s["backlog"]}),
+        (axes[1][0], "submit -> referenced (s)",
+         {f"p{q}": lambda s, q=q: s[f"latency_p{q}_s"] for q in (50, 95, 99)}),
+        (axes[1][1], "RSS (MiB)", {role: lambda s, r=role: mib(s["rss_bytes"].get(r)) for role in roles}),
+        (axes[2][0], "redis", {"used MiB": lambda s: mib(s["redis_used_bytes"]),
+                               "run keys": lambda s: s["redis_keys"]}),
+        (axes[2][1], "problems", {"dead letters": lambda s: s["dead_letters"],
+                                  "error lines": lambda s: s["error_lines"]}),
+    ]
+    for ax, title, lines in panels:
+        for label, value in lines.items():
+            ax.plot(t, [value(s) for s in samples], label=label)
+        ax.set_title(title)
+        ax.legend(fontsize=6)
     for ax in axes[-1]:
         ax.set_xlabel("minutes")
     fig.tight_layout()
