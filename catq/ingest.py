@@ -311,6 +311,8 @@ class BacklogGauge:
     def __init__(self, bus: Bus, limit: int, max_age_s: float = 1.0, clock=time.monotonic):
         self.bus, self.limit, self.max_age_s, self.clock = bus, limit, max_age_s, clock
         self.value, self.read_at = 0, -math.inf
+        self.reserved = 0
+        """Room held by requests admitted and still enqueueing (so concurrent ones see it)."""
         self._reading = asyncio.Lock()  # concurrent requests share one read
 
     async def current(self) -> int:
@@ -319,7 +321,23 @@ class BacklogGauge:
                 if self.clock() - self.read_at >= self.max_age_s:
                     self.value = await self.bus.backlog(PROMPTS.name, PROMPTS.consumer, cap=self.limit + 1)
                     self.read_at = self.clock()
-        return self.value
+        return self.value + self.reserved
+
+    async def reserve(self, count: int) -> int | None:
+        """Hold room for ``count`` prompts until :meth:`settle`: None when they fit, else the
+        backlog that refuses them. Checking and holding happen with no await between them, so
+        concurrent requests cannot all pass the check before any of them has enqueued (the soak,
+        bench/soak.py, saw a backlog of 5 over a limit of 4 from two clients without this)."""
+        backlog = await self.current()
+        if backlog + count > self.limit:
+            return backlog
+        self.reserved += count
+        return None
+
+    def settle(self, reserved: int, added: int) -> None:
+        """A reserved request finished: release its room and count what it really enqueued."""
+        self.reserved -= reserved
+        self.added(added)
 
     def added(self, count: int) -> None:
         self.value += count
@@ -457,15 +475,19 @@ async def _admit(app: web.Application, prompts: list[Prompt], key: str | None, f
     """Enqueue, unless the backlog is full: then only a request that writes nothing is answered."""
     gauge = app.get(BACKLOG_KEY)
     if gauge is not None:
-        backlog = await gauge.current()
-        if backlog + len(prompts) > gauge.limit:
+        backlog = await gauge.reserve(len(prompts))
+        if backlog is not None:
             done = await answer_without_writing(app[BUS_KEY], prompts, request_key=key, fingerprint=fingerprint)
             if done is None:
                 raise gauge.refusal(backlog, len(prompts))
             return done
-    done = await enqueue(app[BUS_KEY], app[RESULTS_KEY], prompts, request_key=key, fingerprint=fingerprint)
-    if gauge is not None:
-        gauge.added(sum(done.new))
+    added = 0
+    try:
+        done = await enqueue(app[BUS_KEY], app[RESULTS_KEY], prompts, request_key=key, fingerprint=fingerprint)
+        added = sum(done.new)
+    finally:
+        if gauge is not None:
+            gauge.settle(len(prompts), added)
     return done
 
 

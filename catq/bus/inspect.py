@@ -197,6 +197,16 @@ class Inspection(Connection):
             out[stream] = StreamStats(int(length), groups)
         return out
 
+    async def key_count(self) -> int:
+        """How many keys this run has in Redis (``catq:{<run>}:*``, one SCAN pass; on a server
+        shared by several runs DBSIZE would count theirs too): for watching that they stay bounded."""
+        pattern = self.key("*")
+
+        async def count() -> int:
+            return sum([1 async for _ in self.redis.scan_iter(match=pattern, count=1000)])
+
+        return await self.retrying(count, "count keys")
+
     async def memory(self) -> RedisMemory | None:
         """Redis's used memory against its ``maxmemory``; None where INFO tells neither (a
         cluster answers per node, some managed Redis refuse INFO)."""

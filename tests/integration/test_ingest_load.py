@@ -218,3 +218,19 @@ def _pending(bus: Bus, count: int):
         group = (await bus.stream_stats(("prompts",)))["prompts"].group("echo")
         return group is not None and group.pending == count and not group.lag
     return check
+
+
+async def test_key_count_counts_this_runs_keys_only(bus, redis_url):
+    other = Bus(redis_url, f"{bus.run}-other")
+    try:
+        assert await bus.key_count() == 0
+        await bus.publish("prompts", Prompt(prompt_id="p0", task="math", messages=[ChatMessage("user", "q")]))
+        written = await bus.key_count()
+        assert written >= 1  # the stream (and what publishing records with it)
+        for i in range(3):  # another run on the same server
+            await other.write_hash(f"result:p{i}", {"status": '"queued"'}, ttl_s=60)
+        await bus.write_hash("result:p0", {"status": '"queued"'}, ttl_s=60)
+        assert await bus.key_count() == written + 1
+    finally:
+        await other.redis.delete(*(other.key(f"result:p{i}") for i in range(3)))
+        await other.close()

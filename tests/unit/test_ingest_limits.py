@@ -91,3 +91,16 @@ def test_fingerprint_ignores_key_order_and_idempotency_keys_are_per_client():
     assert fingerprint_of({"text": "q"}) != fingerprint_of({"text": "r"})
     assert idempotency_record("addr:1.2.3.4", "k") != idempotency_record("addr:5.6.7.8", "k")
     assert idempotency_record("addr:1.2.3.4", "k") == idempotency_record("addr:1.2.3.4", "k")
+
+
+async def test_backlog_gauge_holds_room_for_requests_still_enqueueing():
+    clock, bus = Clock(), CountingBus(8)
+    gauge = BacklogGauge(bus, limit=10, clock=clock)
+    # two concurrent requests of 2: the first takes the last room, the second is refused before
+    # the first has enqueued anything
+    assert await gauge.reserve(2) is None
+    assert await gauge.reserve(2) == 10
+    gauge.settle(2, added=1)  # one of its prompts was already there: only one enqueued
+    assert await gauge.current() == 9 and await gauge.reserve(1) is None
+    gauge.settle(1, added=0)  # failed: nothing enqueued, the room is free again
+    assert await gauge.current() == 9 and bus.reads == 1
