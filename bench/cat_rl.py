@@ -65,8 +65,8 @@ POLL_S = 10.0
 REQUEST_TIMEOUT_S = 3600.0
 """Per engine call: on a CPU shared with other jobs a group of G long rollouts can take minutes,
 and a call that times out is retried from scratch (the default 300 s lost whole groups)."""
-SMOKE = {"budget_s": 900.0, "max_steps": 2, "train": 6, "held_out": 3, "group_size": 4,
-         "max_new_tokens": 24, "batch_groups": 1, "anchor_tokens": 48}
+SMOKE = {"budget_s": 900.0, "max_steps": 2, "train": 24, "held_out": 3, "group_size": 4,
+         "max_new_tokens": 40, "batch_groups": 1, "anchor_tokens": 48}
 """The cheapest run that still takes two learner steps per arm through the real stack."""
 
 
@@ -248,6 +248,19 @@ async def watch(arm: str, stack: Stack, args, state: ArmState, state_path: Path)
               f"reward {reward:.2f}  stack RSS {state.peak_rss_mb:.0f} MB peak", flush=True)
         if len(metrics) >= args.max_steps or state.trained_s >= args.budget_s:
             return
+        if await all_groups_final(stack.config, state):
+            print(f"{arm}: every training group is trained or set aside; nothing left to learn from", flush=True)
+            return
+
+
+async def all_groups_final(config, state: ArmState) -> bool:
+    """Whether every submitted question's group has ended (trained, set aside or dead): the
+    learner can take no further step, so waiting out the budget would only idle."""
+    from catq.results import Status
+
+    final = (Status.TRAINED, Status.SET_ASIDE, Status.DEAD)
+    results = await fetch_results(config, prompts_of(state))
+    return bool(results) and all(r.get("status") in final for r in results)
 
 
 def note_memory(state: ArmState, stack: Stack) -> None:
