@@ -6,9 +6,6 @@ stripped, and only the five predefined XML entities and numeric character refere
 decoded. DOCTYPE/ENTITY declarations are refused outright (no entity, internal or external, is
 ever expanded), and input size, criterion length and criterion count are bounded.
 
-A criterion that names the rubric, the reference or the instructions is dropped
-(:func:`is_usable`): the judge cannot check it against a response alone.
-
 Partial output (cut off by the token limit, or without the ``<rubric>`` wrapper) keeps its
 complete criteria; :class:`RubricParseError` says why a text holds too few.
 
@@ -33,13 +30,6 @@ _INNER_TAG = re.compile(r"<[^<>]{0,200}>")
 _ENTITY = re.compile(r"&(#x[0-9a-fA-F]{1,6}|#[0-9]{1,7}|lt|gt|amp|quot|apos);")
 _PLACEHOLDER = re.compile(r"(?:the response)?\s*(?:\.\.\.|…)?", re.IGNORECASE)
 """An echo of the prompt's format example ("The response ...") is not a criterion."""
-_SELF_REFERENCE = re.compile(
-    r"\b(?:rubric|criteri(?:on|a)|reference|binary|checkable|clearly met|formatted"
-    r"|(?:single|one|short) sentences?)\b", re.IGNORECASE)
-"""A criterion about the rubric, the reference or the instructions themselves ("The response must
-meet all criteria specified in the reference"; "... formatted as a single sentence", an echo of
-"be one short sentence"): the judge reads a response alone, so it cannot check it, and a small
-judge says yes to it every time."""
 _PREDEFINED = {"lt": "<", "gt": ">", "amp": "&", "quot": '"', "apos": "'"}
 
 
@@ -58,7 +48,7 @@ def parse_rubric(text: str, min_criteria: int = 5) -> list[str]:
     criteria: list[str] = []
     for raw in _criterion_bodies(text):
         criterion = _clean(raw)
-        if not is_usable(criterion):
+        if _PLACEHOLDER.fullmatch(criterion) or len(criterion) > MAX_CRITERION_CHARS:
             continue
         if criterion not in criteria:
             criteria.append(criterion)
@@ -66,18 +56,6 @@ def parse_rubric(text: str, min_criteria: int = 5) -> list[str]:
         found = f"{len(criteria)} usable criteria" if criteria else "no usable <criterion> elements"
         raise RubricParseError(f"rubric has {found}, need at least {min_criteria}")
     return criteria[:MAX_CRITERIA]
-
-
-def is_usable(criterion: str) -> bool:
-    """Not an echo of the format example, not about the rubric or the instructions, not too long."""
-    return not (_PLACEHOLDER.fullmatch(criterion) or _SELF_REFERENCE.search(criterion)
-                or len(criterion) > MAX_CRITERION_CHARS)
-
-
-def self_referential_count(text: str) -> int:
-    """How many of a draft's criteria were dropped for naming the rubric, the reference or the
-    instructions (for the reason a draft gave nothing)."""
-    return sum(bool(_SELF_REFERENCE.search(_clean(raw))) for raw in _criterion_bodies(text[:MAX_INPUT_CHARS]))
 
 
 def _criterion_bodies(text: str) -> list[str]:
@@ -158,9 +136,7 @@ def merge_drafts(texts: list[str], *, min_criteria: int, max_criteria: int) -> t
             info.reasons.append(f"draft {number}: {exc}")
         else:
             if not criteria:
-                dropped = self_referential_count(text)
-                why = f" ({dropped} about the rubric or its instructions)" if dropped else ""
-                info.reasons.append(f"draft {number}: no usable <criterion> elements{why}")
+                info.reasons.append(f"draft {number}: no usable <criterion> elements")
         info.criteria_per_draft.append(len(criteria))
         for criterion in criteria:
             merged.setdefault(normalise_criterion(criterion), criterion)

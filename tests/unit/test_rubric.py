@@ -101,7 +101,7 @@ def test_many_unclosed_tags_parse_in_linear_time():
 
 
 def test_criteria_count_and_length_are_bounded():
-    many = [f"Mentions point number {i}." for i in range(50)]
+    many = [f"Criterion number {i}." for i in range(50)]
     assert len(parse_rubric(xml(many))) == MAX_CRITERIA
     long = CRITERIA + ["x" * 10_000]
     assert parse_rubric(xml(long)) == CRITERIA
@@ -121,19 +121,8 @@ def test_lenient_parse_takes_any_number_with_the_same_safety():
 
     assert parse_criteria(xml(CRITERIA[:1])) == CRITERIA[:1]
     assert parse_criteria("no rubric here") == [] and parse_criteria(xml(["The response ..."])) == []
-    assert len(parse_criteria(xml([f"Mentions point number {i}." for i in range(50)]))) == MAX_CRITERIA
+    assert len(parse_criteria(xml([f"Criterion number {i}." for i in range(50)]))) == MAX_CRITERIA
     with pytest.raises(RubricParseError, match="DOCTYPE/ENTITY"):
         parse_criteria('<!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/passwd">]>' + xml(["&x;"]))
     with pytest.raises(RubricParseError, match="too large"):
         parse_criteria("<criterion>" * 1_000_000)
-
-
-def test_criteria_about_the_rubric_the_reference_or_the_instructions_are_dropped():
-    degenerate = ["The response must meet all criteria specified in the reference.",
-                  "The rubric is followed.", "Each criterion is binary: clearly met or not met.",
-                  "Matches the reference response.", "It is one short sentence.",
-                  "The response must be formatted as a single sentence with no more than 3 sentences."]
-    kept = ["The response recommends drinking water.", "The response references a doctor's advice."]
-    assert parse_rubric(xml(degenerate + kept), min_criteria=2) == kept
-    with pytest.raises(RubricParseError, match="no usable <criterion> elements"):
-        parse_rubric(xml(degenerate), min_criteria=1)

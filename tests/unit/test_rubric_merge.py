@@ -155,12 +155,3 @@ async def test_anchor_dead_letters_a_group_with_no_criterion():
     with pytest.raises(DeadLetterError, match="no valid rubric after 2 attempts"):
         await AnchorHandler(ctx, anchor).handle(await open_group(ctx))
     assert len(anchor.calls) == 3 and ctx.results.fields["p1"] == {"cat_answer": "x"}
-
-
-def test_a_draft_of_only_self_referential_criteria_says_so():
-    from catq.teacher.rubric import merge_drafts
-
-    draft = "<rubric><criterion>The response must meet all criteria specified in the reference.</criterion></rubric>"
-    rubric, info = merge_drafts([draft], min_criteria=3, max_criteria=8)
-    assert rubric == [] and info.reasons == [
-        "draft 1: no usable <criterion> elements (1 about the rubric or its instructions)"]
