@@ -151,32 +151,3 @@ def test_cut_off_units_vote_with_the_bare_number():
     assert majority_vote(answers) == [0, 1, 2]
 
 
-CUT_OFF = [
-    # seen in bench/cat_rl.py's groups (135M, 24-token rollouts): the last number of a cut-off
-    # rollout is the question's, and a majority of such "answers" made a reference
-    ("Mia reads 35 pages on Monday and 3 times as many pages on Tuesday,", None),
-    ("A garden has 7 rows of 9 tulips and 12 roses, so there are a total of ", None),
-    ("Summary:\n1. The answer is 22.\n2. The answer is 2", "22"),    # the cut line's "2" of 21
-    ("7 * 9 = 63 tulips, 63 + 12 = \\boxed{75} flowers. Also", "75"),  # a complete box counts
-    ("So 3 + 4 = 7\nThen we add", "7"),                             # a finished line counts
-]
-
-
-@pytest.mark.parametrize("text,expected", CUT_OFF)
-def test_a_cut_off_rollout_states_an_answer_only_where_it_finished(text, expected):
-    from catq.teacher.answers import rollout_answer
-
-    assert rollout_answer(text, "length") == expected
-    assert rollout_answer(text, "stop") == final_answer(text)  # finished rollouts: unchanged
-
-
-def test_cut_off_rollouts_neither_vote_nor_get_rewarded_for_question_numbers():
-    from catq.messages import Float32s, Int32s, Rollout
-    from catq.teacher.judging import score_math
-
-    def rollout(text, finish):
-        return Rollout(text, Int32s([1]), Float32s([0.0]), finish)
-
-    rollouts = [rollout("There are 12 roses and 7 rows of", "length"), rollout("so \\boxed{75}", "stop")]
-    rewards, answers = score_math(rollouts, "12")
-    assert answers == [None, "75"] and rewards == [0.0, 0.0]
