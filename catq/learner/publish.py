@@ -101,16 +101,26 @@ def prune_versions(weights_dir: Path, keep: int) -> list[int]:
     removed = versions[:-keep] if keep > 0 else versions
     for version in removed:
         shutil.rmtree(version_dir(weights_dir, version), ignore_errors=True)
-    for leftover in weights_dir.glob(".v*-*"):
-        if leftover.is_dir() and not _recent(leftover):
+    newest = versions[-1] if versions else None
+    for leftover in weights_dir.glob(".*v*-*"):
+        if leftover.is_dir() and _abandoned(leftover, newest):
             shutil.rmtree(leftover, ignore_errors=True)
     return removed
 
 
-def _recent(path: Path, seconds: float = 3600.0) -> bool:
+STAGING_RE = re.compile(r"^\.(?:old-)?v(\d+)-")
+
+
+def _abandoned(path: Path, newest: int | None, seconds: float = 3600.0) -> bool:
+    """A temp dir no live writer can still own: one for a version older than the newest
+    published (a learner killed mid-write; the lease holder writes only the newest or the next),
+    or one untouched for ``seconds``."""
     import time
 
-    return time.time() - path.stat().st_mtime < seconds
+    match = STAGING_RE.match(path.name)
+    if match and newest is not None and int(match.group(1)) < newest:
+        return True
+    return time.time() - path.stat().st_mtime >= seconds
 
 
 def is_inside(path: str | Path, weights_dir: Path) -> bool:

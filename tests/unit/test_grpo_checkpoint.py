@@ -70,6 +70,16 @@ def test_publish_writes_loadable_versions_and_prunes(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), loaded.parameters()))
 
 
+def test_prune_removes_what_a_killed_writer_left_but_not_a_live_write(tmp_path):
+    weights = tmp_path / "weights"
+    for name in ("v4", "v5", ".v1-x8vuvfv5", ".old-v3-abc", ".v5-live", ".v6-live"):
+        (weights / name).mkdir(parents=True)
+    publish.prune_versions(weights, keep=2)
+    # A temp dir for a version older than the newest published has no writer any more; one for
+    # the newest (being replaced) or the next (being written) may still be in use.
+    assert sorted(p.name for p in weights.iterdir()) == [".v5-live", ".v6-live", "v4", "v5"]
+
+
 def test_is_inside_weights_dir(tmp_path):
     weights = tmp_path / "weights"
     (weights / "v1").mkdir(parents=True)
