@@ -164,6 +164,9 @@ class BusConfig(Section):
     """Trim target per stream; entries some group has not acknowledged are never trimmed."""
     result_ttl_s: int = Field(7 * 24 * 3600, ge=1)
     """How long per-prompt results stay readable."""
+    max_dead_letters: int = Field(100_000, ge=1)
+    """Dead letters kept (bounded Redis memory): past it the oldest go, with an error-level log
+    line and a count that `catq status` shows. Replay or drop them with `catq dead`."""
     cluster: bool = False
     """``redis_url`` names one node of a Redis Cluster: the Bus uses a cluster client. Every key
     of a run carries the run as its hash tag (``catq:{<run>}:…``), so a run lives on one node

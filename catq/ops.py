@@ -242,27 +242,28 @@ def migrate_keys_command(args: argparse.Namespace, config: Config) -> int:
 
 def status_command(args: argparse.Namespace, config: Config) -> int:
     try:
-        stats, health, memory = asyncio.run(_stats(config))
+        stats, health, memory, dropped = asyncio.run(_stats(config))
     except RedisAuthError as exc:
         return _fail(str(exc), 2)
     except Exception as exc:
         return _fail(f"cannot read run {config.run!r} at {redact(config.redis_url)}: {exc}")
-    print(render_status(config.run, stats, health, memory))
+    print(render_status(config.run, stats, health, memory, dropped))
     return 0
 
 
-async def _stats(config: Config) -> tuple[dict[str, StreamStats], list, RedisMemory | None]:
+async def _stats(config: Config) -> tuple[dict[str, StreamStats], list, RedisMemory | None, int]:
     from catq.health import role_health
 
     bus = _bus(config)
     try:
-        return await bus.stream_stats(), await role_health(bus, config), await bus.memory()
+        return (await bus.stream_stats(), await role_health(bus, config), await bus.memory(),
+                await bus.dead_letters_dropped())
     finally:
         await bus.close()
 
 
 def render_status(run: str, stats: dict[str, StreamStats], health: list | None = None,
-                  memory: RedisMemory | None = None) -> str:
+                  memory: RedisMemory | None = None, dead_dropped: int = 0) -> str:
     from catq.health import starved
 
     lines = [f"run {run}"]
@@ -280,7 +281,8 @@ def render_status(run: str, stats: dict[str, StreamStats], health: list | None =
     if health is not None:
         lines += [f"  STARVED {line}" for line in starved(stats, health)]
     dead = stats[DEAD.name].length if DEAD.name in stats else 0
-    lines.append(f"  dead letters: {dead}" + ("  (catq tail dead)" if dead else ""))
+    lines.append(f"  dead letters: {dead}" + ("  (catq tail dead)" if dead else "")
+                 + (f"; {dead_dropped} dropped over [bus] max_dead_letters" if dead_dropped else ""))
     if memory is not None:
         lines.append(f"  {memory.line()}")
     return "\n".join(lines)

@@ -11,8 +11,9 @@ letters, and trimming.
 - :meth:`Streams.publish_once` (ingest's enqueue) is the exception to at-least-once: entries
   keyed by a record, and optionally a request key, in one script, so a retry finds them there
   and adds nothing;
-- trimming never removes an entry some group has not acknowledged (``lua/trim.lua``), and never
-  touches ``dead``: operators list, replay or drop dead letters with `catq dead`.
+- trimming never removes an entry some group has not acknowledged (``lua/trim.lua``), and touches
+  ``dead`` only past ``[bus] max_dead_letters``, with an error line and a count in `catq status`:
+  operators list, replay or drop dead letters with `catq dead`.
 """
 
 from __future__ import annotations
@@ -187,11 +188,11 @@ class Streams(Connection):
     async def trim(self, stream: str) -> int:
         """Trim a stream towards config.max_stream_len without removing any entry a group has not
         acknowledged (or not yet been delivered); a GROUP_STREAMS stream with no group yet is
-        left alone; ``dead`` never (it holds the only copy of that work: `catq dead`). Returns the
-        number of entries removed."""
+        left alone; ``dead`` only past ``max_dead_letters``, loudly (:meth:`bound_dead_letters`).
+        Returns the number of entries removed."""
         self._last_trim[stream] = time.monotonic()
         if stream == DEAD.name:
-            return 0
+            return await self.bound_dead_letters()
         removed = await self.retrying(
             lambda: self._trim(keys=[self.key(stream)],
                                args=[self.config.max_stream_len, int(stream in GROUP_STREAMS)]),
@@ -199,9 +200,38 @@ class Streams(Connection):
         )
         return int(removed)
 
+    async def bound_dead_letters(self) -> int:
+        """Keep ``dead`` at most ``config.max_dead_letters`` long: a dead letter holds the only
+        copy of its work, so dropping the oldest is an error-level log line and a count that
+        `catq status` shows (:meth:`dead_letters_dropped`), never silent. Returns how many went."""
+        key, limit = self.key(DEAD.name), self.config.max_dead_letters
+
+        async def drop() -> int:
+            if await self.redis.xlen(key) <= limit:
+                return 0
+            removed = int(await self.redis.xtrim(key, maxlen=limit, approximate=False))
+            if removed:
+                await self.redis.incrby(self.key(DEAD_DROPPED), removed)
+            return removed
+
+        removed = await self.retrying(drop, "bound dead letters")
+        if removed:
+            log.error("dead letters over their limit: dropped the oldest", dropped=removed, limit=limit,
+                      hint="raise [bus] max_dead_letters, or replay/drop them with `catq dead`")
+        return removed
+
+    async def dead_letters_dropped(self) -> int:
+        """Dead letters dropped so far because ``dead`` was over ``max_dead_letters``."""
+        value = await self.retrying(lambda: self.redis.get(self.key(DEAD_DROPPED)), "read dead dropped")
+        return int(value or 0)
+
     async def _maybe_trim(self, stream: str) -> None:
         if time.monotonic() - self._last_trim.get(stream, 0.0) >= self.trim_interval_s:
             await self.trim(stream)
+
+
+DEAD_DROPPED = "dead_dropped"
+"""One counter per run (bounded: a single integer)."""
 
 
 def _flat(fields: dict) -> list:

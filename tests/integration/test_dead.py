@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from structlog.testing import capture_logs
 
 from catq.bus import Bus
 from catq.config import BusConfig
-from catq.messages import ChatMessage, DeadLetter, Prompt
+from catq.messages import ChatMessage, DeadLetter, Prompt, decode
 from catq.results import ResultStore
 
 from .procs import wait_for
@@ -60,7 +61,7 @@ async def test_dead_is_never_trimmed_and_drop_removes_letters(run_name, redis_ur
         for i in range(25):
             await small.publish("dead", DeadLetter(stream="prompts", entry_id=f"{i}-0", payload=b"x",
                                                    error="boom", attempts=1))
-        assert await small.trim("dead") == 0 and len(await small.dead_letters()) == 25
+        assert await small.trim("dead") == 0 and len(await small.dead_letters()) == 25  # not max_stream_len
         first, second = [dead_id for dead_id, _ in (await small.dead_letters())[:2]]
         dropped = catq(redis_url, run_name, "drop", first, second)
         assert dropped.returncode == 0 and "2 dropped" in dropped.stdout
@@ -69,6 +70,27 @@ async def test_dead_is_never_trimmed_and_drop_removes_letters(run_name, redis_ur
         assert "undecodable" not in catq(redis_url, run_name, "list").stdout
     finally:
         await small.close()
+
+
+async def test_dead_letters_past_their_limit_are_dropped_oldest_first_and_loudly(run_name, redis_url, tmp_path):
+    bounded = Bus(redis_url, run_name, BusConfig(max_dead_letters=5), trim_interval_s=0)
+    try:
+        with capture_logs() as logs:
+            for i in range(8):
+                await bounded.publish("dead", DeadLetter(stream="prompts", entry_id=f"{i}-0", payload=b"x",
+                                                         error="boom", attempts=1))
+        letters = [decode(raw, expected=DeadLetter) for _, raw in await bounded.dead_letters()]
+        assert [letter.entry_id for letter in letters] == ["3-0", "4-0", "5-0", "6-0", "7-0"]
+        errors = [e for e in logs if e["log_level"] == "error"]
+        assert [e["dropped"] for e in errors] == [1, 1, 1] and errors[0]["limit"] == 5
+        assert await bounded.dead_letters_dropped() == 3
+        config = tmp_path / "c.toml"
+        config.write_text("")
+        status = subprocess.run([sys.executable, "-m", "catq", "status", "--config", str(config), "--run", run_name,
+                                 "--redis-url", redis_url], capture_output=True, text=True, timeout=60)
+        assert "dead letters: 5  (catq tail dead); 3 dropped over [bus] max_dead_letters" in status.stdout
+    finally:
+        await bounded.close()
 
 
 def test_replay_without_ids_or_all_is_a_usage_error(redis_url, run_name):

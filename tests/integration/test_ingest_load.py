@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import subprocess
+import sys
 import time
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -20,7 +23,7 @@ from catq.messages import ChatMessage, Prompt
 from catq.results import ResultStore
 from catq.topology import PROMPTS
 
-from .procs import free_port, start_bus_worker, stop_process, wait_for
+from .procs import ROOT, free_port, start_bus_worker, stop_process, wait_for
 
 LIMITS = IngestConfig(max_text_chars=5000, max_batch=3, redis_deadline_s=2.0)
 
@@ -116,6 +119,53 @@ async def test_two_ingest_replicas_share_one_rate_limit(bus, run_name, redis_url
         assert (await post(replicas[1], {"text": "q"}))[0].status == 202
     finally:
         await second_bus.close()
+
+
+async def test_two_ingest_processes_share_one_rate_limit(bus, run_name, redis_url, tmp_path):
+    """The same, with two `catq worker ingest` processes: the bucket lives in Redis, not in either."""
+    per_s, burst = 1.0, 4
+    ports = [free_port(), free_port()]
+    log = tmp_path / "ingest.log"
+    procs = []
+    for port in ports:
+        config = tmp_path / f"ingest-{port}.toml"
+        config.write_text(f"[ingest]\nport = {port}\nrate_limit_per_s = {per_s}\nrate_limit_burst = {burst}\n")
+        procs.append(start_ingest(config, run_name, redis_url, log))
+    try:
+        async with aiohttp.ClientSession() as session:
+            urls = [f"http://127.0.0.1:{port}" for port in ports]
+            for url in urls:
+                await wait_for(lambda url=url: answers(session, url + "/healthz"), 60,
+                               what=f"ingest at {url}; log: {log}")
+            started = time.monotonic()
+            statuses = []
+            for _ in range(6):
+                for url in urls:
+                    async with session.post(url + "/v1/prompts", json={"text": "q"}) as response:
+                        statuses.append(response.status)
+            elapsed = time.monotonic() - started
+        admitted = statuses.count(202)
+        assert set(statuses) == {202, 429}, statuses
+        assert burst <= admitted <= burst + math.floor(elapsed * per_s), (statuses, elapsed)
+        assert await bus.redis.xlen(bus.key("prompts")) == admitted
+    finally:
+        for proc in procs:
+            assert stop_process(proc, timeout=30) == 0, log.read_text()[-3000:]
+
+
+def start_ingest(config, run_name: str, redis_url: str, log) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "catq", "worker", "ingest", "--config", str(config), "--run", run_name,
+         "--redis-url", redis_url],
+        stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+async def answers(session, url: str) -> bool:
+    try:
+        async with session.get(url) as response:
+            return response.status == 200
+    except aiohttp.ClientError:
+        return False
 
 
 # -- Redis out of memory --------------------------------------------------------------------------
