@@ -527,7 +527,7 @@ async def run(config: Config) -> None:
     Under torchrun (WORLD_SIZE > 1: ``torchrun --nproc-per-node N -m catq worker learner
     --config FILE``) the policy is sharded over the N ranks with FSDP2
     (:mod:`catq.learner.distributed`): rank 0 is the learner described above, with a
-    :class:`~catq.learner.distributed.Leader` as its trainer, and alone talks to Redis; the other
+    :class:`~catq.learner.leader.Leader` as its trainer, and alone talks to Redis; the other
     ranks only follow its training calls, ignore SIGTERM/SIGINT (rank 0 decides when the work
     stops, and tells them) and exit when it says so."""
     from catq.learner import distributed
@@ -544,17 +544,19 @@ async def run(config: Config) -> None:
         raise SystemExit(f"catq learner: {exc}") from None
     finally:
         if ranks.distributed:
-            distributed.stop_followers()
+            from catq.learner import leader
+
+            leader.stop_followers()
 
 
 def _follow(config: Config, ranks) -> None:
     import signal
 
-    from catq.learner import distributed
+    from catq.learner import leader
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    distributed.follow(config, ranks)
+    leader.follow(config, ranks)
 
 
 async def serve(ctx, ranks=None) -> None:
@@ -575,7 +577,7 @@ async def serve(ctx, ranks=None) -> None:
 
 
 async def train(ctx, lease: Lease, ranks=None) -> None:
-    from catq.learner.distributed import Leader
+    from catq.learner.leader import Leader
     from catq.learner.trainer import Trainer
 
     tensorboard = TensorBoardLog.open(ctx.config)  # before the model load: a missing extra fails fast
