@@ -21,7 +21,7 @@ together:
 5. At ``learner.max_steps`` it stops, and a learner started at ``max_steps`` reads nothing (a
    read would count as a delivery of each pending entry, dead-lettering them after a few
    restarts).
-The role's wiring (lease, torchrun ranks, the bus it reads with) is :mod:`catq.learner.role`.
+The role's wiring (lease, torchrun ranks, the bus it reads with) is :mod:`catq.roles.learner`.
 """
 
 from __future__ import annotations

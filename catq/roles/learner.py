@@ -1,6 +1,6 @@
-"""The learner role's wiring: ``catq worker learner`` runs :func:`run` (what ``workers/learner.py``
-imports). It joins the torchrun ranks when there are several, takes the learner lease, loads the
-trainer (a :class:`~catq.learner.leader.Leader` on rank 0 of several) and runs the
+"""The learner role's wiring: ``catq worker learner`` runs :func:`run`. It joins the torchrun
+ranks when there are several, takes the learner lease, loads the trainer
+(a :class:`~catq.learner.leader.Leader` on rank 0 of several) and runs the
 :class:`~catq.learner.worker.LearnerLoop` until SIGTERM/SIGINT or ``learner.max_steps``.
 """
 
