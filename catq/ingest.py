@@ -56,10 +56,10 @@ from aiohttp import web
 
 from catq import metrics as catq_metrics
 from catq.bus import Bus, KeyedEntry, PublishedOnce, is_out_of_memory, is_retryable
-from catq.config import Config, ConfigError, IngestConfig
+from catq.config import ConfigError, IngestConfig
 from catq.messages import TASKS, ChatMessage, Prompt, new_prompt_id
 from catq.results import ResultStore, Status
-from catq.runtime import WorkerContext, run_role
+from catq.runtime import WorkerContext
 from catq.topology import PROMPTS
 
 ROLES = ("system", "user", "assistant")
@@ -553,12 +553,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # another name (or "" = every interface): it may resolve anywhere
         return False
-
-
-async def run(config: Config) -> None:
-    """Serve the ingest API until SIGTERM/SIGINT."""
-    check_exposure(config.ingest, ingest_token(config.ingest))
-    await run_role(config, "ingest", serve)
 
 
 async def serve(ctx: WorkerContext) -> None:

@@ -1,9 +1,9 @@
 """Entry point of the anchor role: `catq worker anchor [--config F] [--run R] [--redis-url U]` runs
-this module's `run` (so does `python -m workers.anchor`); the logic lives in catq.teacher.anchor."""
+this module's `run` (so does `python -m workers.anchor`); the wiring is catq.roles.anchor."""
 
 import sys
 
-from catq.teacher.anchor import run
+from catq.roles.anchor import run
 
 __all__ = ["run"]
 

@@ -1,9 +1,9 @@
 """Entry point of the ingest role: `catq worker ingest [--config F] [--run R] [--redis-url U]` runs
-this module's `run` (so does `python -m workers.ingest`); the logic lives in catq.ingest."""
+this module's `run` (so does `python -m workers.ingest`); the wiring is catq.roles.ingest."""
 
 import sys
 
-from catq.ingest import run
+from catq.roles.ingest import run
 
 __all__ = ["run"]
 

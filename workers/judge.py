@@ -1,9 +1,9 @@
 """Entry point of the judge role: `catq worker judge [--config F] [--run R] [--redis-url U]` runs
-this module's `run` (so does `python -m workers.judge`); the logic lives in catq.teacher.judge."""
+this module's `run` (so does `python -m workers.judge`); the wiring is catq.roles.judge."""
 
 import sys
 
-from catq.teacher.judge import run
+from catq.roles.judge import run
 
 __all__ = ["run"]
 

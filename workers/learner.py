@@ -1,9 +1,9 @@
 """Entry point of the learner role: `catq worker learner [--config F] [--run R] [--redis-url U]` runs
-this module's `run` (so does `python -m workers.learner`); the logic lives in catq.learner.worker."""
+this module's `run` (so does `python -m workers.learner`); the wiring is catq.roles.learner."""
 
 import sys
 
-from catq.learner.worker import run
+from catq.roles.learner import run
 
 __all__ = ["run"]
 

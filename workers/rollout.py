@@ -1,9 +1,9 @@
 """Entry point of the rollout role: `catq worker rollout [--config F] [--run R] [--redis-url U]` runs
-this module's `run` (so does `python -m workers.rollout`); the logic lives in catq.teacher.rollout."""
+this module's `run` (so does `python -m workers.rollout`); the wiring is catq.roles.rollout."""
 
 import sys
 
-from catq.teacher.rollout import run
+from catq.roles.rollout import run
 
 __all__ = ["run"]
 

@@ -1,9 +1,9 @@
 """Entry point of the syncer role: `catq worker syncer [--config F] [--run R] [--redis-url U]` runs
-this module's `run` (so does `python -m workers.syncer`); the logic lives in catq.learner.syncer."""
+this module's `run` (so does `python -m workers.syncer`); the wiring is catq.roles.syncer."""
 
 import sys
 
-from catq.learner.syncer import run
+from catq.roles.syncer import run
 
 __all__ = ["run"]
 

@@ -27,11 +27,13 @@ written by N ranks and the other way round (:func:`load_full_optimizer_state_dic
 
 The learner worker (``catq worker learner`` under torchrun, :func:`catq.learner.worker.run`):
 rank 0 alone talks to Redis. It runs the usual LearnerLoop (lease, intake, steps, commits,
-publishing) with a :class:`Leader` as its trainer, which sends each Trainer call that is a
-collective (load, train with the prepared groups, checkpoint, publish) to the other ranks on a
-gloo group of its own before making it; they run :func:`follow` and make the same calls, until
-rank 0 says stop. Every rank reads the checkpoint itself when loading (one machine, or a shared
-file system); only rank 0 writes files.
+publishing) with a :class:`catq.learner.leader.Leader` as its trainer, which sends each Trainer
+call that is a collective (load, train with the prepared groups, checkpoint, publish) to the
+other ranks on a gloo group of its own (made here, by :func:`init_from_env`) before making it;
+they run :func:`catq.learner.leader.follow` and make the same calls, until rank 0 says stop.
+Every rank reads the checkpoint itself when loading (one machine, or a shared file system); only
+rank 0 writes files. This module imports no Trainer: the Trainer uses it, and the Leader (which
+uses both) lives in :mod:`catq.learner.leader`.
 
 Tested on CPU only (gloo, 2 ranks, tests/unit/test_fsdp_learner.py): not yet run with nccl on
 GPUs. Limits: an anchor held by the learner (``learner.anchor_logprobs = "learner"``) is a full,
@@ -253,80 +255,3 @@ def load_full_optimizer_state_dict(policy, optimizer, state: dict, ranks: Ranks)
               for g in state["param_groups"]]
     osd = {"state": {names[i]: s for i, s in state["state"].items()}, "param_groups": groups}
     set_optimizer_state_dict(policy, optimizer, osd, options=_options(full_state_dict=True))
-
-
-# ---------------------------------------------------------------------------------------------
-# The learner worker under torchrun: rank 0 leads, the other ranks follow its commands
-
-
-def send(*command) -> None:
-    """(rank 0) Tell the other ranks what to do next."""
-    dist.broadcast_object_list([command], src=0, group=_commands)
-
-
-def receive() -> tuple:
-    """(ranks > 0) Rank 0's next command."""
-    box = [None]
-    dist.broadcast_object_list(box, src=0, group=_commands)
-    return box[0]
-
-
-class Leader:
-    """Rank 0's Trainer: each collective call (load, train, checkpoint, publish) is first sent to
-    the other ranks (:func:`follow`), so they make the same call; everything else is the
-    Trainer's. The LearnerLoop uses it as its trainer and never knows there are other ranks."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-    @classmethod
-    def from_config(cls, config, ranks: Ranks) -> Leader:
-        from catq.learner.trainer import Trainer
-
-        send("load")
-        return cls(Trainer.from_config(config, ranks))
-
-    def __getattr__(self, name):
-        return getattr(self.trainer, name)
-
-    def train(self, groups, entry_ids, should_stop=None) -> dict:
-        send("train", groups, entry_ids)
-        return self.trainer.train(groups, entry_ids, should_stop)
-
-    def save_checkpoint(self):
-        send("checkpoint")
-        return self.trainer.save_checkpoint()
-
-    def write_weights(self):
-        send("publish")
-        return self.trainer.write_weights()
-
-
-def stop_followers() -> None:
-    send("stop")
-
-
-def follow(config, ranks: Ranks) -> None:
-    """(ranks > 0) Make the Trainer calls rank 0 makes, in the same order, until it says stop.
-    A step rank 0 abandons or refuses (stop asked, not finite) is abandoned or refused here
-    alike: the decision is agreed on inside the step."""
-    from catq.learner.trainer import Trainer
-
-    trainer = None
-    while True:
-        command, *args = receive()
-        if command == "stop":
-            return
-        if command == "load":
-            trainer = Trainer.from_config(config, ranks)
-        elif command == "train":
-            try:
-                trainer.train(*args)
-            except (grpo.StepCancelled, grpo.NonFiniteStep):
-                pass
-        elif command == "checkpoint":
-            trainer.save_checkpoint()
-        elif command == "publish":
-            trainer.write_weights()
-        else:
-            raise ValueError(f"unknown command from rank 0: {command!r}")

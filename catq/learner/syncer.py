@@ -245,13 +245,6 @@ class Syncer:
             await self.poll(self.config.bus.block_ms)
 
 
-async def run(config: Config) -> None:
-    """Run the syncer until SIGTERM/SIGINT."""
-    from catq.runtime import run_role
-
-    await run_role(config, ROLE, serve)
-
-
 async def serve(ctx) -> None:
     from catq.engines.client import EngineClient
 

@@ -20,11 +20,11 @@ from __future__ import annotations
 import asyncio
 
 from catq.bus import Output
-from catq.config import Config, SamplingConfig
+from catq.config import SamplingConfig
 from catq.engines.client import EngineError, parse_version
 from catq.messages import RolloutGroup
 from catq.results import Status
-from catq.runtime import DeadLetterError, WorkerContext, run_worker
+from catq.runtime import DeadLetterError, WorkerContext
 from catq.teacher import registry
 from catq.teacher.estimators import estimate_reference
 from catq.teacher.rubric import RubricParseError, draft_rubric
@@ -128,7 +128,3 @@ async def build_anchor_handler(ctx: WorkerContext) -> AnchorHandler:
     if registry.estimator(config.anchor.estimator).needs_policy:
         policy = engine_chat(config, config.engines.policy_urls[0], config.model.policy, SELECTION_SAMPLING)
     return AnchorHandler(ctx, anchor, policy)
-
-
-async def run(config: Config) -> None:
-    await run_worker(config, "anchor", build_anchor_handler)

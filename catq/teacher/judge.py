@@ -12,10 +12,9 @@ verdict. See catq.teacher.judging.
 from __future__ import annotations
 
 from catq.bus import Output
-from catq.config import Config
 from catq.messages import ReferencedGroup
 from catq.results import Status
-from catq.runtime import WorkerContext, run_worker
+from catq.runtime import WorkerContext
 from catq.teacher.judging import score_group
 from catq.topology import SCORED
 
@@ -48,7 +47,3 @@ async def build_judge_handler(ctx: WorkerContext) -> JudgeHandler:
     from catq.teacher.chat import judge_chat
 
     return JudgeHandler(ctx, judge_chat(ctx.config))
-
-
-async def run(config: Config) -> None:
-    await run_worker(config, "judge", build_judge_handler)

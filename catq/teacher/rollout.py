@@ -33,7 +33,7 @@ from catq.engines.client import parse_version
 from catq.engines.replicas import ReplicaPicker
 from catq.messages import Prompt, Rollout, RolloutGroup
 from catq.results import Status
-from catq.runtime import DeadLetterError, WorkerContext, run_worker
+from catq.runtime import DeadLetterError, WorkerContext
 from catq.topology import GROUPS, downstream_of
 
 PIPELINE_GROUPS = tuple((s.name, s.consumer) for s in downstream_of("rollout"))
@@ -223,7 +223,3 @@ async def build_rollout_handler(ctx: WorkerContext) -> RolloutHandler:
         await replicas.close()
         raise
     return RolloutHandler(ctx, replicas, tokenizer)
-
-
-async def run(config: Config) -> None:
-    await run_worker(config, "rollout", build_rollout_handler)

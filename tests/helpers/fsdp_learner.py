@@ -4,7 +4,7 @@
 
 Spawns ``--world`` processes with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT); as in the learner worker, rank 0 leads
-(:class:`catq.learner.distributed.Leader`) and the other ranks follow its calls. Rank 0 makes a
+(:class:`catq.learner.leader.Leader`) and the other ranks follow its calls. Rank 0 makes a
 Trainer from the config (sharded when world > 1), trains
 ``--steps`` steps on the prepared groups pickled in ``--batch``, checkpoints and publishes
 version 1 under ``--run``; with ``--resume`` a second Trainer then resumes from that checkpoint
@@ -36,7 +36,7 @@ def make_config(model: str, run_dir: str, micro: int = 2, device: str = "cpu"):
 def run(args) -> None:
     import torch
 
-    from catq.learner import distributed
+    from catq.learner import distributed, leader
     from catq.learner.trainer import Trainer
 
     torch.set_num_threads(1)
@@ -46,12 +46,12 @@ def run(args) -> None:
         config.learner = config.learner.model_copy(update={
             "batch_groups": 2, "checkpoint_every": 1, "publish_every": 2, "max_staleness": 100})
     if ranks.distributed and not ranks.is_main:  # as in the learner worker: follow rank 0
-        distributed.follow(config, ranks)
+        leader.follow(config, ranks)
         torch.distributed.destroy_process_group()
         return
 
     def load():
-        return distributed.Leader.from_config(config, ranks) if ranks.distributed else Trainer.from_config(config)
+        return leader.Leader.from_config(config, ranks) if ranks.distributed else Trainer.from_config(config)
 
     if args.loop:
         import asyncio
@@ -59,7 +59,7 @@ def run(args) -> None:
         out = asyncio.run(learner_loop(load(), config))
         torch.save(out, Path(args.run) / "loop.pt")
         if ranks.distributed:
-            distributed.stop_followers()
+            leader.stop_followers()
             torch.distributed.destroy_process_group()
         return
     trainer = load()
@@ -76,7 +76,7 @@ def run(args) -> None:
         trainer.save_checkpoint()
     torch.save(metrics, Path(args.run) / "metrics.pt")
     if ranks.distributed:
-        distributed.stop_followers()
+        leader.stop_followers()
         torch.distributed.destroy_process_group()
 
 
