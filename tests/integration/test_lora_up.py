@@ -57,7 +57,8 @@ def test_up_with_a_lora_policy_publishes_adapters_the_policy_engine_serves(tmp_p
         loaded = [m["id"] for m in get(url, "/v1/models")["data"] if m.get("parent")]
         assert f"v{served}" in loaded and len(loaded) <= 2, loaded
         # The engine loaded each version as it came (its log), one adapter per version.
-        versions_loaded = {int(v) for v in re.findall(r"LoRA adapter loaded[^\n]*?lora_name\W+v(\d+)", stack.log.read_text())}
+        lines = [line for line in stack.log.read_text().splitlines() if "LoRA adapter loaded" in line]
+        versions_loaded = {int(m.group(1)) for m in (re.search(r"lora_name\W+v(\d+)", x) for x in lines) if m}
         assert len(versions_loaded) >= 3 and set(range(1, 4)) <= versions_loaded, versions_loaded
         # A request on the served adapter reports the adapter's version.
         item = post(url, "/generate", {"text": "What is 2 + 2?", "lora_path": f"v{served}",
