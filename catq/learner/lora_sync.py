@@ -53,14 +53,15 @@ async def move(client, version: int, path: str) -> None:
     await client.update_weight_version(str(version), abort_all_requests=False)
 
 
-async def prune(client, serving: int, log) -> None:
-    """Unload adapters older than the newest :data:`KEEP_ADAPTERS` up to ``serving``; failures
-    are logged (the next pass tries again)."""
+async def prune(client, serving: int, log) -> bool:
+    """Unload adapters older than the newest :data:`KEEP_ADAPTERS` up to ``serving``; True when
+    nothing is left to unload. Failures are logged (the next pass tries again)."""
     try:
         names = await loaded_adapters(client)
     except (EngineError, OSError) as exc:
         log.warning("could not list the engine's LoRA adapters", error=str(exc))
-        return
+        return False
+    done = True
     keep = {adapter_name(v) for v in range(max(1, serving - KEEP_ADAPTERS + 1), serving + 1)}
     for name in names:
         if name in keep or _version_key(name)[0] > serving:
@@ -70,3 +71,5 @@ async def prune(client, serving: int, log) -> None:
             log.info("old LoRA adapter unloaded", adapter=name)
         except (EngineError, OSError) as exc:
             log.warning("could not unload an old LoRA adapter", adapter=name, error=str(exc))
+            done = False
+    return done

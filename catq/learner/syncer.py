@@ -92,6 +92,8 @@ class Syncer:
     """Builds a client for a replica found on a pass; None keeps ``clients`` fixed."""
     down: set = field(default_factory=set)
     """Replicas that did not answer on the last pass (logged once, when they go down)."""
+    pruned: dict = field(default_factory=dict)
+    """LoRA policy: the version each replica's old adapters were last unloaded at."""
 
     async def start(self) -> None:
         """Sync to the newest version published before we started."""
@@ -173,10 +175,11 @@ class Syncer:
                 await self.bus.unlist_replica(POOL, url)
         except Exception as exc:  # Redis away: the entry ages out, and the next pass writes it
             self.log.warning("could not update the replica registry", engine=url, error=str(exc))
-        if current and self.lora:
+        if current and self.lora and self.pruned.get(url) != serving:
             from catq.learner import lora_sync
 
-            await lora_sync.prune(client, serving, self.log.bind(engine=url))
+            if await lora_sync.prune(client, serving, self.log.bind(engine=url)):
+                self.pruned[url] = serving
 
     @property
     def lora(self) -> bool:
