@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "--api-key; default $CATQ_ENGINE_API_KEY)")
     p.add_argument("--admin-api-key", default="", help="key for weight updates and pause/continue "
                                                        "(as SGLang's; default $CATQ_ENGINE_ADMIN_API_KEY)")
+    from catq.engines.lora import add_server_args
+
+    add_server_args(p)  # SGLang's LoRA flags: --enable-lora, --max-lora-rank, ...
     p.set_defaults(target="catq.engines.server:engine_command", needs_config=False)
 
     p = sub.add_parser("sglang", help="real SGLang on a CPU: its cached virtual environment")

@@ -328,6 +328,36 @@ class RewardConfig(Section):
     normalised; a side without a box has no answer (reward 0)."""
 
 
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The linear layers a LoRA adapter may target: those both peft and catq's engine (and SGLang's
+``--lora-target-modules``) know by these names in Llama/Qwen-style models."""
+
+
+class LoraConfig(Section):
+    """``[learner.lora]``: train a LoRA adapter instead of every weight (catq/learner/lora.py).
+    Each published version is then a PEFT adapter directory that policy engines load with
+    SGLang's ``/load_lora_adapter``; the KL anchor is the base model, i.e. the adapter off."""
+
+    enabled: bool = False
+    rank: int = Field(8, ge=1, le=1024)
+    """r: the adapter's rank."""
+    alpha: float = Field(16.0, gt=0)
+    """lora_alpha: the update is scaled by alpha / rank."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter's input while training (never at inference)."""
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    """Which linear layers get an adapter (names from ``LORA_TARGET_MODULES``)."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(LORA_TARGET_MODULES))
+        if not value or unknown:
+            raise ValueError(f"target_modules must be a non-empty subset of {list(LORA_TARGET_MODULES)}"
+                             + (f"; unknown: {unknown}" if unknown else ""))
+        return list(dict.fromkeys(value))
+
+
 class LearnerConfig(Section):
     objective: Literal["grpo", "sft"] = "grpo"
     """"grpo": CaT-RL, GRPO on the rewards against the reference s. "sft": CaT-SFT, the paper's
@@ -392,6 +422,15 @@ class LearnerConfig(Section):
     tensorboard: bool = False
     """Also write the step metrics to <run_dir>/tb/ (needs the `tensorboard` extra:
     pip install -e '.[tensorboard]')."""
+    lora: LoraConfig = LoraConfig()
+    """A LoRA policy (off by default): see :class:`LoraConfig`."""
+
+    @model_validator(mode="after")
+    def _check_lora(self) -> LearnerConfig:
+        if self.lora.enabled and self.weight_sync == "distributed":
+            raise ValueError("learner.lora cannot be combined with weight_sync = \"distributed\" (the "
+                             "broadcast sends full weights); use weight_sync = \"disk\": adapters are small")
+        return self
 
 
 class ResourcesConfig(Section):

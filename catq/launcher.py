@@ -328,7 +328,24 @@ class Stack:
         versions = published_versions(self.config.weights_dir) if spec.policy else []
         if not versions:
             return spec.model, "default"
+        if self.config.learner.lora.enabled:  # the base model, with the newest adapter (_lora_flags)
+            return spec.model, str(versions[-1])
         return str(version_dir(self.config.weights_dir, versions[-1]).resolve()), str(versions[-1])
+
+    def _lora_flags(self, spec: EngineSpec, version: str) -> list[str]:
+        """A LoRA policy's engine: SGLang's LoRA flags, and the newest adapter loaded at start
+        under the name the syncer gives it (catq/learner/lora_sync.py)."""
+        from catq.engines.lora import server_flags
+        from catq.learner.lora_sync import adapter_name
+        from catq.learner.publish import version_dir
+
+        settings = self.config.learner.lora
+        if not (spec.policy and settings.enabled):
+            return []
+        newest = {}
+        if version.isdigit() and int(version) > 0:
+            newest[adapter_name(int(version))] = str(version_dir(self.config.weights_dir, int(version)).resolve())
+        return server_flags(rank=settings.rank, target_modules=list(settings.target_modules), lora_paths=newest)
 
     async def _engine_argv(self, spec: EngineSpec) -> list[str]:
         if spec.kind == "sglang":
@@ -339,7 +356,7 @@ class Stack:
         if spec.policy:
             self.config.weights_dir.mkdir(parents=True, exist_ok=True)
             argv += ["--weights-dir", str(self.config.weights_dir.resolve())]
-        return argv
+        return argv + self._lora_flags(spec, version)
 
     async def _sglang_argv(self, spec: EngineSpec) -> list[str]:
         from catq.engines.models import resolve_model_path
@@ -354,11 +371,11 @@ class Stack:
                 raise LaunchError(f"engine {spec.name}: {exc}") from None
         engines = self.config.engines
         model, version = self._newest_weights(spec)
-        if version == "default":
+        if version == "default" or self.config.learner.lora.enabled:
             model = str(resolve_model_path(spec.model, self.config.model.cache_dir or None))
         return server_argv(python, model, host=spec.host, port=spec.port, device=device,
                            api_key=engines.api_key(), admin_api_key=engines.admin_api_key(),
-                           extra=("--weight-version", version))
+                           extra=("--weight-version", version, *self._lora_flags(spec, version)))
 
     async def _start_roles(self) -> None:
         for role in ROLES:

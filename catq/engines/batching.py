@@ -17,6 +17,7 @@ Sequence bookkeeping (stop checks, finish reasons) lives in ``Sequence`` and ``f
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from dataclasses import dataclass, field
 
@@ -52,6 +53,8 @@ class Sequence:
     """SGLang's ``token_ids_logprob``: also record these tokens' log-probs at each position."""
     alternatives: list[Alternatives] = field(default_factory=list)
     """One per output token when either of the two above asks for it, else empty."""
+    lora: object | None = None
+    """The LoRA adapter this sequence runs on (catq/engines/lora.py); None: the base model."""
 
     @property
     def finished(self) -> bool:
@@ -88,13 +91,24 @@ class BatchGenerator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.forward_passes = 0
+        self.lora = None
+        """The engine's LoraManager when LoRA is enabled (catq/engines/lora.py)."""
+
+    def _adapters(self, adapters: list):
+        """Each row's LoRA adapter applied in the forward passes inside (a no-op without)."""
+        if self.lora is None or not any(a is not None for a in adapters):
+            return contextlib.nullcontext()
+        return self.lora.use(adapters)
 
     @torch.no_grad()
     def prefill(self, seqs: list[Sequence]) -> tuple[Batch, torch.Tensor, torch.Tensor]:
         """Run the prompts of ``seqs``; return the batch and each row's first (token, logprob)."""
-        unique: dict[tuple[int, ...], int] = {}
-        row_of = [unique.setdefault(tuple(s.prompt_ids), len(unique)) for s in seqs]
-        prompts = [list(p) for p in unique]
+        unique: dict[tuple, int] = {}  # a prompt on two adapters is two rows
+        row_of = [unique.setdefault((id(s.lora), tuple(s.prompt_ids)), len(unique)) for s in seqs]
+        prompts = [list(p) for _, p in unique]
+        adapters = [None] * len(unique)
+        for s, row in zip(seqs, row_of):
+            adapters[row] = s.lora
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -104,10 +118,11 @@ class BatchGenerator:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache()
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions,
-            past_key_values=cache, use_cache=True, logits_to_keep=1,
-        )
+        with self._adapters(adapters):
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            )
         self.forward_passes += 1
         rows = torch.tensor(row_of, device=self.device)
         cache.batch_select_indices(rows)
@@ -123,10 +138,13 @@ class BatchGenerator:
         return batch, tokens, logprobs
 
     @torch.no_grad()
-    def prompt_logprobs(self, prompt_ids: list[int]) -> list[float]:
-        """Raw log P(token i | tokens < i) for i = 1..len-1, from one plain forward pass."""
+    def prompt_logprobs(self, prompt_ids: list[int], lora=None) -> list[float]:
+        """Raw log P(token i | tokens < i) for i = 1..len-1, from one plain forward pass (on
+        the LoRA adapter ``lora`` when given)."""
         ids = torch.tensor([prompt_ids], device=self.device)
-        logprobs = torch.log_softmax(self.model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        with self._adapters([lora]):
+            logits = self.model(input_ids=ids).logits
+        logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)
         return logprobs.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1).tolist()
 
     @torch.no_grad()
@@ -134,10 +152,11 @@ class BatchGenerator:
         """Feed every row its last token; return each row's next (token, logprob)."""
         ones = torch.ones((len(batch), 1), dtype=batch.attention_mask.dtype, device=self.device)
         batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=-1)
-        out = self.model(
-            input_ids=batch.next_tokens.unsqueeze(-1), attention_mask=batch.attention_mask,
-            position_ids=batch.positions.unsqueeze(-1), past_key_values=batch.cache, use_cache=True,
-        )
+        with self._adapters([s.lora for s in batch.seqs]):
+            out = self.model(
+                input_ids=batch.next_tokens.unsqueeze(-1), attention_mask=batch.attention_mask,
+                position_ids=batch.positions.unsqueeze(-1), past_key_values=batch.cache, use_cache=True,
+            )
         self.forward_passes += 1
         batch.positions = batch.positions + 1
         tokens, logprobs = sample(out.logits[:, -1], batch.rows, self.generator)

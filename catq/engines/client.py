@@ -186,6 +186,8 @@ def _error_message(body: Any) -> str:
             return error
         if "message" in body:
             return str(body["message"])
+        if body.get("error_message"):  # SGLang's LoRAUpdateOutput
+            return str(body["error_message"])
     return str(body)[:2000]
 
 
@@ -229,12 +231,12 @@ class EngineClient(HttpJsonClient):
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1,
                        stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
                        return_logprob: bool = True, top_logprobs_num: int = 0,
-                       token_ids_logprob: list[int] | None = None) -> list[Completion]:
-        """``n`` samples of one prompt."""
+                       token_ids_logprob: list[int] | None = None, lora_path: str | None = None) -> list[Completion]:
+        """``n`` samples of one prompt (on the LoRA adapter named ``lora_path`` when given)."""
         [group] = await self.generate_batch(
             [input_ids], n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, stop=stop, stop_token_ids=stop_token_ids, return_logprob=return_logprob,
-            top_logprobs_num=top_logprobs_num, token_ids_logprob=token_ids_logprob,
+            top_logprobs_num=top_logprobs_num, token_ids_logprob=token_ids_logprob, lora_path=lora_path,
         )
         return group
 
@@ -242,7 +244,8 @@ class EngineClient(HttpJsonClient):
                              temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1,
                              stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
                              return_logprob: bool = True, top_logprobs_num: int = 0,
-                             token_ids_logprob: list[int] | None = None) -> list[list[Completion]]:
+                             token_ids_logprob: list[int] | None = None,
+                             lora_path: str | None = None) -> list[list[Completion]]:
         """``n`` samples of each prompt, grouped by prompt, in one request. Asking for
         ``top_logprobs_num`` or ``token_ids_logprob`` implies ``return_logprob`` (as SGLang needs)."""
         if not prompts:
@@ -261,6 +264,8 @@ class EngineClient(HttpJsonClient):
             payload["top_logprobs_num"] = top_logprobs_num
         if token_ids_logprob:
             payload["token_ids_logprob"] = list(token_ids_logprob)
+        if lora_path:
+            payload["lora_path"] = lora_path
         reply = await self.request("POST", "/generate", payload)
         items = reply if isinstance(reply, list) else [reply]
         if len(items) != len(prompts) * n:
@@ -305,6 +310,28 @@ class EngineClient(HttpJsonClient):
         if not reply.get("success", False):
             raise EngineError(str(reply.get("message", reply)), 400)
         return reply
+
+    # -- LoRA adapters (SGLang's dynamic LoRA API; catq/engines/lora.py) ------------------
+
+    async def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> dict:
+        """The reply {"success", "error_message", "loaded_adapters"}; EngineError(400) on refusal."""
+        return await self._lora("/load_lora_adapter", {"lora_name": lora_name, "lora_path": lora_path,
+                                                       "pinned": pinned})
+
+    async def unload_lora_adapter(self, lora_name: str) -> dict:
+        return await self._lora("/unload_lora_adapter", {"lora_name": lora_name})
+
+    async def _lora(self, path: str, payload: dict) -> dict:
+        reply = await self.request("POST", path, payload, headers=self._admin_headers)
+        if not isinstance(reply, dict) or not reply.get("success", False):
+            raise EngineError(_error_message(reply), 400)
+        return reply
+
+    async def update_weight_version(self, new_version: str, abort_all_requests: bool = False) -> dict:
+        """SGLang's /update_weight_version: what /model_info reports, weights untouched."""
+        return await self.request("POST", "/update_weight_version",
+                                  {"new_version": new_version, "abort_all_requests": abort_all_requests},
+                                  headers=self._admin_headers)
 
     # -- weights over a process group (catq.engines.weight_group; the trainer is rank 0) ----
 

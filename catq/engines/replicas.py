@@ -84,7 +84,8 @@ def _is_ip(host: str) -> bool:
 
 
 def registry_entry(version: int, model: str | None = None) -> dict:
-    """What the syncer lists for a replica that serves ``version``."""
+    """What the syncer lists for a replica that serves ``version``; ``model``: the LoRA adapter
+    requests must name to get that version (a LoRA policy, catq/learner/lora.py), else None."""
     return {"weight_version": version, "model": model, "seen_at": time.time()}
 
 
@@ -154,6 +155,12 @@ class ReplicaPicker:
             yield url, await self.client(url)
         finally:
             self.outstanding[url] -= 1
+
+    def adapter(self, url: str) -> str | None:
+        """The LoRA adapter the registry lists ``url`` as serving its version with (requests name
+        it as ``lora_path``); None: the engine's own weights."""
+        entry = (self.listed or {}).get(url) or {}
+        return entry.get("model") or None
 
     async def versions(self) -> list[int]:
         """The weight version of every replica requests may go to (the registry's word when

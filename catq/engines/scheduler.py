@@ -25,6 +25,7 @@ import structlog
 import torch
 
 from catq.engines.batching import Batch, BatchGenerator, Sequence
+from catq.engines.lora import fits_batch
 
 log = structlog.get_logger()
 
@@ -170,10 +171,18 @@ class Scheduler:
     async def _admit(self, loop: asyncio.AbstractEventLoop) -> None:
         room = self.max_batch - (len(self._running) if self._running else 0)
         seqs = []
+        deferred = []  # on an adapter the batch has no slot for (--max-loras-per-batch): next time
+        running = self._running.seqs if self._running else []
         while self._waiting and len(seqs) < room:
-            seq, _ = self._waiting.popleft()
-            if not seq.finished:
-                seqs.append(seq)
+            seq, future = self._waiting.popleft()
+            if seq.finished:
+                continue
+            lora = getattr(self.gen, "lora", None)
+            if lora is not None and not fits_batch(running, seq, seqs, lora.max_loras_per_batch):
+                deferred.append((seq, future))
+                continue
+            seqs.append(seq)
+        self._waiting.extendleft(reversed(deferred))
         if not seqs:
             return
         try:

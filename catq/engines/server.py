@@ -44,7 +44,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from catq.engines import weight_group
+from catq.engines import lora_http, weight_group
 from catq.engines.batching import BatchGenerator, Sequence
 from catq.engines.sampling import SamplingParams
 from catq.engines.scheduler import (
@@ -118,6 +118,9 @@ class GenerateIn(BaseModel):
     """With return_logprob: also return these tokens' log-probs at each output position; one
     list for every prompt, or a list of lists, one per prompt (as SGLang)."""
     return_text_in_logprobs: bool = False
+    lora_path: str | list[str | None] | None = None
+    """SGLang's: the LoRA adapter (by name) for every prompt, or one per prompt; null = the base
+    model (catq/engines/lora.py)."""
 
 
 class UpdateWeightsIn(BaseModel):
@@ -178,6 +181,8 @@ class ChatCompletionIn(BaseModel):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     """With logprobs: the likeliest tokens at each position (OpenAI allows 0..20)."""
     stream: bool = False
+    lora_path: str | None = None
+    """An adapter by name (else ``model = "<base>:<adapter>"`` names it, as SGLang reads it)."""
     chat_template_kwargs: dict[str, Any] | None = None
     """Extra chat-template variables (SGLang's field), e.g. {"enable_thinking": false}."""
 
@@ -203,6 +208,24 @@ class Engine:
         """Weight broadcast groups joined (/init_weights_update_group), by name."""
         self.group_timeout_s = 120.0
         """How long a group's rendezvous and each broadcast may wait for the other ranks."""
+        self.lora = None
+        """The LoRA adapters (catq/engines/lora.py's LoraManager) with --enable-lora, else None."""
+        self.lora_lock = asyncio.Lock()
+
+    def _adapters(self, names: list[str | None]) -> list:
+        """The LoRA adapters a request names (a 400 for an unknown one, or any without LoRA)."""
+        from catq.engines.lora import NOT_ENABLED
+
+        if not any(names):
+            return [None] * len(names)
+        if self.lora is None:
+            raise BadRequest(f"lora_path was given but {NOT_ENABLED}")
+        return self.lora.resolve(names)
+
+    def _hold(self, adapters: list):
+        import contextlib
+
+        return self.lora.hold(adapters) if self.lora is not None else contextlib.nullcontext()
 
     # -- /generate --------------------------------------------------------------------------
 
@@ -216,12 +239,20 @@ class Engine:
         logprob_flags = _per_prompt(body.return_logprob, len(prompts), "return_logprob")
         top_nums = _per_prompt(body.top_logprobs_num, len(prompts), "top_logprobs_num")
         id_lists = _token_ids_per_prompt(body.token_ids_logprob, len(prompts))
+        adapters = self._adapters(_per_prompt(body.lora_path, len(prompts), "lora_path"))
+        with self._hold(adapters):
+            return await self._generate(body, prompts, single, params, logprob_flags, top_nums, id_lists,
+                                        adapters, started)
+
+    async def _generate(self, body, prompts, single, params, logprob_flags, top_nums, id_lists, adapters,
+                        started) -> web.Response:
         groups: list[list[Sequence]] = []
-        for prompt, sp, flag, top_num, ids in zip(prompts, params, logprob_flags, top_nums, id_lists, strict=True):
+        for prompt, sp, flag, top_num, ids, adapter in zip(prompts, params, logprob_flags, top_nums, id_lists,
+                                                           adapters, strict=True):
             sampling = sp.to_params()
             sampling.validate()
             self._check_context(len(prompt), sp.max_new_tokens)
-            group = [Sequence(list(prompt), sampling) for _ in range(sampling.n)]
+            group = [Sequence(list(prompt), sampling, lora=adapter) for _ in range(sampling.n)]
             for seq in group:
                 if flag:  # SGLang returns neither without return_logprob, so compute neither
                     seq.top_logprobs_num, seq.token_ids_logprob = top_num, ids
@@ -229,8 +260,8 @@ class Engine:
             groups.append(group)
         start_lens = _per_prompt(body.logprob_start_len, len(prompts), "logprob_start_len")
         inputs = await asyncio.gather(*(
-            self._input_logprobs(prompt, start if flag else -1, body.return_text_in_logprobs)
-            for prompt, start, flag in zip(prompts, start_lens, logprob_flags, strict=True)
+            self._input_logprobs(prompt, start if flag else -1, body.return_text_in_logprobs, adapter)
+            for prompt, start, flag, adapter in zip(prompts, start_lens, logprob_flags, adapters, strict=True)
         ))
         await self.scheduler.submit([seq for group in groups for seq in group])
         items = [
@@ -254,13 +285,14 @@ class Engine:
                 "the completion. Please reduce the number of tokens in the input messages or the "
                 "completion to fit within the limit.")
 
-    async def _input_logprobs(self, prompt: list[int], start: int, with_text: bool) -> list[list] | None:
+    async def _input_logprobs(self, prompt: list[int], start: int, with_text: bool,
+                              adapter=None) -> list[list] | None:
         """SGLang's ``input_token_logprobs`` from ``logprob_start_len`` on: [logprob, id, text]
         per prompt token, the first of them with a null log-prob (as SGLang returns it at any
         start, not only at the prompt's first token). None when not asked for (start < 0)."""
         if start < 0:
             return None
-        values = await asyncio.to_thread(self.gen.prompt_logprobs, prompt)
+        values = await asyncio.to_thread(self.gen.prompt_logprobs, prompt, adapter)
         pairs = list(zip([None, *values], prompt, strict=True))[start:]
         if pairs:
             pairs[0] = (None, pairs[0][1])
@@ -282,6 +314,8 @@ class Engine:
     def _item(self, seq: Sequence, return_logprob: bool, started: float, with_text: bool = False,
               input_logprobs: list[list] | None = None) -> dict:
         version = self.scheduler.weight_version
+        if seq.lora is not None and seq.lora.version is not None:
+            version = seq.lora.version  # the adapter's own v<N>
         meta = {
             "id": seq.seq_id,
             "finish_reason": seq.finish_reason,
@@ -420,7 +454,17 @@ class Engine:
             "weight_version": self.scheduler.weight_version,
             "engine_stats": self.scheduler.snapshot(),
             "version": "catq",
+            **self._lora_info(),
         })
+
+    def _lora_info(self) -> dict:
+        """SGLang's server_info carries its server args; these are the LoRA ones."""
+        lora = self.lora
+        if lora is None:
+            return {"enable_lora": False}
+        return {"enable_lora": True, "max_lora_rank": lora.max_lora_rank,
+                "lora_target_modules": sorted(lora.target_modules), "max_loras_per_batch": lora.max_loras_per_batch,
+                "loaded_lora_adapters": lora.loaded()}
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -440,7 +484,10 @@ class Engine:
     async def models(self, request: web.Request) -> web.Response:
         card = {"id": self.served_name, "object": "model", "created": int(self.started),
                 "owned_by": "catq", "root": self.served_name, "max_model_len": self.gen.context_len}
-        return web.json_response({"object": "list", "data": [card]})
+        adapters = [{"id": name, "object": "model", "created": int(self.started), "owned_by": "catq",
+                     "root": path, "parent": self.served_name, "max_model_len": self.gen.context_len}
+                    for name, path in (self.lora.loaded() if self.lora is not None else {}).items()]
+        return web.json_response({"object": "list", "data": [card, *adapters]})
 
     async def pause_generation(self, request: web.Request) -> web.Response:
         body = PauseIn.model_validate(await _json(request) if request.can_read_body else {})
@@ -465,12 +512,19 @@ class Engine:
         if body.stream:
             raise BadRequest("streaming is not supported by catq's engine; send stream=false")
         prompt = self._chat_prompt(body.messages, body.chat_template_kwargs)
+        from catq.engines.lora import split_model_field
+
+        [adapter] = self._adapters([body.lora_path or split_model_field(body.model)])
+        with self._hold([adapter]):
+            return await self._chat(body, prompt, adapter, started)
+
+    async def _chat(self, body: ChatCompletionIn, prompt: list[int], adapter, started: float) -> web.Response:
         max_tokens = body.max_completion_tokens or body.max_tokens
         sampling = SamplingParamsIn(
             max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
             top_k=body.top_k, stop=body.stop,
         ).to_params()
-        seqs = [Sequence(list(prompt), sampling) for _ in range(body.n)]
+        seqs = [Sequence(list(prompt), sampling, lora=adapter) for _ in range(body.n)]
         for seq in seqs:
             if body.logprobs:
                 seq.top_logprobs_num = body.top_logprobs or 0
@@ -483,7 +537,8 @@ class Engine:
             "model": body.model or self.served_name, "choices": choices,
             "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion,
                       "total_tokens": len(prompt) + completion},
-            "metadata": {"weight_version": self.scheduler.weight_version},
+            "metadata": {"weight_version": adapter.version if adapter is not None and adapter.version is not None
+                         else self.scheduler.weight_version},
         })
 
     def _chat_prompt(self, messages: list[dict], template_kwargs: dict | None = None) -> list[int]:
@@ -572,7 +627,7 @@ async def errors_as_400(request: web.Request, handler):
         return await handler(request)
     except ValidationError as exc:
         message = _describe(exc)
-    except (BadRequest, ValueError) as exc:
+    except (BadRequest, ValueError) as exc:  # LoraError is a ValueError
         message = str(exc)
     log.info("bad request", path=request.path, error=message)
     return web.json_response({"error": {"message": message}}, status=400)
@@ -580,7 +635,7 @@ async def errors_as_400(request: web.Request, handler):
 
 ADMIN_ROUTES = frozenset({"/update_weights_from_disk", "/pause_generation", "/continue_generation",
                           "/flush_cache", "/init_weights_update_group", "/update_weights_from_distributed",
-                          "/destroy_weights_update_group"})
+                          "/destroy_weights_update_group", *lora_http.ROUTES})
 """Routes SGLang marks ADMIN_OPTIONAL: with an admin key set, only the admin key opens them."""
 
 
@@ -628,6 +683,7 @@ def build_app(engine: Engine, *, api_key: str = "", admin_api_key: str = "") -> 
     r.add_post("/v1/chat/completions", engine.chat_completions)
     r.add_post("/pause_generation", engine.pause_generation)
     r.add_post("/continue_generation", engine.continue_generation)
+    lora_http.add_routes(r, engine)
     r.add_route("GET", "/flush_cache", engine.flush_cache)
     r.add_post("/flush_cache", engine.flush_cache)
 
@@ -641,8 +697,10 @@ def build_app(engine: Engine, *, api_key: str = "", admin_api_key: str = "") -> 
 
 
 def load_engine(model: str, *, device: str = "auto", weights_dir: str | None = None,
-                max_batch: int = 64, seed: int = 0, weight_version: str = "default") -> Engine:
-    """Load the model and build an Engine (not yet serving)."""
+                max_batch: int = 64, seed: int = 0, weight_version: str = "default",
+                lora_args: argparse.Namespace | None = None) -> Engine:
+    """Load the model and build an Engine (not yet serving); ``lora_args``: the LoRA server
+    flags (catq/engines/lora.py), when given."""
     from catq.engines.models import (
         load_causal_lm,
         load_tokenizer,
@@ -657,6 +715,12 @@ def load_engine(model: str, *, device: str = "auto", weights_dir: str | None = N
     engine = Engine(generator, model_path=str(path), served_name=model,
                     weights_dir=Path(weights_dir) if weights_dir else None, max_batch=max_batch)
     engine.scheduler.weight_version = weight_version
+    if lora_args is not None:
+        from catq.engines.lora import LoraManager
+
+        engine.lora = LoraManager.from_args(lm, lora_args, model_path=str(path), served_name=model,
+                                            weights_dir=engine.weights_dir)
+        generator.lora = engine.lora
     return engine
 
 
@@ -668,7 +732,7 @@ def engine_command(args: argparse.Namespace) -> int:
     started = time.time()
     engine = load_engine(args.model, device=args.device, weights_dir=args.weights_dir,
                          max_batch=args.max_batch, seed=getattr(args, "seed", 0),
-                         weight_version=args.weight_version)
+                         weight_version=args.weight_version, lora_args=args)
     log.info("engine ready", model=engine.model_path, device=str(engine.gen.device),
              load_s=round(time.time() - started, 2), host=args.host, port=args.port,
              weights_dir=str(engine.weights_dir))

@@ -117,8 +117,10 @@ class Snapshot:
     rng: dict
 
 
-def take_snapshot(model, optimizer, state: TrainingState) -> Snapshot:
-    return Snapshot(_host_copy_tensors(model.state_dict()), _host_copy(optimizer.state_dict()),
+def take_snapshot(model, optimizer, state: TrainingState, model_state: dict | None = None) -> Snapshot:
+    """``model_state``: the tensors to copy instead of ``model.state_dict()`` (a LoRA adapter's)."""
+    tensors = model.state_dict() if model_state is None else model_state
+    return Snapshot(_host_copy_tensors(tensors), _host_copy(optimizer.state_dict()),
                     TrainingState(step=state.step, policy_version=state.policy_version,
                                   trained_ids=list(state.trained_ids), groups_trained=state.groups_trained),
                     _rng_state())

@@ -37,6 +37,12 @@ Why its own process rather than a task inside each rollout worker:
 - a weight reload can take long for a big model; it never stalls rollout's own event loop,
   heartbeat or shutdown, and each role keeps one job (DESIGN §2: roles are separate processes).
 Rollout needs no coupling to it: every completion carries the engine's ``weight_version``.
+
+A LoRA policy (``learner.lora``): each version is an adapter directory, and a replica is moved
+to it with SGLang's ``/load_lora_adapter`` + ``/update_weight_version`` instead
+(catq/learner/lora_sync.py), under the same rules (never backwards, unlisted while it moves,
+a refusal dead-lettered); the registry lists the adapter's name, which rollout sends as
+``lora_path``, and adapters older than the last two are unloaded after listing.
 """
 
 from __future__ import annotations
@@ -86,6 +92,8 @@ class Syncer:
     """Builds a client for a replica found on a pass; None keeps ``clients`` fixed."""
     down: set = field(default_factory=set)
     """Replicas that did not answer on the last pass (logged once, when they go down)."""
+    pruned: dict = field(default_factory=dict)
+    """LoRA policy: the version each replica's old adapters were last unloaded at."""
 
     async def start(self) -> None:
         """Sync to the newest version published before we started."""
@@ -162,11 +170,26 @@ class Syncer:
                                             or target.version in self.refused_versions))
         try:
             if current:
-                await self.bus.list_replica(POOL, url, registry_entry(serving))
+                await self.bus.list_replica(POOL, url, registry_entry(serving, self._adapter(serving)))
             else:
                 await self.bus.unlist_replica(POOL, url)
         except Exception as exc:  # Redis away: the entry ages out, and the next pass writes it
             self.log.warning("could not update the replica registry", engine=url, error=str(exc))
+        if current and self.lora and self.pruned.get(url) != serving:
+            from catq.learner import lora_sync
+
+            if await lora_sync.prune(client, serving, self.log.bind(engine=url)):
+                self.pruned[url] = serving
+
+    @property
+    def lora(self) -> bool:
+        """A LoRA policy: versions are adapters (catq/learner/lora_sync.py)."""
+        return self.config.learner.lora.enabled
+
+    def _adapter(self, version: int) -> str | None:
+        from catq.learner.lora_sync import adapter_name
+
+        return adapter_name(version) if self.lora else None
 
     def _note_answering(self, url: str, answering: bool) -> None:
         if not answering and url not in self.down:
@@ -196,7 +219,12 @@ class Syncer:
                 return current
             await self.bus.unlist_replica(POOL, url)  # no rollout traffic while it loads
             started = time.perf_counter()
-            await client.update_weights_from_disk(target.path, weight_version=str(target.version))
+            if self.lora:
+                from catq.learner import lora_sync
+
+                await lora_sync.move(client, target.version, target.path)
+            else:
+                await client.update_weights_from_disk(target.path, weight_version=str(target.version))
             reported = parse_version(await client.weight_version())
         except EngineError as exc:
             return await self._after_failed_update(url, client, exc, log)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from catq.config import Config
-from catq.learner import checkpoint, distributed, grpo, publish
+from catq.learner import checkpoint, distributed, grpo, lora, publish
 from catq.learner.distributed import SINGLE, Ranks
 
 
@@ -55,15 +55,25 @@ class Trainer:
         policy = load_causal_lm(config.model.policy, device=str(device), cache_dir=cache_dir)
         policy.train()
         vocab_size = policy.get_input_embeddings().num_embeddings
+        if cfg.lora.enabled:  # catq/learner/lora.py: only an adapter trains
+            lora.refuse_sharded(ranks.distributed)
+            policy = lora.wrap(policy, cfg.lora)
         policy = distributed.shard(policy, ranks)
         anchor = None
         if cfg.kl_coef > 0 and cfg.anchor_logprobs == "learner" and cfg.objective == grpo.GRPO:
-            anchor = load_causal_lm(config.model.anchor, device=str(device), cache_dir=cache_dir)
-            anchor.requires_grad_(False).eval()
+            if cfg.lora.enabled:  # the base model is the policy with its adapter off
+                anchor = lora.AdapterOff(policy)
+            else:
+                anchor = load_causal_lm(config.model.anchor, device=str(device), cache_dir=cache_dir)
+                anchor.requires_grad_(False).eval()
         optimizer = grpo.make_optimizer(policy, cfg.lr, cfg.weight_decay)
+        if cfg.lora.enabled:
+            load_model = lambda sd: lora.load_adapter_state(policy, sd)  # noqa: E731
+        else:
+            load_model = lambda sd: distributed.load_full_model_state_dict(policy, sd, ranks)  # noqa: E731
         state = checkpoint.load_latest(
             config.checkpoint_dir, policy, optimizer,
-            load_model=lambda sd: distributed.load_full_model_state_dict(policy, sd, ranks),
+            load_model=load_model,
             load_optimizer=lambda sd: distributed.load_full_optimizer_state_dict(policy, optimizer, sd, ranks),
         )
         step_config = grpo.StepConfig(
@@ -138,7 +148,15 @@ class Trainer:
         (gathering the full state is a collective every rank must make in step)."""
         if self.ranks.distributed:
             return None
+        if self.lora:
+            return checkpoint.take_snapshot(self.policy, self.optimizer, self.state,
+                                            model_state=lora.adapter_state(self.policy))
         return checkpoint.take_snapshot(self.policy, self.optimizer, self.state)
+
+    @property
+    def lora(self) -> bool:
+        """A LoRA policy (``learner.lora``): checkpoints and versions hold only its adapter."""
+        return self.config.learner.lora.enabled
 
     def save_checkpoint(self, snapshot: checkpoint.Snapshot | None = None) -> Path:
         """Write a checkpoint (of ``snapshot`` when given, else of the live state); sharded, every
@@ -148,6 +166,9 @@ class Trainer:
                 self.config.checkpoint_dir, None, None, snapshot.state, model_state=snapshot.model,
                 optimizer_state=snapshot.optimizer, rng_state=snapshot.rng,
             )
+        if self.lora:
+            return checkpoint.save_checkpoint(self.config.checkpoint_dir, self.policy, self.optimizer, self.state,
+                                              model_state=lora.adapter_state(self.policy))
         if not self.ranks.distributed:
             return checkpoint.save_checkpoint(
                 self.config.checkpoint_dir, self.policy, self.optimizer, self.state
@@ -163,6 +184,8 @@ class Trainer:
     def published_weights(self, snapshot: checkpoint.Snapshot | None = None) -> dict[str, torch.Tensor]:
         """The weights of the version :meth:`write_weights` last wrote, by name (tied copies
         once), for a broadcast to the replicas; sharded, rank 0 alone has them."""
+        if self.lora:
+            raise NotImplementedError("a LoRA policy is published as an adapter directory, not broadcast")
         if snapshot is not None:
             return self._untied(snapshot.model)
         if not self.ranks.distributed:
@@ -175,7 +198,12 @@ class Trainer:
 
     def write_weights(self, snapshot: checkpoint.Snapshot | None = None) -> Path:
         """Publish ``v<policy_version>`` (``snapshot``'s when given); sharded, every rank must
-        call it and rank 0 writes."""
+        call it and rank 0 writes. A LoRA policy's version is its adapter (PEFT's directory
+        layout, no tokenizer: the engine serves the base model's)."""
+        if self.lora:
+            adapter = snapshot.model if snapshot is not None else lora.adapter_state(self.policy)
+            version = snapshot.state.policy_version if snapshot is not None else self.state.policy_version
+            return publish.write_weights(self.policy, None, self.config.weights_dir, version, state_dict=adapter)
         if snapshot is not None:
             return publish.write_weights(self.policy, self.tokenizer, self.config.weights_dir,
                                          snapshot.state.policy_version, state_dict=self._untied(snapshot.model))

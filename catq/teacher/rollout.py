@@ -135,16 +135,17 @@ class Backpressure:
         return BackpressureState(sum(by_role.values()), learner_version, engine_version, by_role)
 
 
-async def sample_group(client, tokenizer, prompt: Prompt, config: Config) -> RolloutGroup:
+async def sample_group(client, tokenizer, prompt: Prompt, config: Config,
+                       lora_path: str | None = None) -> RolloutGroup:
     """G rollouts of ``prompt`` from one policy engine with the run's sampling settings for its
     task; `catq eval` samples through this too, so it measures what the pipeline trains on.
-    Raises EngineError."""
+    ``lora_path``: the LoRA adapter that serves the policy (a LoRA policy). Raises EngineError."""
     sampling = config.rollout.math if prompt.task == "math" else config.rollout.open
     prompt_ids = tokenizer.encode_chat(prompt.messages)
     completions = await client.generate(
         prompt_ids, n=config.rollout.group_size, max_new_tokens=sampling.max_new_tokens,
         temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-        return_logprob=True,
+        return_logprob=True, **({"lora_path": lora_path} if lora_path else {}),
     )
     rollouts = [
         Rollout(c.text, list(c.output_ids), list(c.logprobs or []), c.finish_reason) for c in completions
@@ -188,7 +189,8 @@ class RolloutHandler:
 
         async with self.replicas.use() as (url, client):
             try:
-                return await sample_group(client, self.tokenizer, prompt, self.ctx.config)
+                return await sample_group(client, self.tokenizer, prompt, self.ctx.config,
+                                          lora_path=self.replicas.adapter(url))
             except EngineError as exc:
                 if exc.refused:  # this prompt can never work
                     raise DeadLetterError(f"policy engine {url} refused the prompt: {exc}") from exc
