@@ -7,7 +7,9 @@
 The stack: `catq up` in-process (:class:`catq.launcher.Stack`, as bench/pipeline.py) on
 configs/demo.toml (the default model as policy, anchor and judge, the majority estimator, the
 learner on) with short generations (``--group-size``, ``--max-new-tokens``) and admission control
-on (``[ingest] max_backlog = --max-backlog``). ``--clients`` concurrent aiohttp clients POST one
+on (``[ingest] max_backlog = --max-backlog``), and what bounds Redis memory scaled to a soak of
+minutes (``[bus] result_ttl_s = --result-ttl-s``, 600; ``max_stream_len = --max-stream-len``, 200:
+with the defaults, 7 days and 10,000, memory would still be rising when the soak ends). ``--clients`` concurrent aiohttp clients POST one
 arithmetic prompt each to ingest (127.0.0.1 only) at ``--rate`` prompts/s in all, meant to be above
 what the stack rolls out, for ``--minutes``: at most rate x seconds requests, never more.
 
@@ -77,6 +79,9 @@ def write_soak_config(out: Path, args) -> Path:
     # max_backlog must admit a full batch: the clients post one prompt at a time anyway
     text += (f"\n[ingest]\nhost = \"{HOST}\"\nport = {free_port()}\nmax_backlog = {args.max_backlog}\n"
              f"max_batch = {min(args.max_backlog, 256)}\n")
+    # What bounds Redis memory (results expire, streams are trimmed), scaled so that a soak of
+    # minutes reaches the steady state a run with the defaults (7 days, 10,000) reaches later.
+    text += f"\n[bus]\nresult_ttl_s = {args.result_ttl_s}\nmax_stream_len = {args.max_stream_len}\n"
     path.write_text(text)
     return path
 
@@ -391,6 +396,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-backlog", type=int, default=64, help="[ingest] max_backlog")
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--result-ttl-s", type=int, default=600,
+                        help="[bus] result_ttl_s: above the longest wait in the backlog, short enough "
+                             "that results expire within the soak (the default 7 days would not)")
+    parser.add_argument("--max-stream-len", type=int, default=200,
+                        help="[bus] max_stream_len: reached within the soak (the default 10,000 would not)")
     parser.add_argument("--sample-s", type=float, default=10.0)
     parser.add_argument("--drain-s", type=float, default=900.0,
                         help="after the load, wait at most this long for accepted prompts to be answered")
