@@ -11,6 +11,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
+from catq.engines.http_body import read_json as _json
 from catq.engines.lora import NOT_ENABLED, LoraError
 
 log = structlog.get_logger()
@@ -45,8 +46,6 @@ def _reply(engine, success: bool, error: str = "") -> web.Response:
 
 
 async def load_lora_adapter(engine, request: web.Request) -> web.Response:
-    from catq.engines.server import _json
-
     body = LoadLoRAAdapterIn.model_validate(await _json(request))
     if engine.lora is None:
         return _reply(engine, False, NOT_ENABLED)
@@ -62,8 +61,6 @@ async def load_lora_adapter(engine, request: web.Request) -> web.Response:
 
 
 async def unload_lora_adapter(engine, request: web.Request) -> web.Response:
-    from catq.engines.server import _json
-
     body = UnloadLoRAAdapterIn.model_validate(await _json(request))
     if engine.lora is None:
         return _reply(engine, False, NOT_ENABLED)
@@ -77,8 +74,6 @@ async def unload_lora_adapter(engine, request: web.Request) -> web.Response:
 
 
 async def update_weight_version(engine, request: web.Request) -> web.Response:
-    from catq.engines.server import _json
-
     body = UpdateWeightVersionIn.model_validate(await _json(request))
     if body.abort_all_requests:
         engine.scheduler.abort_all("aborted by /update_weight_version")

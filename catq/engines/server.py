@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import functools
 import hmac
-import json
 import os
 import time
 import uuid
@@ -45,6 +44,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from catq.engines import lora_http, weight_group
+from catq.engines.http_body import BadRequest
+from catq.engines.http_body import read_json as _json
 from catq.engines.batching import BatchGenerator, Sequence
 from catq.engines.sampling import SamplingParams
 from catq.engines.scheduler import (
@@ -185,10 +186,6 @@ class ChatCompletionIn(BaseModel):
     """An adapter by name (else ``model = "<base>:<adapter>"`` names it, as SGLang reads it)."""
     chat_template_kwargs: dict[str, Any] | None = None
     """Extra chat-template variables (SGLang's field), e.g. {"enable_thinking": false}."""
-
-
-class BadRequest(ValueError):
-    """A request the engine refuses with HTTP 400."""
 
 
 class Engine:
@@ -575,13 +572,6 @@ class Engine:
 
     def _openai_logprob(self, token: int, logprob: float) -> dict:
         return {"token": self.tokenizer.decode([token]), "logprob": logprob, "bytes": None}
-
-
-async def _json(request: web.Request) -> Any:
-    try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}") from None
 
 
 def _per_prompt(value, count: int, name: str) -> list:
