@@ -12,7 +12,7 @@ after a backoff that doubles with each further failure and starts over once the 
 prints the child's last lines, stops the whole stack and exits 1 (or, with ``on_give_up =
 "continue"``, says the run is degraded). Restarts are counted in Redis for `catq status`. Every
 few seconds it names a stage that is starved (work waiting, no live consumer) or stalled (no
-progress for ``stall_after_s``), once per episode (catq/health.py).
+progress for ``stall_after_s``), once per episode (catq/ops/health.py).
 
 Stop (Ctrl-C / SIGTERM) runs in the reverse order of the data flow:
 ingest first (no new work), then rollout → anchor → judge → learner → syncer, each given the
@@ -424,7 +424,7 @@ class Stack:
     async def _supervise(self) -> None:
         """Restart children that exit on their own, with backoff; give up only on a crash loop.
         Every few seconds, say which stage is starved or stalled."""
-        from catq.health import StallWatch
+        from catq.ops.health import StallWatch
 
         bus = Bus(self.config.redis_url, self.config.run, self.config.bus, reconnect_timeout_s=2.0)
         watch = StallWatch(self.config.supervise.stall_after_s)
@@ -485,7 +485,7 @@ class Stack:
             self._say(f"{child.name} stays down (supervise.on_give_up = \"continue\"): the run is degraded")
 
     async def _report_stalls(self, bus, watch) -> None:
-        from catq.health import role_health
+        from catq.ops.health import role_health
 
         try:
             lines = watch.check(await bus.stream_stats(), await role_health(bus, self.config))

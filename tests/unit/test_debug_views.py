@@ -25,10 +25,10 @@ from catq.messages import (
     from_json,
     to_json,
 )
-from catq.ops import parse_duration
-from catq.readable import entry_block, print_block
-from catq.top import percentile, role_work
-from catq.trace import build_trace
+from catq.ops.tail import parse_duration
+from catq.ops.readable import entry_block, print_block
+from catq.ops.top import percentile, role_work
+from catq.ops.trace import build_trace
 
 PROMPT = Prompt("p1", "open", [ChatMessage("user", "Two tips for sleep?")], created_at=1000.0)
 GROUP = RolloutGroup(PROMPT, [1, 2], [Rollout("Dim the lights.\nRead.", [5] * 40, [-0.1] * 40, "stop"),

@@ -25,13 +25,13 @@ from catq.messages import (
     ScoredGroup,
     decode,
 )
-from catq.readable import Rows, clock, entry_time, numbers, preview, satisfied_marks
+from catq.ops.readable import Rows, clock, entry_time, numbers, preview, satisfied_marks
 
 LAST_STREAMS = ("dead", "scored", "references", "groups", "prompts")
 
 
 def trace_command(args: argparse.Namespace, config: Config) -> int:
-    from catq.ops import _fail, _run
+    from catq.ops.common import _fail, _run
 
     if bool(args.prompt_id) == bool(args.last):
         return _fail("give a PROMPT_ID or --last", 2)
@@ -39,7 +39,7 @@ def trace_command(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _trace(config: Config, args: argparse.Namespace) -> int:
-    from catq.ops import _bus, _fail
+    from catq.ops.common import _bus, _fail
     from catq.results import ResultStore
 
     bus = _bus(config)
@@ -195,7 +195,7 @@ def _add_latencies(stages: list[dict]) -> None:
 # -- printing -------------------------------------------------------------------------------------
 
 def print_trace(trace: dict) -> None:
-    from catq.readable import console, print_block
+    from catq.ops.readable import console, print_block
 
     out = console()
     label = f"  label {trace['label']}" if trace.get("label") is not None else ""
