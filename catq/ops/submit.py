@@ -17,7 +17,7 @@ from catq.results import Status, reached
 
 def submit_command(args: argparse.Namespace, config: Config) -> int:
     from catq.evaluation.formats import DatasetError
-    from catq.ingest import PromptRequestError
+    from catq.prompt_requests import PromptRequestError
 
     try:
         items = _submit_items(args, config)
@@ -30,7 +30,7 @@ def _submit_items(args: argparse.Namespace, config: Config) -> list:
     """The prompt TEXT and every prompt of ``--file``, read by the loader `catq eval` uses
     (:mod:`catq.evaluation.formats`): only the prompts go on, never a benchmark's answers."""
     from catq.evaluation.formats import DataItem, read_data
-    from catq.ingest import PromptRequestError, parse_prompts
+    from catq.prompt_requests import PromptRequestError, parse_prompts
 
     items = []
     if args.text is not None:
@@ -62,7 +62,7 @@ async def _enqueue_each(bus: Bus, results, items: list) -> list[str]:
     so the Bus retrying a call whose reply was lost replays it instead of adding it twice. Prints
     each id as it is enqueued (a prompt_id already there is named on stderr, not added). A line's
     label and metadata go to its result (what `catq trace` and --wait show), not on the stream."""
-    from catq.ingest import enqueue, idempotency_record
+    from catq.prompt_requests import enqueue, idempotency_record
 
     ids = []
     for item in items:

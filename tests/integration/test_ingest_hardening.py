@@ -20,8 +20,9 @@ from redis.exceptions import ResponseError
 
 from catq.bus import Bus
 from catq.config import IngestConfig
-from catq.ingest import enqueue, make_app, parse_prompts
+from catq.ingest import make_app
 from catq.messages import Prompt, decode
+from catq.prompt_requests import enqueue, parse_prompts
 from catq.results import ResultStore
 
 from .procs import ROOT, free_port

@@ -150,7 +150,8 @@ def upward_imports(package: str = PACKAGE, forbidden: str = "workers") -> dict[s
 
 
 LIBRARY = ("catq.bus", "catq.messages", "catq.teacher", "catq.learner", "catq.engines", "catq.roles",
-           "catq.runtime", "catq.ingest", "catq.results", "catq.topology", "catq.config")
+           "catq.runtime", "catq.ingest", "catq.prompt_requests", "catq.results", "catq.topology",
+           "catq.config")
 """Packages and modules below the operator commands: none of them may import ``catq.ops``."""
 
 
