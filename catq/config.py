@@ -405,7 +405,7 @@ class ResourcesConfig(Section):
     cores: int = Field(0, ge=0)
     """Cores to share out; 0: the cores this process may run on."""
     learner_threads: int = Field(0, ge=0)
-    """0: half the cores (every core where a share would be one thread: see launcher.thread_plan)."""
+    """0: half the cores (every core where a share would be one thread: see child_env.thread_plan)."""
     engine_threads: int = Field(0, ge=0)
     """Per engine `catq up` starts; 0: the cores the learner leaves, split between the engines
     (every core where a share would be one thread)."""
@@ -480,7 +480,7 @@ class Config(Section):
     glob characters or spaces: the name is a Redis Cluster hash tag and a SCAN pattern)."""
     redis_url: str = "redis://127.0.0.1:6379"
     """A password goes in the URL (``redis://:PASSWORD@host:port``); catq never prints it. `catq
-    up` starting its own Redis adds the run dir's password (catq/launcher.py)."""
+    up` starting its own Redis adds the run dir's password (catq/child_env.py)."""
     run_dir: str = "runs/{run}"
     """Checkpoints, published weights and metrics; "{run}" is replaced by the run name."""
     model: ModelConfig = ModelConfig()

@@ -44,8 +44,8 @@ EVAL_REQUEST_TIMEOUT_S = 3600.0
 
 
 def eval_command(args, config: Config) -> int:
+    from catq.children import LaunchError
     from catq.evaluation.datasets import DatasetError
-    from catq.launcher import LaunchError
 
     try:
         return asyncio.run(until_signalled(run_eval(args, config, sys.stdout)))
@@ -330,7 +330,7 @@ class OwnEngines:
         self.children = []
 
     async def __aenter__(self) -> OwnEngines:
-        from catq.launcher import Child, engine_healthy, wait_until
+        from catq.children import Child, engine_healthy, wait_until
 
         self.log = open(self.log_path, "a")
         policy_port, anchor_port = free_port(), free_port()
@@ -355,7 +355,7 @@ class OwnEngines:
                      for c in self.children if c.process.returncode is not None), None)
 
     async def __aexit__(self, *exc) -> None:
-        from catq.launcher import stop_child
+        from catq.children import stop_child
 
         await asyncio.gather(*(stop_child(c, 30.0) for c in self.children))
         self.log.close()
