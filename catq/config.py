@@ -237,8 +237,8 @@ class RolloutConfig(Section):
 
 class AnchorConfig(Section):
     estimator: str = "synthesis"
-    """How s is estimated from the rollouts: a name in catq.teacher.registry.ESTIMATORS
-    ("synthesis", "majority", "self_bon", "min_ppl", "mutual_predictability")."""
+    """How s is estimated from the rollouts: a name in catq.teacher.registry.ESTIMATORS (the one
+    list of them; validated against it)."""
     include_question: bool = False
     """Show the anchor the question (ablation only: the paper omits it on purpose)."""
     prompt: Literal["paper", "catq", "short"] = "paper"

@@ -114,19 +114,23 @@ async def evaluate(args, config: Config, out_dir: Path) -> dict:
 
 
 def parse_estimators(text: str, rubric: bool = False) -> list[str]:
-    """The named estimators; for rubric-scored prompts without "majority" (a vote needs final
-    answers: on open prompts it is synthesis again, so it would only repeat that row)."""
-    from catq.teacher.registry import ESTIMATORS
+    """The named estimators; for rubric-scored prompts without those that serve math only
+    ("majority": a vote needs final answers; on open prompts it is synthesis again, so it would
+    only repeat that row). What each serves is the registry's ``tasks``."""
+    from catq.teacher.registry import ESTIMATORS, serving
 
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in ESTIMATORS]
     if unknown or not names:
         raise EvalError(f"--estimators: unknown {unknown or names}; known: {', '.join(ESTIMATORS)}")
-    if rubric and "majority" in names:
-        names.remove("majority")
-        if not names:
-            raise EvalError("--estimators: majority needs final answers; rubric-scored prompts "
-                            "take synthesis, self_bon or min_ppl")
+    if rubric:
+        open_ones = serving("open")
+        dropped = [n for n in names if n not in open_ones]
+        names = [n for n in names if n in open_ones]
+        if dropped and not names:
+            choices = " or ".join(filter(None, [", ".join(open_ones[:-1]), open_ones[-1]]))
+            raise EvalError(f"--estimators: {', '.join(dropped)} needs final answers; rubric-scored "
+                            f"prompts take {choices}")
     return names
 
 
