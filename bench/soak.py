@@ -50,7 +50,8 @@ from bench.pipeline import arithmetic_prompts, drop_checkpoints  # noqa: E402
 from catq.bus import Bus  # noqa: E402
 from catq.config import Config, load_config  # noqa: E402
 from catq.evaluation.command import free_port  # noqa: E402
-from catq.launcher import Child, Stack  # noqa: E402
+from catq.children import Child  # noqa: E402
+from catq.launcher import Stack  # noqa: E402
 from catq.results import ResultStore, Status, reached  # noqa: E402
 from catq.topology import DEAD, PROMPTS  # noqa: E402
 

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --wait: the status to wait for (default scored: answer and rewards; "
                         "trained: the learner checkpointed it; set_aside or dead also end the wait)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits")
-    p.set_defaults(target="catq.ops:submit_command")
+    p.set_defaults(target="catq.ops.submit:submit_command")
 
     p = sub.add_parser("tail", help="print decoded messages of a stream, readable (or --json)")
     _common(p)
@@ -61,24 +61,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="only this prompt's entries")
     p.add_argument("--since", help="entries of the last 30s, 10m, 2h, 1d (instead of --count)")
     p.add_argument("--json", action="store_true", help="every field, one JSON object per line (for jq)")
-    p.set_defaults(target="catq.ops:tail_command")
+    p.set_defaults(target="catq.ops.tail:tail_command")
 
     p = sub.add_parser("trace", help="one prompt's path through every stage, with times")
     _common(p)
     p.add_argument("prompt_id", nargs="?", help="the prompt id (or --last)")
     p.add_argument("--last", action="store_true", help="the prompt most recently written to a stream")
     p.add_argument("--json", action="store_true", help="the trace as one JSON object")
-    p.set_defaults(target="catq.trace:trace_command")
+    p.set_defaults(target="catq.ops.trace:trace_command")
 
     p = sub.add_parser("top", help="live view: streams, roles, learner, engines, dead letters")
     _common(p)
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between frames (default 2)")
-    p.set_defaults(target="catq.top:top_command")
+    p.set_defaults(target="catq.ops.top:top_command")
 
     p = sub.add_parser("status", help="stream lengths, pending work, consumers, dead letters")
     _common(p)
-    p.set_defaults(target="catq.ops:status_command")
+    p.set_defaults(target="catq.ops.status:status_command")
 
     p = sub.add_parser("dead", help="list dead letters; replay them onto their stream, or drop them")
     _common(p)
@@ -86,17 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", nargs="*", help="dead-letter ids (replay/drop; see `catq dead list`)")
     p.add_argument("--all", action="store_true", help="replay/drop every dead letter")
     p.add_argument("--count", type=int, help="list: the newest N only")
-    p.set_defaults(target="catq.dead:dead_command")
+    p.set_defaults(target="catq.ops.dead:dead_command")
 
     p = sub.add_parser("migrate-keys", help="move a stopped run's keys from catq:RUN: to catq:{RUN}: "
                        "(the hash-tagged layout)")
     _common(p)
-    p.set_defaults(target="catq.ops:migrate_keys_command")
+    p.set_defaults(target="catq.ops.migrate:migrate_keys_command")
 
     p = sub.add_parser("health", help="exit 0 if a live ROLE worker has a fresh heartbeat, else 1")
     _common(p)
     p.add_argument("role")
-    p.set_defaults(target="catq.ops:health_command")
+    p.set_defaults(target="catq.ops.health:health_command")
 
     p = sub.add_parser("worker", help="run one process role until SIGTERM")
     _common(p)

@@ -237,8 +237,8 @@ class RolloutConfig(Section):
 
 class AnchorConfig(Section):
     estimator: str = "synthesis"
-    """How s is estimated from the rollouts: a name in catq.teacher.registry.ESTIMATORS
-    ("synthesis", "majority", "self_bon", "min_ppl", "mutual_predictability")."""
+    """How s is estimated from the rollouts: a name in catq.teacher.registry.ESTIMATORS (the one
+    list of them; validated against it)."""
     include_question: bool = False
     """Show the anchor the question (ablation only: the paper omits it on purpose)."""
     prompt: Literal["paper", "catq", "short"] = "paper"
@@ -444,7 +444,7 @@ class ResourcesConfig(Section):
     cores: int = Field(0, ge=0)
     """Cores to share out; 0: the cores this process may run on."""
     learner_threads: int = Field(0, ge=0)
-    """0: half the cores (every core where a share would be one thread: see launcher.thread_plan)."""
+    """0: half the cores (every core where a share would be one thread: see child_env.thread_plan)."""
     engine_threads: int = Field(0, ge=0)
     """Per engine `catq up` starts; 0: the cores the learner leaves, split between the engines
     (every core where a share would be one thread)."""
@@ -519,7 +519,7 @@ class Config(Section):
     glob characters or spaces: the name is a Redis Cluster hash tag and a SCAN pattern)."""
     redis_url: str = "redis://127.0.0.1:6379"
     """A password goes in the URL (``redis://:PASSWORD@host:port``); catq never prints it. `catq
-    up` starting its own Redis adds the run dir's password (catq/launcher.py)."""
+    up` starting its own Redis adds the run dir's password (catq/child_env.py)."""
     run_dir: str = "runs/{run}"
     """Checkpoints, published weights and metrics; "{run}" is replaced by the run name."""
     model: ModelConfig = ModelConfig()

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from catq.children import LaunchError
 from catq.config import Config, load_config
 from catq.demo_feed import TrainingFeed
 from catq.demo_measure import (
@@ -41,7 +42,7 @@ from catq.demo_measure import (
     start_v0_measurement,
 )
 from catq.evaluation.runner import read_metrics
-from catq.launcher import LaunchError, Stack
+from catq.launcher import Stack
 from catq.messages import ChatMessage, Prompt, new_prompt_id
 from catq.results import Status, reached
 
@@ -189,7 +190,7 @@ class DemoSession:
         await self.bus.close()
 
     async def submit(self, prompts: list[Prompt]) -> None:
-        from catq.ingest import enqueue
+        from catq.prompt_requests import enqueue
 
         await enqueue(self.bus, self.store, prompts)
 

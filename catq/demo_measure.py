@@ -42,8 +42,9 @@ async def evaluate_one(config: Config, problems, estimators: list[str], version,
     """One version's `catq eval` result, measured on the given engines (the policy engine loads
     ``version`` first when it has weights)."""
     from catq.evaluation.command import build_models, evaluate_versions
+    from catq.teacher.registry import needs_policy
 
-    models = build_models(config, policy_url, anchor_url, "self_bon" in estimators)
+    models = build_models(config, policy_url, anchor_url, needs_policy(estimators))
     try:
         [result] = await evaluate_versions(
             problems, models, config, estimators, [version], load=version.path is not None,

@@ -12,7 +12,7 @@ after a backoff that doubles with each further failure and starts over once the 
 prints the child's last lines, stops the whole stack and exits 1 (or, with ``on_give_up =
 "continue"``, says the run is degraded). Restarts are counted in Redis for `catq status`. Every
 few seconds it names a stage that is starved (work waiting, no live consumer) or stalled (no
-progress for ``stall_after_s``), once per episode (catq/health.py).
+progress for ``stall_after_s``), once per episode (catq/ops/health.py).
 
 Stop (Ctrl-C / SIGTERM) runs in the reverse order of the data flow:
 ingest first (no new work), then rollout → anchor → judge → learner → syncer, each given the
@@ -26,173 +26,46 @@ Security: a Redis that `catq up` starts itself requires a password: a random one
 kept in ``<run_dir>/redis.password`` (mode 0600) and reused when the run is started again
 (a password in ``redis_url`` is used instead when there is one). It reaches the server through
 a 0600 config file, never argv (visible in `ps`), and the children through ``CATQ_REDIS_URL``.
-Children get only the environment they need (:func:`child_environment`: an allowlist plus the
-variables the config names for keys and tokens), so an unrelated secret of the shell that ran
-`catq up` never reaches an engine or a role. Lines printed here are passed through
+Children get only the environment they need (:func:`catq.child_env.child_environment`: an
+allowlist plus the variables the config names for keys and tokens), so an unrelated secret of the
+shell that ran `catq up` never reaches an engine or a role. Lines printed here are passed through
 :func:`catq.log.redact`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
 import signal
 import sys
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, unquote, urlparse, urlunparse
-
-import aiohttp
+from urllib.parse import unquote, urlparse
 
 from catq.bus import Bus, redis_answers, redis_state
-from catq.config import Config, EngineSpec, SuperviseConfig
+from catq.child_env import (
+    child_environment,
+    run_redis_password,
+    thread_env,
+    thread_plan,
+    with_password,
+    write_redis_conf,
+)
+from catq.children import (
+    Child,
+    LaunchError,
+    engine_healthy,
+    http_ok,
+    restart_delay,
+    stop_child,
+    wait_until,
+)
+from catq.config import Config, EngineSpec
 from catq.log import redact
 from catq.redis_server import LOCAL_HOSTS, NoServerBinary, ServerBinary, server_argv, server_binary
 from catq.topology import ROLES
 
 SUPERVISE_TICK_S = 0.5
 STALL_CHECK_S = 5.0
-REDIS_PASSWORD_FILE = "redis.password"
-
-ENV_ALLOWED = {
-    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP",
-    "PYTHONPATH", "PYTHONHOME", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONHASHSEED",
-    "VIRTUAL_ENV", "LD_LIBRARY_PATH", "XDG_CACHE_HOME", "SSL_CERT_FILE", "SSL_CERT_DIR",
-    "REQUESTS_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
-    "no_proxy",
-}
-"""Variables every child inherits as they are (proxies and CA bundles: a hosted judge)."""
-ENV_ALLOWED_PREFIXES = ("LC_", "CATQ_", "CUDA_", "HF_", "TORCH_", "OMP_", "MKL_", "NCCL_",
-                        "NVIDIA_", "PYTORCH_", "TRANSFORMERS_", "TOKENIZERS_", "SGLANG_")
-"""Prefixes of variables children inherit: catq's own, and the ML stack's knobs."""
-
-
-def config_secret_env_names(config: Config) -> set[str]:
-    """The variables the config names for keys and tokens: the roles and engines need them."""
-    engines = config.engines
-    names = {engines.api_key_env, engines.admin_api_key_env, engines.judge_api_key_env,
-             config.ingest.token_env}
-    return {name for name in names if name}
-
-
-def child_environment(config: Config, environ=None) -> dict[str, str]:
-    """The part of ``environ`` (default os.environ) a child of `catq up` gets: allowlisted
-    variables and the config's key/token variables, nothing else."""
-    environ = os.environ if environ is None else environ
-    wanted = config_secret_env_names(config)
-    return {name: value for name, value in environ.items()
-            if name in ENV_ALLOWED or name in wanted or name.startswith(ENV_ALLOWED_PREFIXES)}
-
-
-@dataclass(frozen=True)
-class ThreadPlan:
-    learner: int
-    engine: int
-    role: int
-
-    def for_role(self, role: str) -> int:
-        return self.learner if role == "learner" else self.role
-
-
-def thread_plan(config: Config, cores: int | None = None) -> ThreadPlan:
-    """Threads per child from ``[resources]``: the learner gets half the cores, the local
-    engines share the other half, other roles one. Where that would leave the learner or an
-    engine a single thread, every engine and the learner get every core instead: the
-    pipeline's stages take turns more than they overlap, and a stage running alone would leave
-    the idle stages' shares unused (bench/pipeline.py on 2 cores, one thread each: 0.74 and
-    0.99 of the unshared rate in two runs, never faster)."""
-    wanted = config.resources
-    cores = wanted.cores or cores or len(os.sched_getaffinity(0))
-    engines = sum(spec.kind != "external" for spec in config.engines.launch)
-    learner = wanted.learner_threads or (max(1, cores // 2) if config.roles.learner else 0)
-    engine = wanted.engine_threads or max(1, (cores - learner) // max(engines, 1))
-    if min(engine, learner or engine) < 2:  # a one-thread share: share nothing (explicit values stay)
-        learner, engine = wanted.learner_threads or cores, wanted.engine_threads or cores
-    return ThreadPlan(learner=max(learner, 1), engine=engine, role=wanted.role_threads)
-
-
-def thread_env(threads: int) -> dict[str, str]:
-    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-
-
-def run_redis_password(run_path: Path) -> str:
-    """The run dir's Redis password: random on first use (file mode 0600), the same afterwards,
-    so a restarted `catq up` reaches the Redis, and the data, of its run."""
-    path = Path(run_path) / REDIS_PASSWORD_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        path.chmod(0o600)
-        return path.read_text().strip()
-    password = secrets.token_urlsafe(32)
-    with os.fdopen(fd, "w") as file:
-        file.write(password + "\n")
-    return password
-
-
-def with_password(url: str, password: str) -> str:
-    """``url`` with ``password`` as its password (user name and everything else kept)."""
-    parsed = urlparse(url)
-    host = parsed.netloc.rpartition("@")[2]
-    user = quote(unquote(parsed.username or ""), safe="")
-    return urlunparse(parsed._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
-
-
-def write_redis_conf(path: Path, password: str) -> None:
-    """A redis.conf (mode 0600) carrying the password, so it never appears in argv."""
-    escaped = password.replace("\\", "\\\\").replace('"', '\\"')
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(f'requirepass "{escaped}"\n')
-    path.chmod(0o600)
-
-
-class LaunchError(RuntimeError):
-    """The stack could not be brought up (missing Redis binary, an engine never got healthy...)."""
-
-
-@dataclass
-class Child:
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    process: asyncio.subprocess.Process | None = None
-    pump: asyncio.Task | None = None
-    stopping: bool = False
-    started_at: float = 0.0
-    failures: int = 0
-    """Exits since the child last ran ``healthy_after_s``: the backoff exponent."""
-    failed_starts: int = 0
-    """Exits within ``start_window_s`` of start, in a row: a crash loop when it reaches the limit."""
-    restarts: int = 0
-    restart_at: float | None = None
-    """When a restart is due (monotonic), while the child waits out its backoff."""
-    exit_codes: list[int] = field(default_factory=list)
-    """Exit codes of incarnations that died on their own, oldest first."""
-    last_lines: deque = field(default_factory=lambda: deque(maxlen=12))
-    given_up: bool = False
-    spec: EngineSpec | None = None
-    """For an engine: its spec, so a restart recomputes its command (newest published weights)."""
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.returncode is None
-
-
-def restart_delay(child: Child, ran_s: float, policy: SuperviseConfig) -> float | None:
-    """Seconds to wait before restarting ``child`` that exited after ``ran_s`` seconds, or None
-    when it is in a crash loop and must be given up. Updates its counters."""
-    if ran_s >= policy.healthy_after_s:
-        child.failures = 0
-    child.failed_starts = child.failed_starts + 1 if ran_s < policy.start_window_s else 0
-    if child.failed_starts >= policy.crash_loop_starts:
-        return None
-    delay = min(policy.backoff_max_s, policy.backoff_initial_s * policy.backoff_factor ** child.failures)
-    child.failures += 1
-    return delay
 
 
 class Stack:
@@ -441,7 +314,7 @@ class Stack:
     async def _supervise(self) -> None:
         """Restart children that exit on their own, with backoff; give up only on a crash loop.
         Every few seconds, say which stage is starved or stalled."""
-        from catq.health import StallWatch
+        from catq.ops.health import StallWatch
 
         bus = Bus(self.config.redis_url, self.config.run, self.config.bus, reconnect_timeout_s=2.0)
         watch = StallWatch(self.config.supervise.stall_after_s)
@@ -502,7 +375,7 @@ class Stack:
             self._say(f"{child.name} stays down (supervise.on_give_up = \"continue\"): the run is degraded")
 
     async def _report_stalls(self, bus, watch) -> None:
-        from catq.health import role_health
+        from catq.ops.health import role_health
 
         try:
             lines = watch.check(await bus.stream_stats(), await role_health(bus, self.config))
@@ -559,51 +432,12 @@ def engine_device(spec: EngineSpec) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-async def stop_child(child: Child, grace_s: float) -> None:
-    """SIGTERM, wait up to grace_s, then SIGKILL. Never leaves the process behind."""
-    child.stopping = True
-    proc = child.process
-    if proc is None or proc.returncode is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        await asyncio.wait_for(proc.wait(), grace_s)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-
-
 async def has_live_workers(config: Config, role: str, count: int) -> bool:
     bus = Bus(config.redis_url, config.run, config.bus, reconnect_timeout_s=2.0)
     try:
         return len(await bus.live_workers(role)) >= count
     finally:
         await bus.close()
-
-
-async def http_ok(url: str) -> bool:
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
-            async with session.get(url) as response:
-                return response.status == 200
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-        return False
-
-
-async def engine_healthy(base_url: str) -> bool:
-    return await http_ok(f"{base_url}/health")
-
-
-async def wait_until(check, timeout_s: float, what: str, failed=None) -> None:
-    """Poll an async check until true; raise LaunchError on timeout or when ``failed()`` says why."""
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        reason = failed() if failed else None
-        if reason:
-            raise LaunchError(f"waiting for {what}: {reason}")
-        if time.monotonic() > deadline:
-            raise LaunchError(f"{what} not healthy after {timeout_s:.0f}s")
-        await asyncio.sleep(0.5)
 
 
 async def run_until_signalled(stack: Stack) -> None:

@@ -59,6 +59,17 @@ CONSUMER_ROLE: dict[str, str] = {s.name: s.consumer for s in WORK_STREAMS}
 """Each work stream and the role (= consumer group) that consumes it."""
 
 
+def stage_name(s: Stream) -> str:
+    """The pipeline stage an entry of ``s`` records: the role that wrote it (``dead``: every
+    stage writes it, so the stage is the stream's own name). `catq trace` names stages so."""
+    return s.name if s.producer == "any" else s.producer
+
+
+def stream_of(message: object) -> Stream | None:
+    """The stream that carries messages of ``message``'s type (isinstance, in pipeline order)."""
+    return next((s for s in STREAMS if isinstance(message, s.message)), None)
+
+
 def stream(name: str) -> Stream:
     for s in STREAMS:
         if s.name == name:

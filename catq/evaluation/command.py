@@ -44,8 +44,8 @@ EVAL_REQUEST_TIMEOUT_S = 3600.0
 
 
 def eval_command(args, config: Config) -> int:
+    from catq.children import LaunchError
     from catq.evaluation.datasets import DatasetError
-    from catq.launcher import LaunchError
 
     try:
         return asyncio.run(until_signalled(run_eval(args, config, sys.stdout)))
@@ -114,19 +114,23 @@ async def evaluate(args, config: Config, out_dir: Path) -> dict:
 
 
 def parse_estimators(text: str, rubric: bool = False) -> list[str]:
-    """The named estimators; for rubric-scored prompts without "majority" (a vote needs final
-    answers: on open prompts it is synthesis again, so it would only repeat that row)."""
-    from catq.teacher.registry import ESTIMATORS
+    """The named estimators; for rubric-scored prompts without those that serve math only
+    ("majority": a vote needs final answers; on open prompts it is synthesis again, so it would
+    only repeat that row). What each serves is the registry's ``tasks``."""
+    from catq.teacher.registry import ESTIMATORS, serving
 
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in ESTIMATORS]
     if unknown or not names:
         raise EvalError(f"--estimators: unknown {unknown or names}; known: {', '.join(ESTIMATORS)}")
-    if rubric and "majority" in names:
-        names.remove("majority")
-        if not names:
-            raise EvalError("--estimators: majority needs final answers; rubric-scored prompts "
-                            "take synthesis, self_bon or min_ppl")
+    if rubric:
+        open_ones = serving("open")
+        dropped = [n for n in names if n not in open_ones]
+        names = [n for n in names if n in open_ones]
+        if dropped and not names:
+            choices = " or ".join(filter(None, [", ".join(open_ones[:-1]), open_ones[-1]]))
+            raise EvalError(f"--estimators: {', '.join(dropped)} needs final answers; rubric-scored "
+                            f"prompts take {choices}")
     return names
 
 
@@ -330,7 +334,7 @@ class OwnEngines:
         self.children = []
 
     async def __aenter__(self) -> OwnEngines:
-        from catq.launcher import Child, engine_healthy, wait_until
+        from catq.children import Child, engine_healthy, wait_until
 
         self.log = open(self.log_path, "a")
         policy_port, anchor_port = free_port(), free_port()
@@ -355,7 +359,7 @@ class OwnEngines:
                      for c in self.children if c.process.returncode is not None), None)
 
     async def __aexit__(self, *exc) -> None:
-        from catq.launcher import stop_child
+        from catq.children import stop_child
 
         await asyncio.gather(*(stop_child(c, 30.0) for c in self.children))
         self.log.close()

@@ -217,7 +217,7 @@ def _champ_item(record: Any, number: int, where: str, limits: IngestConfig) -> D
 
 
 def _prompt(fields: dict, where: str, limits: IngestConfig, default_task: str) -> Prompt:
-    from catq.ingest import PromptRequestError, parse_prompts  # not at import: the CLI imports FORMATS
+    from catq.prompt_requests import PromptRequestError, parse_prompts  # not at import: the CLI imports FORMATS
 
     try:
         (prompt,) = parse_prompts(fields, limits, default_task=default_task, check_batch=False)

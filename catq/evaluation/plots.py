@@ -25,7 +25,6 @@ FIGSIZE = (8.0, 5.0)
 TRAINING_FIGSIZE = (8.0, 6.0)  # two stacked panels need more height than one
 SCALING_WIDTH_PER_VERSION = 4.0  # below 8 in total the figure stays at FIGSIZE
 ACCURACY_YLIM = (0.0, 1.05)  # a little above 1 so a perfect score and its label stay visible
-ESTIMATOR_ORDER = tuple(ESTIMATORS)
 TRAINING_TOP_KEYS = ("reward_mean", "signal_frac", "reference_present_frac")
 TRAINING_BOTTOM_KEYS = ("kl", "clip_frac")
 
@@ -123,12 +122,12 @@ def plot_all(results: dict, out_dir: str | Path, metrics: list[dict] | None = No
 
 
 def _series_names(versions: list[dict]) -> list[str]:
-    """"single", the estimators any version has (known ones in canonical order), "pass_at_g"."""
+    """"single", the estimators any version has (registered ones in registry order), "pass_at_g"."""
     present: dict[str, None] = {}
     for version in versions:
         for entry in version["by_g"]:
             present.update(dict.fromkeys(entry.get("estimators", {})))
-    known = [name for name in ESTIMATOR_ORDER if name in present]
+    known = [name for name in ESTIMATORS if name in present]
     return ["single", *known, *(name for name in present if name not in known), "pass_at_g"]
 
 

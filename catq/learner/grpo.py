@@ -1,7 +1,8 @@
 """GRPO on scored groups: advantages, log-probs, the clipped off-policy loss, one optimizer step.
 
 Pure training logic (torch + a transformers causal LM); no Redis, no files. The worker
-(:mod:`catq.learner.worker`) feeds it batches of ScoredGroups.
+(:mod:`catq.learner.worker`) feeds it batches of ScoredGroups, turned into samples with their
+advantages by :mod:`catq.learner.samples` (whose names this module re-exports).
 
 The objective, per completion token t of rollout i in group g (DESIGN §1 step 4, §2):
 
@@ -44,7 +45,6 @@ text carries nothing and is set aside with that reason.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -52,16 +52,23 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from catq.messages import ScoredGroup
-
-ADV_EPS = 1e-6
-"""ε in (r - mean) / (std + ε); groups with std below this count as zero-variance."""
-
+from catq.learner.samples import (  # noqa: F401  (re-exported: grpo.prepare_batch, grpo.TrainSample, ...)
+    ADV_EPS,
+    NO_REFERENCE,
+    NO_SIGNAL,
+    PreparedBatch,
+    PreparedGroup,
+    TrainSample,
+    check_token_ids,
+    combine,
+    group_advantages,
+    prepare_batch,
+    prepare_group,
+    prepare_sft_group,
+)
 
 GRPO, SFT = "grpo", "sft"
 """The learner's objectives (``learner.objective``)."""
-NO_SIGNAL = "no signal: every answer got the same reward"
-NO_REFERENCE = "no reference: the anchor gave no text to fine-tune on"
 
 
 @dataclass
@@ -72,50 +79,6 @@ class LossConfig:
     kl_coef: float = 1e-3
 
 
-@dataclass
-class TrainSample:
-    """One rollout ready for the loss: prompt + completion ids, behaviour log-probs, advantage."""
-
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    behaviour_logprobs: list[float]
-    advantage: float
-    policy_version: int = 0
-    anchor_logprobs: list[float] | None = None
-    """π0's log-prob of each completion token when the anchor engine supplied them."""
-
-
-@dataclass
-class PreparedBatch:
-    samples: list[TrainSample]
-    rewards: list[float] = field(default_factory=list)
-    """Rewards of every rollout of every group given (zero-variance groups included)."""
-    groups_used: int = 0
-    groups_skipped: int = 0
-    """Zero-variance groups: all rewards equal, no signal."""
-
-
-def group_advantages(rewards: list[float], eps: float = ADV_EPS) -> list[float] | None:
-    """(r - mean) / (std + eps) within one group (population std); None when all rewards are
-    equal (the group carries no signal)."""
-    r = torch.tensor(rewards, dtype=torch.float64)
-    std = r.std(unbiased=False).item() if len(rewards) > 1 else 0.0
-    if std < eps:
-        return None
-    return ((r - r.mean()) / (std + eps)).tolist()
-
-
-@dataclass
-class PreparedGroup:
-    """One scored group checked and turned into training samples (empty without signal)."""
-
-    samples: list[TrainSample]
-    rewards: list[float]
-    has_signal: bool
-    why: str = NO_SIGNAL
-    """Why it carries no signal (when it does not)."""
-
-
 class StepCancelled(Exception):
     """The step was asked to stop between micro-batches; no update was applied."""
 
@@ -123,88 +86,6 @@ class StepCancelled(Exception):
 class NonFiniteStep(Exception):
     """The step's loss or gradient norm is NaN or infinite; no update was applied (the message
     says which)."""
-
-
-def prepare_group(scored: ScoredGroup, vocab_size: int | None = None) -> PreparedGroup:
-    """Check one scored group and compute its samples and advantages, once. Raises ValueError
-    when it cannot be trained on (mismatched lengths, a token id outside ``[0, vocab_size)``).
-    Rollouts with no tokens are left out."""
-    group = scored.group
-    if vocab_size is not None:
-        check_token_ids(scored, vocab_size)
-    if len(scored.rewards) != len(group.rollouts):
-        raise ValueError(f"group {group.prompt.prompt_id}: {len(scored.rewards)} rewards for "
-                         f"{len(group.rollouts)} rollouts")
-    advantages = group_advantages(scored.rewards)
-    if advantages is None:
-        return PreparedGroup([], list(scored.rewards), has_signal=False)
-    samples = []
-    for rollout, adv in zip(group.rollouts, advantages):
-        if not rollout.token_ids:
-            continue
-        if len(rollout.logprobs) != len(rollout.token_ids):
-            raise ValueError(f"group {group.prompt.prompt_id}: {len(rollout.logprobs)} behaviour "
-                             f"log-probs for {len(rollout.token_ids)} tokens")
-        anchor = rollout.anchor_logprobs
-        if anchor is not None and len(anchor) != len(rollout.token_ids):
-            raise ValueError(f"group {group.prompt.prompt_id}: {len(anchor)} anchor log-probs for "
-                             f"{len(rollout.token_ids)} tokens")
-        samples.append(TrainSample(
-            prompt_ids=list(group.prompt_token_ids),
-            completion_ids=list(rollout.token_ids),
-            behaviour_logprobs=list(rollout.logprobs),
-            advantage=float(adv),
-            policy_version=group.policy_version,
-            anchor_logprobs=None if anchor is None else list(anchor),
-        ))
-    return PreparedGroup(samples, list(scored.rewards), has_signal=True)
-
-
-def prepare_sft_group(scored: ScoredGroup, reference_ids: list[int], vocab_size: int | None = None) -> PreparedGroup:
-    """CaT-SFT: one sample per group, the reference s (``reference_ids``, the policy's tokens of
-    it) after the group's prompt. Empty ``reference_ids``: no signal (``why`` says so). Raises
-    ValueError for a token id outside ``[0, vocab_size)``, prompt or reference."""
-    group = scored.group
-    rewards = list(scored.rewards)
-    if not reference_ids:
-        return PreparedGroup([], rewards, has_signal=False, why=NO_REFERENCE)
-    if vocab_size is not None:
-        bad = next((t for t in itertools.chain(group.prompt_token_ids, reference_ids)
-                    if not 0 <= t < vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"group {group.prompt.prompt_id}: token id {bad} is outside the model's "
-                             f"vocabulary [0, {vocab_size})")
-    sample = TrainSample(prompt_ids=list(group.prompt_token_ids), completion_ids=list(reference_ids),
-                         behaviour_logprobs=[0.0] * len(reference_ids),  # unused: SFT has no ratio
-                         advantage=1.0, policy_version=group.policy_version)
-    return PreparedGroup([sample], rewards, has_signal=True)
-
-
-def check_token_ids(scored: ScoredGroup, vocab_size: int) -> None:
-    """Raise ValueError naming the first token id (prompt or completion) the model has no
-    embedding for: the forward pass would fail on it, on every retry."""
-    group = scored.group
-    ids = itertools.chain(group.prompt_token_ids, *(r.token_ids for r in group.rollouts))
-    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise ValueError(f"group {group.prompt.prompt_id}: token id {bad} is outside the model's "
-                         f"vocabulary [0, {vocab_size})")
-
-
-def combine(groups: list[PreparedGroup]) -> PreparedBatch:
-    """One batch of prepared groups; zero-variance groups are counted, not trained on."""
-    batch = PreparedBatch(samples=[])
-    for group in groups:
-        batch.rewards.extend(group.rewards)
-        batch.samples.extend(group.samples)
-        batch.groups_used += group.has_signal
-        batch.groups_skipped += not group.has_signal
-    return batch
-
-
-def prepare_batch(groups: list[ScoredGroup]) -> PreparedBatch:
-    """Turn scored groups into training samples; zero-variance groups are skipped and counted."""
-    return combine([prepare_group(g) for g in groups])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ Adding an estimator is its module (an ``async def estimate(group, *, anchor, pol
 options) -> Reference``, see :mod:`catq.teacher.estimators`) plus one line here. Each entry names
 its function as ``"module:function"`` and is imported only when used: this module imports
 nothing, so the config can validate a name without loading math-verify and sympy.
+:func:`register` / :func:`unregister` add and remove one at run time (a plugin, or the example
+estimator of tests/unit/test_estimator_registry.py); everything reads the dict when it runs.
 """
 
 from __future__ import annotations
@@ -39,6 +41,25 @@ ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
 
 FALLBACK = "synthesis"
 """What a prompt gets from an estimator that does not serve its task."""
+
+
+def register(entry: Estimator) -> Estimator:
+    """Add ``entry`` to :data:`ESTIMATORS` (last in order); ValueError if its name is taken.
+    catq's own estimators are the lines above; this is for a plugin or a test's example."""
+    if entry.name in ESTIMATORS:
+        raise ValueError(f"estimator {entry.name!r} is already registered")
+    ESTIMATORS[entry.name] = entry
+    return entry
+
+
+def unregister(name: str) -> Estimator:
+    """Remove the registered estimator ``name`` (undoes :func:`register`)."""
+    return ESTIMATORS.pop(estimator(name).name)
+
+
+def serving(task: str) -> list[str]:
+    """The estimators that serve prompts of ``task``, in registry order."""
+    return [name for name, entry in ESTIMATORS.items() if task in entry.tasks]
 
 
 def estimator(name: str) -> Estimator:

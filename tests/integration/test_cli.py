@@ -16,8 +16,8 @@ import redis as sync_redis
 
 from catq.cli import main
 from catq.messages import ChatMessage, Prompt, Rollout, RolloutGroup, decode, encode
-from catq.ops import json_line
-from catq.readable import entry_block
+from catq.ops.tail import json_line
+from catq.ops.readable import entry_block
 
 from .procs import ROOT, free_port, start_bus_worker, stop_process
 
@@ -70,7 +70,7 @@ def test_submit_file_and_bad_input_enqueue_nothing(capsys, redis_url, run_name, 
 def test_submit_file_keeps_extra_fields_and_sends_no_answers(capsys, redis_url, run_name, tmp_path):
     """A user's own lines (an id, any fields) and a MATH-500 file go in as they are: labels and
     metadata land in the result, the answer and the worked solution go nowhere."""
-    from catq.trace import build_trace
+    from catq.ops.trace import build_trace
 
     common = ["--run", run_name, "--redis-url", redis_url]
     own = tmp_path / "own.jsonl"

@@ -20,8 +20,9 @@ from redis.exceptions import ResponseError
 
 from catq.bus import Bus
 from catq.config import IngestConfig
-from catq.ingest import enqueue, make_app, parse_prompts
+from catq.ingest import make_app
 from catq.messages import Prompt, decode
+from catq.prompt_requests import enqueue, parse_prompts
 from catq.results import ResultStore
 
 from .procs import ROOT, free_port
@@ -252,10 +253,10 @@ async def test_lost_reply_is_503_and_a_retry_with_the_same_key_adds_nothing(bus,
 
 
 async def test_catq_submit_retrying_a_lost_reply_adds_each_prompt_once(bus, catq_config, monkeypatch, capsys):
-    from catq import ops
     from catq.evaluation.formats import DataItem
+    from catq.ops import submit
 
-    real_bus = ops._bus
+    real_bus = submit._bus
 
     def bus_losing_first_reply(config):
         lossy = real_bus(config)
@@ -272,10 +273,10 @@ async def test_catq_submit_retrying_a_lost_reply_adds_each_prompt_once(bus, catq
         lossy._publish_once = run_then_lose
         return lossy
 
-    monkeypatch.setattr(ops, "_bus", bus_losing_first_reply)
+    monkeypatch.setattr(submit, "_bus", bus_losing_first_reply)
     prompts = parse_prompts([{"text": "a"}, {"text": "b"}], catq_config.ingest, default_task="math")
     items = [DataItem(prompt, line) for line, prompt in enumerate(prompts, 1)]
-    assert await ops._submit(catq_config, items, None, 1.0) == 0
+    assert await submit._submit(catq_config, items, None, 1.0) == 0
     assert capsys.readouterr().out.split() == [p.prompt_id for p in prompts]
     assert [p.prompt_id for p in await enqueued(bus)] == [p.prompt_id for p in prompts]
 

@@ -25,10 +25,10 @@ from catq.messages import (
     from_json,
     to_json,
 )
-from catq.ops import parse_duration
-from catq.readable import entry_block, print_block
-from catq.top import percentile, role_work
-from catq.trace import build_trace
+from catq.ops.tail import parse_duration
+from catq.ops.readable import entry_block, print_block
+from catq.ops.top import percentile, role_work
+from catq.ops.trace import build_trace
 
 PROMPT = Prompt("p1", "open", [ChatMessage("user", "Two tips for sleep?")], created_at=1000.0)
 GROUP = RolloutGroup(PROMPT, [1, 2], [Rollout("Dim the lights.\nRead.", [5] * 40, [-0.1] * 40, "stop"),
@@ -133,3 +133,15 @@ def test_handled_messages_learner_steps_and_reloads_are_counted():
     assert after[("catq_dead_lettered_total", role)] >= 1 and after[("catq_handler_seconds_count", role)] >= 2
     assert after[("catq_learner_reward_mean", ())] == 0.75 and after[("catq_learner_step", ())] == 7
     assert after[("catq_syncer_served_version", (("engine", "http://e:1"),))] == 2
+
+
+def test_renderers_are_keyed_by_the_topologys_streams():
+    from catq.ops import readable, trace
+    from catq.topology import STREAMS, WEIGHTS, stage_name, stream_of
+
+    assert list(readable.ROWS) == list(STREAMS)  # every stream's entries have a renderer
+    assert set(trace.STAGE_FIELDS) == set(STREAMS) - {WEIGHTS}  # weights name no prompt
+    assert [stage_name(s) for s in trace.STAGE_FIELDS] == ["ingest", "rollout", "anchor", "judge", "dead"]
+    assert set(trace.STAGE_ROWS) == {stage_name(s) for s in trace.STAGE_FIELDS} | {trace.LEARNER}
+    assert trace.LAST_STREAMS == ("dead", "scored", "references", "groups", "prompts")
+    assert all(stream_of(object.__new__(s.message)) is s for s in STREAMS)

@@ -149,6 +149,24 @@ def upward_imports(package: str = PACKAGE, forbidden: str = "workers") -> dict[s
     return out
 
 
+LIBRARY = ("catq.bus", "catq.messages", "catq.teacher", "catq.learner", "catq.engines", "catq.roles",
+           "catq.runtime", "catq.ingest", "catq.prompt_requests", "catq.results", "catq.topology",
+           "catq.config")
+"""Packages and modules below the operator commands: none of them may import ``catq.ops``."""
+
+
+def imports_of_ops(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Library module -> the catq.ops modules it imports (see catq/ops/__init__.py)."""
+    out = {}
+    for name, targets in edges.items():
+        if name.startswith("catq.ops") or not any(name == p or name.startswith(p + ".") for p in LIBRARY):
+            continue
+        bad = {t for t in targets if t == "catq.ops" or t.startswith("catq.ops.")}
+        if bad:
+            out[name] = bad
+    return out
+
+
 def test_the_graph_sees_the_imports_it_should():
     edges = graph()
     assert "catq.learner.distributed" in edges["catq.learner.trainer"]  # module level
@@ -169,6 +187,13 @@ def test_nothing_in_catq_imports_workers():
     assert upward_imports() == {}
 
 
+def test_the_library_and_roles_do_not_import_the_operator_commands():
+    edges = graph()
+    assert "catq.ops.health" in edges["catq.launcher"]  # the checker sees ops imports at all
+    assert imports_of_ops(edges) == {}
+
+
 if __name__ == "__main__":
     print("cycles:", cycles(graph()) or "none")
     print("imports of workers from catq:", upward_imports() or "none")
+    print("imports of catq.ops from the library:", imports_of_ops(graph()) or "none")

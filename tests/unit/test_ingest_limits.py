@@ -7,10 +7,9 @@ import json
 import pytest
 
 from catq.config import ConfigError, IngestConfig
-from catq.ingest import (
-    BacklogGauge,
+from catq.ingest import BacklogGauge, check_exposure
+from catq.prompt_requests import (
     PromptRequestError,
-    check_exposure,
     decode_body,
     fingerprint_of,
     idempotency_record,

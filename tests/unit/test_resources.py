@@ -1,7 +1,7 @@
 """[resources]: `catq up` shares the cores out so engines and the learner do not oversubscribe."""
 
+from catq.child_env import thread_env, thread_plan
 from catq.config import EngineSpec, load_config
-from catq.launcher import thread_env, thread_plan
 
 
 def config_with(engines: int, **resources):

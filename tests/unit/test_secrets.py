@@ -85,8 +85,8 @@ def test_a_refused_login_is_a_config_error_naming_the_url_without_its_password()
 
 
 def test_children_of_up_get_the_allowlist_and_the_configs_key_variables_only():
+    from catq.child_env import child_environment
     from catq.config import load_config
-    from catq.launcher import child_environment
 
     config = load_config(None, run="unit")
     config.ingest.token_env = "MY_INGEST_TOKEN"
@@ -119,7 +119,7 @@ def test_stack_children_env_has_no_unrelated_secret(monkeypatch, tmp_path):
 def test_the_run_dirs_redis_password_is_random_private_and_reused(tmp_path):
     import stat
 
-    from catq.launcher import run_redis_password
+    from catq.child_env import run_redis_password
 
     first = run_redis_password(tmp_path)
     assert len(first) >= 32 and first == run_redis_password(tmp_path)
@@ -132,7 +132,7 @@ def test_the_run_dirs_redis_password_is_random_private_and_reused(tmp_path):
 def test_with_password_and_the_redis_conf_keep_the_password_out_of_argv(tmp_path):
     import stat
 
-    from catq.launcher import with_password, write_redis_conf
+    from catq.child_env import with_password, write_redis_conf
 
     assert with_password("redis://127.0.0.1:6380/0", "a/b@c") == "redis://:a%2Fb%40c@127.0.0.1:6380/0"
     assert with_password("redis://me:old@h:1", "new") == "redis://me:new@h:1"

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from catq.bus import GroupStats, StreamStats
+from catq.children import Child, restart_delay
 from catq.config import SuperviseConfig
-from catq.health import RoleHealth, StallWatch, starved, waiting_work
-from catq.launcher import Child, restart_delay
-from catq.ops import render_status
+from catq.ops.health import RoleHealth, StallWatch, starved, waiting_work
+from catq.ops.status import render_status
 
 POLICY = SuperviseConfig(backoff_initial_s=1, backoff_factor=2, backoff_max_s=5, healthy_after_s=60,
                          start_window_s=10, crash_loop_starts=3)

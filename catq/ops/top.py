@@ -52,7 +52,7 @@ class Frame:
 
 
 def top_command(args: argparse.Namespace, config: Config) -> int:
-    from catq.ops import _run
+    from catq.ops.common import _run
 
     if args.once:
         return _run(config, _once(config))
@@ -63,8 +63,8 @@ def top_command(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _once(config: Config) -> int:
-    from catq.ops import _bus
-    from catq.readable import console
+    from catq.ops.common import _bus
+    from catq.ops.readable import console
 
     bus = _bus(config)
     try:
@@ -77,8 +77,8 @@ async def _once(config: Config) -> int:
 async def _live(config: Config, interval: float) -> int:
     from rich.live import Live
 
-    from catq.ops import _bus
-    from catq.readable import console
+    from catq.ops.common import _bus
+    from catq.ops.readable import console
 
     bus, out = _bus(config), console()
     try:
@@ -127,7 +127,7 @@ class _Keys:
 # -- reading --------------------------------------------------------------------------------------
 
 async def read_frame(bus: Bus, config: Config) -> Frame:
-    from catq.health import role_health
+    from catq.ops.health import role_health
 
     work = {}
     for role in WORKER_LOOP_ROLES:

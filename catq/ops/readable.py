@@ -9,7 +9,8 @@ styled on a terminal, plain text when stdout is a pipe or a file.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from rich.console import Console
 from rich.text import Text
@@ -27,6 +28,7 @@ from catq.messages import (
     decode,
     prompt_id_of,
 )
+from catq.topology import DEAD, GROUPS, PROMPTS, REFERENCES, SCORED, WEIGHTS, Stream, stream_of
 
 TEXT_PREVIEW = 160
 """Characters of a question, answer or error shown before "…"; the console width cuts further."""
@@ -62,11 +64,9 @@ def header(stream: str, entry_id: str, message: Message | None) -> str:
 
 
 def rows(message: Message) -> Rows:
-    """The fields a person reads, per message type."""
-    for kind, describe in ROWS.items():
-        if isinstance(message, kind):
-            return describe(message)
-    return []
+    """The fields a person reads, per message type (:data:`ROWS`, by the stream carrying it)."""
+    s = stream_of(message)
+    return ROWS[s](message) if s in ROWS else []
 
 
 def prompt_rows(prompt: Prompt) -> Rows:
@@ -136,8 +136,10 @@ def dead_rows(letter: DeadLetter) -> Rows:
     return out + [(f"  {label}", value) for label, value in rows(original)]
 
 
-ROWS = {Prompt: prompt_rows, RolloutGroup: group_rows, ReferencedGroup: referenced_rows,
-        ScoredGroup: scored_rows, WeightsPublished: weights_rows, DeadLetter: dead_rows}
+ROWS: dict[Stream, Callable[[Any], Rows]] = {
+    PROMPTS: prompt_rows, GROUPS: group_rows, REFERENCES: referenced_rows, SCORED: scored_rows,
+    WEIGHTS: weights_rows, DEAD: dead_rows}
+"""How an entry of each stream (:data:`catq.topology.STREAMS`) reads: a renderer per stream."""
 
 
 def entry_block(stream: str, entry_id: str, payload: bytes) -> tuple[str, Rows]:

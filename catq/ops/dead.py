@@ -18,7 +18,7 @@ import time
 from catq.bus import Bus
 from catq.config import Config
 from catq.messages import DeadLetter, MessageDecodeError, decode, prompt_id_of
-from catq.ops import _bus, _fail, _run
+from catq.ops.common import _bus, _fail, _run
 from catq.results import WAITING_ON, ResultStore
 from catq.topology import STREAM_NAMES
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from catq.bus import Bus, EntryId, prompt_of
@@ -25,13 +26,29 @@ from catq.messages import (
     ScoredGroup,
     decode,
 )
-from catq.readable import Rows, clock, entry_time, numbers, preview, satisfied_marks
+from catq.ops.readable import Rows, clock, entry_time, numbers, preview, satisfied_marks
+from catq.topology import (
+    DEAD,
+    GROUPS,
+    PROMPTS,
+    REFERENCES,
+    SCORED,
+    WORK_STREAMS,
+    Stream,
+    stage_name,
+    stream_of,
+)
 
-LAST_STREAMS = ("dead", "scored", "references", "groups", "prompts")
+LAST_STREAMS = (DEAD.name, *(s.name for s in reversed(WORK_STREAMS)))
+"""Where `catq trace --last` looks for the newest prompt: ``dead``, then the work streams from
+the last stage back."""
+INGEST, ROLLOUT, ANCHOR, JUDGE = (stage_name(s) for s in (PROMPTS, GROUPS, REFERENCES, SCORED))
+LEARNER = "learner"
+"""The learner's verdict is a stage too, read from the result hash (no stream carries it)."""
 
 
 def trace_command(args: argparse.Namespace, config: Config) -> int:
-    from catq.ops import _fail, _run
+    from catq.ops.common import _fail, _run
 
     if bool(args.prompt_id) == bool(args.last):
         return _fail("give a PROMPT_ID or --last", 2)
@@ -39,7 +56,7 @@ def trace_command(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _trace(config: Config, args: argparse.Namespace) -> int:
-    from catq.ops import _bus, _fail
+    from catq.ops.common import _bus, _fail
     from catq.results import ResultStore
 
     bus = _bus(config)
@@ -83,12 +100,12 @@ def build_trace(prompt_id: str, entries: list[tuple[str, str, bytes | None]],
     messages = [(stream, entry_id, _decoded(payload)) for stream, entry_id, payload in entries]
     stages = [stage for stream, entry_id, message in messages
               if (stage := stage_of(stream, entry_id, message, result)) is not None]
-    finals = next((s["rollout_answers"] for s in stages if s["stage"] == "judge"), None)
+    finals = next((s["rollout_answers"] for s in stages if s["stage"] == JUDGE), None)
     for stage in stages:
-        if stage["stage"] == "rollout" and finals:
+        if stage["stage"] == ROLLOUT and finals:
             for answer, final in zip(stage["answers"], finals):
                 answer["final_answer"] = final
-    if not any(s["stage"] == "ingest" for s in stages):
+    if not any(s["stage"] == INGEST for s in stages):
         stages.insert(0, ingest_from(prompt_id, messages, result))
     learner = learner_stage(result)
     if learner is not None:
@@ -115,19 +132,20 @@ def stage_of(stream: str, entry_id: str, message: Message | None, result: dict) 
     if message is None:
         return None
     base = {"stream": stream, "entry_id": entry_id, "at": entry_time(entry_id)}
-    if isinstance(message, Prompt):
-        return {"stage": "ingest", **base, "status": "queued", "task": message.task,
-                "question": message.question, "created_at": message.created_at}
-    if isinstance(message, RolloutGroup):
-        return {"stage": "rollout", **base, **rollout_fields(message)}
-    if isinstance(message, ReferencedGroup):
-        return {"stage": "anchor", **base, **anchor_fields(message, result)}
-    if isinstance(message, ScoredGroup):
-        return {"stage": "judge", **base, **judge_fields(message)}
-    if isinstance(message, DeadLetter):
-        return {"stage": "dead", **base, "from_stream": message.stream, "error": message.error,
-                "attempts": message.attempts, "worker": message.worker}
-    return None
+    s = stream_of(message)
+    if s not in STAGE_FIELDS:
+        return None
+    return {"stage": stage_name(s), **base, **STAGE_FIELDS[s](message, result)}
+
+
+def ingest_fields(prompt: Prompt, result: dict) -> dict:
+    return {"status": "queued", "task": prompt.task, "question": prompt.question,
+            "created_at": prompt.created_at}
+
+
+def dead_fields(letter: DeadLetter, result: dict) -> dict:
+    return {"from_stream": letter.stream, "error": letter.error, "attempts": letter.attempts,
+            "worker": letter.worker}
 
 
 def rollout_fields(group: RolloutGroup) -> dict:
@@ -150,16 +168,23 @@ def judge_fields(scored: ScoredGroup) -> dict:
             "criteria": criteria}
 
 
+STAGE_FIELDS: dict[Stream, Callable[[Any, dict], dict]] = {
+    PROMPTS: ingest_fields, GROUPS: lambda group, result: rollout_fields(group),
+    REFERENCES: anchor_fields, SCORED: lambda scored, result: judge_fields(scored), DEAD: dead_fields}
+"""The stage each stream's entries record (:func:`catq.topology.stage_name`) and its fields;
+``weights`` entries name no prompt and make no stage."""
+
+
 def ingest_from(prompt_id: str, messages: list, result: dict) -> dict:
     """The ingest stage when its ``prompts`` entry is not listed (still queued, or trimmed): from
     the prompt any later message carries, else from the result hash."""
     prompt = next((m for _, _, m in messages if isinstance(m, RolloutGroup)), None)
     prompt = prompt.prompt if prompt else _nested_prompt(messages)
     if prompt is not None:
-        return {"stage": "ingest", "stream": "prompts", "entry_id": None, "at": prompt.created_at,
+        return {"stage": INGEST, "stream": PROMPTS.name, "entry_id": None, "at": prompt.created_at,
                 "status": "queued", "task": prompt.task, "question": prompt.question,
                 "created_at": prompt.created_at}
-    return {"stage": "ingest", "stream": "prompts", "entry_id": None, "at": None, "status": "queued",
+    return {"stage": INGEST, "stream": PROMPTS.name, "entry_id": None, "at": None, "status": "queued",
             "task": result.get("task"), "question": result.get("question"), "created_at": None}
 
 
@@ -176,10 +201,10 @@ def learner_stage(result: dict) -> dict | None:
     """Trained (in which version, at which step) or set aside (why): only the result says."""
     status = result.get("status")
     if status == "trained":
-        return {"stage": "learner", "at": result.get("updated_at"), "status": status,
+        return {"stage": LEARNER, "at": result.get("updated_at"), "status": status,
                 "trained_in_version": result.get("trained_in_version"), "trained_step": result.get("trained_step")}
     if status == "set_aside":
-        return {"stage": "learner", "at": result.get("updated_at"), "status": status,
+        return {"stage": LEARNER, "at": result.get("updated_at"), "status": status,
                 "set_aside": result.get("set_aside")}
     return None
 
@@ -195,7 +220,7 @@ def _add_latencies(stages: list[dict]) -> None:
 # -- printing -------------------------------------------------------------------------------------
 
 def print_trace(trace: dict) -> None:
-    from catq.readable import console, print_block
+    from catq.ops.readable import console, print_block
 
     out = console()
     label = f"  label {trace['label']}" if trace.get("label") is not None else ""
@@ -256,5 +281,6 @@ def dead_rows(stage: dict) -> Rows:
             ("worker", stage["worker"] or "—"), ("reason", preview(stage["error"], 300))]
 
 
-STAGE_ROWS = {"ingest": ingest_rows, "rollout": rollout_rows, "anchor": anchor_rows, "judge": judge_rows,
-              "learner": learner_rows, "dead": dead_rows}
+STAGE_ROWS = {INGEST: ingest_rows, ROLLOUT: rollout_rows, ANCHOR: anchor_rows, JUDGE: judge_rows,
+              LEARNER: learner_rows, stage_name(DEAD): dead_rows}
+"""How each stage reads in `catq trace`, by the stage names of :data:`STAGE_FIELDS`."""

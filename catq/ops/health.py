@@ -1,5 +1,6 @@
 """Liveness per role and stalled stages, read from Redis alone (heartbeats, consumer groups and
-the restart counts `catq up` records), so `catq status`, `catq health` and `catq up` agree.
+the restart counts `catq up` records), so `catq status`, `catq health` and `catq up` agree; and
+`catq health ROLE` itself (exit 1 when the role has no live worker).
 
 A stage is *starved* when its stream has work waiting (unread or pending in the consuming role's
 group) and no live worker of that role exists; it is *stalled* when live workers exist but the
@@ -10,11 +11,15 @@ group has made no progress (nothing delivered, nothing acknowledged) for
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import time
 from dataclasses import dataclass, field
 
-from catq.bus import Bus, StreamStats
+from catq.bus import Bus, RedisAuthError, StreamStats
 from catq.config import Config
+from catq.log import redact
+from catq.ops.common import _bus, _fail
 from catq.topology import CONSUMER_ROLE, ROLES
 
 
@@ -95,3 +100,27 @@ class StallWatch:
         fresh = [line for stream, line in lines.items() if stream not in self._reported]
         self._reported = set(lines)
         return fresh
+
+
+# -- catq health ROLE ----------------------------------------------------------------------------
+
+def health_command(args: argparse.Namespace, config: Config) -> int:
+    try:
+        live = asyncio.run(live_workers(config, args.role))
+    except RedisAuthError as exc:
+        return _fail(str(exc), 2)
+    except Exception as exc:
+        return _fail(f"{args.role}: cannot reach Redis at {redact(config.redis_url)}: {exc}")
+    if not live:
+        return _fail(f"{args.role}: no live worker (no fresh heartbeat in run {config.run!r})")
+    print(f"{args.role}: {len(live)} live worker(s): {', '.join(sorted(live))}")
+    return 0
+
+
+async def live_workers(config: Config, role: str) -> list[str]:
+    """Worker ids of ``role`` whose heartbeat key has not expired."""
+    bus = _bus(config)
+    try:
+        return await bus.live_workers(role)
+    finally:
+        await bus.close()
