@@ -50,11 +50,13 @@ def decode_body(raw: bytes, limits: IngestConfig) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PromptRequestError(f"body is not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
+    if _bracket_depth(text) > limits.max_nesting:  # before parsing: how deep the parser may
+        raise PromptRequestError(_too_deep(limits))  # recurse depends on the process's state
     try:
         body = json.loads(text)
     except json.JSONDecodeError as exc:
         raise PromptRequestError(f"invalid JSON: {exc}") from None
-    except RecursionError:  # nested far deeper than any limit: the parser gave up
+    except RecursionError:
         raise PromptRequestError(_too_deep(limits)) from None
     if _nested_deeper_than(body, limits.max_nesting):
         raise PromptRequestError(_too_deep(limits))
@@ -63,6 +65,20 @@ def decode_body(raw: bytes, limits: IngestConfig) -> Any:
 
 def _too_deep(limits: IngestConfig) -> str:
     return f"JSON nested too deeply; the limit is {limits.max_nesting} levels"
+
+
+def _bracket_depth(text: str) -> int:
+    """The deepest nesting of ``[``/``{`` in ``text``, brackets inside strings not counted (for
+    valid JSON, its nesting depth). Regexes, not a Python loop per character: bodies are large."""
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_STRINGS.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 def _nested_deeper_than(value: Any, limit: int) -> bool:

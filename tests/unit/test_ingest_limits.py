@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -103,3 +104,17 @@ async def test_backlog_gauge_holds_room_for_requests_still_enqueueing():
     assert await gauge.current() == 9 and await gauge.reserve(1) is None
     gauge.settle(1, added=0)  # failed: nothing enqueued, the room is free again
     assert await gauge.current() == 9 and bus.reads == 1
+
+
+def test_a_body_nested_past_the_parser_is_too_deep_whatever_the_recursion_limit():
+    # Some library (sympy, torch) may have raised the recursion limit earlier in the process;
+    # json.loads would then parse 5,000 levels and the answer would change with test order.
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)
+    try:
+        with pytest.raises(PromptRequestError, match="nested too deeply; the limit is 10 levels"):
+            decode_body(b"[" * 5000, IngestConfig())
+    finally:
+        sys.setrecursionlimit(before)
+    body = b'{"text": "[[[[[[[[ in a string \\" [[[[", "task": "math"}'
+    assert decode_body(body, IngestConfig())["text"].startswith("[[[[[[[[")
