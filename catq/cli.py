@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     from catq.engines.lora import add_server_args
 
     add_server_args(p)  # SGLang's LoRA flags: --enable-lora, --max-lora-rank, ...
-    p.set_defaults(target="catq.engines.server:engine_command", needs_config=False)
+    p.set_defaults(target="catq.engines.app:engine_command", needs_config=False)
 
     p = sub.add_parser("sglang", help="real SGLang on a CPU: its cached virtual environment")
     p.add_argument("action", choices=["install", "python"],

@@ -182,7 +182,7 @@ class Stack:
                              f"engine {spec.name} at {spec.url}", self._engine_died)
 
     def _engine_env(self, spec: EngineSpec) -> dict[str, str]:
-        from catq.engines.server import ADMIN_API_KEY_ENV, API_KEY_ENV
+        from catq.engines.app import ADMIN_API_KEY_ENV, API_KEY_ENV
         from catq.engines.sglang_env import server_env
 
         env = self._child_env(self.threads.engine)

@@ -1,6 +1,6 @@
 """Entry point of an engine container: `python -m workers.engine --model default --port 30000`.
 
-Same flags as `catq engine`; the server lives in catq.engines.server.
+Same flags as `catq engine`; the server lives in catq.engines.server (served by catq.engines.app).
 """
 
 import sys

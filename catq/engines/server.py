@@ -22,32 +22,38 @@ GET|POST /flush_cache.
 Malformed requests get HTTP 400 ``{"error": {"message": ...}}`` and the server keeps serving;
 like SGLang it refuses a prompt plus ``max_new_tokens`` longer than the context, ``top_k = 0``
 and unknown ``sampling_params`` keys, and ignores unknown top-level keys. With ``--api-key`` /
-``--admin-api-key`` it checks ``Authorization: Bearer`` as SGLang does (``request_allowed``).
+``--admin-api-key`` it checks ``Authorization: Bearer`` as SGLang does (``app.request_allowed``).
 The conformance suite (tests/conformance) runs the same tests against this server and real
 SGLang.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import functools
-import hmac
-import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from catq.engines import lora_http, weight_group
+from catq.engines import weight_group
+from catq.engines.batching import BatchGenerator, Sequence
 from catq.engines.http_body import BadRequest
 from catq.engines.http_body import read_json as _json
-from catq.engines.batching import BatchGenerator, Sequence
 from catq.engines.sampling import SamplingParams
+from catq.engines.schemas import (
+    ChatCompletionIn,
+    DestroyWeightsUpdateGroupIn,
+    GenerateIn,
+    InitWeightsUpdateGroupIn,
+    PauseIn,
+    SamplingParamsIn,
+    UpdateWeightsFromDistributedIn,
+    UpdateWeightsIn,
+)
 from catq.engines.scheduler import (
     Scheduler,
     copy_weights_in_place,
@@ -56,136 +62,6 @@ from catq.engines.scheduler import (
 
 log = structlog.get_logger()
 
-ENGINE_KEY = web.AppKey("engine", object)
-API_KEY_ENV = "CATQ_ENGINE_API_KEY"
-ADMIN_API_KEY_ENV = "CATQ_ENGINE_ADMIN_API_KEY"
-"""Where `catq engine` reads its keys when --api-key / --admin-api-key are not given (keys in
-argv are visible to every local user in `ps`)."""
-
-
-class SamplingParamsIn(BaseModel):
-    """The ``sampling_params`` keys catq's engine honours (SGLang names, defaults and checks:
-    unknown keys are refused, as SGLang refuses them)."""
-
-    model_config = ConfigDict(extra="forbid")
-    max_new_tokens: int | None = Field(128, ge=0)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = -1
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
-    sampling_seed: int | None = None
-    n: int = Field(1, ge=1, le=256)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-    no_stop_trim: bool = False
-    spaces_between_special_tokens: bool = True
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k(cls, value: int) -> int:
-        if value < 1 and value != -1:
-            raise ValueError(f"top_k must be -1 (disable) or at least 1, got {value}.")
-        return value
-
-    def to_params(self) -> SamplingParams:
-        if self.repetition_penalty != 1.0 or self.sampling_seed is not None:
-            raise BadRequest("repetition_penalty and sampling_seed are valid SGLang sampling "
-                             "params that catq's engine does not implement; leave them unset")
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(
-            max_new_tokens=128 if self.max_new_tokens is None else self.max_new_tokens,
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-            stop=stop,
-            stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
-            skip_special_tokens=self.skip_special_tokens, n=self.n,
-        )
-
-
-class GenerateIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # as SGLang: unknown top-level keys are ignored
-    text: str | list[str] | None = None
-    input_ids: list[int] | list[list[int]] | None = None
-    sampling_params: SamplingParamsIn | list[SamplingParamsIn] = SamplingParamsIn()
-    return_logprob: bool | list[bool] = False
-    rid: str | list[str] | None = None
-    stream: bool = False
-    logprob_start_len: int | list[int] = -1
-    top_logprobs_num: int | list[int] = 0
-    """With return_logprob: also return this many likeliest tokens at each output position."""
-    token_ids_logprob: list[int] | list[list[int]] | None = None
-    """With return_logprob: also return these tokens' log-probs at each output position; one
-    list for every prompt, or a list of lists, one per prompt (as SGLang)."""
-    return_text_in_logprobs: bool = False
-    lora_path: str | list[str | None] | None = None
-    """SGLang's: the LoRA adapter (by name) for every prompt, or one per prompt; null = the base
-    model (catq/engines/lora.py)."""
-
-
-class UpdateWeightsIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # SGLang has more knobs (load_format, ...)
-    model_path: str
-    weight_version: str | None = None
-    abort_all_requests: bool = False
-
-
-class InitWeightsUpdateGroupIn(BaseModel):
-    """SGLang's InitWeightsUpdateGroupReqInput."""
-
-    model_config = ConfigDict(extra="ignore")
-    master_address: str
-    master_port: int = Field(ge=1, le=65535)
-    rank_offset: int = Field(ge=1)
-    """This engine's rank in the group (rank 0 is the trainer)."""
-    world_size: int = Field(ge=2)
-    group_name: str = weight_group.DEFAULT_GROUP
-    backend: Literal["nccl", "gloo"] = "nccl"
-
-
-class UpdateWeightsFromDistributedIn(BaseModel):
-    """SGLang's UpdateWeightsFromDistributedReqInput (load_format, torch_empty_cache: ignored)."""
-
-    model_config = ConfigDict(extra="ignore")
-    names: list[str]
-    dtypes: list[str]
-    shapes: list[list[int]]
-    group_name: str = weight_group.DEFAULT_GROUP
-    flush_cache: bool = True
-    abort_all_requests: bool = False
-    weight_version: str | None = None
-
-
-class DestroyWeightsUpdateGroupIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    group_name: str = weight_group.DEFAULT_GROUP
-
-
-class PauseIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    mode: Literal["abort", "retract", "in_place"] = "abort"
-
-
-class ChatCompletionIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send many optional fields
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    model: str = ""
-    n: int = Field(1, ge=1, le=256)
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)
-    stop: str | list[str] | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    """With logprobs: the likeliest tokens at each position (OpenAI allows 0..20)."""
-    stream: bool = False
-    lora_path: str | None = None
-    """An adapter by name (else ``model = "<base>:<adapter>"`` names it, as SGLang reads it)."""
-    chat_template_kwargs: dict[str, Any] | None = None
-    """Extra chat-template variables (SGLang's field), e.g. {"enable_thinking": false}."""
 
 
 class Engine:
@@ -602,132 +478,3 @@ def _group_reply(success: bool, message: str) -> web.Response:
     return web.json_response({"success": success, "message": message}, status=200 if success else 400)
 
 
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts[:5])
-
-
-@web.middleware
-async def errors_as_400(request: web.Request, handler):
-    """Every refusal as SGLang shapes it: 400 {"error": {"message": ...}}; the server goes on."""
-    try:
-        return await handler(request)
-    except ValidationError as exc:
-        message = _describe(exc)
-    except (BadRequest, ValueError) as exc:  # LoraError is a ValueError
-        message = str(exc)
-    log.info("bad request", path=request.path, error=message)
-    return web.json_response({"error": {"message": message}}, status=400)
-
-
-ADMIN_ROUTES = frozenset({"/update_weights_from_disk", "/pause_generation", "/continue_generation",
-                          "/flush_cache", "/init_weights_update_group", "/update_weights_from_distributed",
-                          "/destroy_weights_update_group", *lora_http.ROUTES})
-"""Routes SGLang marks ADMIN_OPTIONAL: with an admin key set, only the admin key opens them."""
-
-
-def request_allowed(path: str, authorization: str | None, api_key: str, admin_api_key: str) -> bool:
-    """SGLang's rule (srt/utils/auth.py): /health* is always open; an admin route needs the admin
-    key when one is set, else the API key when one is set; any other route needs the API key
-    when one is set."""
-    if path.startswith("/health"):
-        return True
-    expected = (admin_api_key or api_key) if path in ADMIN_ROUTES else api_key
-    if not expected:
-        return True
-    scheme, _, token = (authorization or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token, expected)
-
-
-def api_key_middleware(api_key: str, admin_api_key: str):
-    @web.middleware
-    async def check_key(request: web.Request, handler):
-        if request_allowed(request.path, request.headers.get("Authorization"), api_key, admin_api_key):
-            return await handler(request)
-        return web.json_response({"error": "Unauthorized"}, status=401)
-
-    return check_key
-
-
-def build_app(engine: Engine, *, api_key: str = "", admin_api_key: str = "") -> web.Application:
-    middlewares = [api_key_middleware(api_key, admin_api_key), errors_as_400]
-    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)
-    app[ENGINE_KEY] = engine
-    r = app.router
-    r.add_route("POST", "/generate", engine.generate)
-    r.add_route("PUT", "/generate", engine.generate)
-    r.add_post("/update_weights_from_disk", engine.update_weights_from_disk)
-    r.add_post("/init_weights_update_group", engine.init_weights_update_group)
-    r.add_post("/update_weights_from_distributed", engine.update_weights_from_distributed)
-    r.add_post("/destroy_weights_update_group", engine.destroy_weights_update_group)
-    r.add_get("/model_info", engine.model_info)
-    r.add_get("/get_model_info", engine.model_info)
-    r.add_get("/server_info", engine.server_info)
-    r.add_get("/get_server_info", engine.server_info)
-    r.add_get("/health", engine.health)
-    r.add_get("/health_generate", engine.health_generate)
-    r.add_get("/v1/models", engine.models)
-    r.add_post("/v1/chat/completions", engine.chat_completions)
-    r.add_post("/pause_generation", engine.pause_generation)
-    r.add_post("/continue_generation", engine.continue_generation)
-    lora_http.add_routes(r, engine)
-    r.add_route("GET", "/flush_cache", engine.flush_cache)
-    r.add_post("/flush_cache", engine.flush_cache)
-
-    async def lifecycle(app: web.Application):
-        engine.scheduler.start()
-        yield
-        await engine.scheduler.close()
-
-    app.cleanup_ctx.append(lifecycle)
-    return app
-
-
-def load_engine(model: str, *, device: str = "auto", weights_dir: str | None = None,
-                max_batch: int = 64, seed: int = 0, weight_version: str = "default",
-                lora_args: argparse.Namespace | None = None) -> Engine:
-    """Load the model and build an Engine (not yet serving); ``lora_args``: the LoRA server
-    flags (catq/engines/lora.py), when given."""
-    from catq.engines.models import (
-        load_causal_lm,
-        load_tokenizer,
-        resolve_device,
-        resolve_model_path,
-    )
-
-    device = resolve_device(device)
-    path = resolve_model_path(model)
-    lm = load_causal_lm(str(path), device=device)
-    generator = BatchGenerator(lm, load_tokenizer(str(path)), seed=seed)
-    engine = Engine(generator, model_path=str(path), served_name=model,
-                    weights_dir=Path(weights_dir) if weights_dir else None, max_batch=max_batch)
-    engine.scheduler.weight_version = weight_version
-    if lora_args is not None:
-        from catq.engines.lora import LoraManager
-
-        engine.lora = LoraManager.from_args(lm, lora_args, model_path=str(path), served_name=model,
-                                            weights_dir=engine.weights_dir)
-        generator.lora = engine.lora
-    return engine
-
-
-def engine_command(args: argparse.Namespace) -> int:
-    """`catq engine`: load the model, then serve until SIGTERM/SIGINT."""
-    from catq.log import setup_logging
-
-    setup_logging("engine")
-    started = time.time()
-    engine = load_engine(args.model, device=args.device, weights_dir=args.weights_dir,
-                         max_batch=args.max_batch, seed=getattr(args, "seed", 0),
-                         weight_version=args.weight_version, lora_args=args)
-    log.info("engine ready", model=engine.model_path, device=str(engine.gen.device),
-             load_s=round(time.time() - started, 2), host=args.host, port=args.port,
-             weights_dir=str(engine.weights_dir))
-    api_key = args.api_key or os.environ.get(API_KEY_ENV, "")
-    admin_api_key = args.admin_api_key or os.environ.get(ADMIN_API_KEY_ENV, "")
-    app = build_app(engine, api_key=api_key, admin_api_key=admin_api_key)
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
-    return 0

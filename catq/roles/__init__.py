@@ -7,7 +7,7 @@ calls :func:`worker_command`; ``python -m workers.<role>`` is the same through a
 that imports this package. The logic a role runs lives below it: ``catq.teacher`` (rollout,
 anchor, judge handlers), ``catq.ingest`` (the HTTP API), ``catq.learner`` (the learner loop, the
 weight syncer); a role module here only wires it to :mod:`catq.runtime`. The engine container
-(``workers/engine.py``) runs ``catq engine``: :func:`catq.engines.server.engine_command`.
+(``workers/engine.py``) runs ``catq engine``: :func:`catq.engines.app.engine_command`.
 
 Each role's module is imported only when that role starts (:data:`ROLE_MODULES`), so starting
 one role never imports the heavy modules of another (torch for the learner, the aiohttp server

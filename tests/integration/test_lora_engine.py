@@ -13,7 +13,7 @@ import torch
 from aiohttp import web
 
 from catq.engines.lora import add_server_args
-from catq.engines.server import build_app, load_engine
+from catq.engines.app import build_app, load_engine
 from catq.learner import grpo
 from tests.helpers.engine_proc import free_port
 

@@ -15,7 +15,8 @@ from catq.config import Config
 from catq.engines.batching import BatchGenerator
 from catq.engines.models import load_causal_lm, load_tokenizer
 from catq.engines.openai import ChatClient
-from catq.engines.server import Engine, build_app
+from catq.engines.app import build_app
+from catq.engines.server import Engine
 from catq.engines.tokenizer import ChatTokenizer, chat_tokenizer
 from catq.teacher.chat import judge_chat
 from tests.helpers.engine_proc import free_port

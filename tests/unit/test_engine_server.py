@@ -15,7 +15,8 @@ from catq.engines.batching import BatchGenerator
 from catq.engines.client import Completion, EngineClient, EngineError
 from catq.engines.models import load_causal_lm, load_tokenizer
 from catq.engines.openai import ChatClient
-from catq.engines.server import Engine, build_app
+from catq.engines.app import build_app
+from catq.engines.server import Engine
 from tests.helpers.engine_proc import free_port
 from tests.helpers.tiny_model import tiny_model_path  # noqa: F401
 

@@ -16,7 +16,8 @@ from catq.engines.client import EngineClient, EngineError
 from catq.engines.models import load_causal_lm, load_tokenizer
 from catq.engines.openai import ChatClient
 from catq.engines.sampling import SamplingParams
-from catq.engines.server import Engine, build_app
+from catq.engines.app import build_app
+from catq.engines.server import Engine
 from catq.engines.tokenizer import ChatTokenizer
 from catq.messages import ChatMessage, Prompt, ReferencedGroup, Rollout, RolloutGroup
 from catq.teacher.chat import EngineChat, OpenAIChat

@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from catq.engines.lora import add_server_args, fits_batch
-from catq.engines.server import build_app, load_engine
+from catq.engines.app import build_app, load_engine
 from tests.helpers.engine_proc import free_port
 from tests.helpers.tiny_model import tiny_model_path  # noqa: F401  (pytest fixture)
 from tests.unit.test_lora_syncer import write_adapter

@@ -13,7 +13,7 @@ from catq.config import LoraConfig, load_config
 from catq.engines.client import EngineClient
 from catq.engines.lora import add_server_args
 from catq.engines.replicas import ReplicaPicker
-from catq.engines.server import build_app, load_engine
+from catq.engines.app import build_app, load_engine
 from catq.learner import lora_sync
 from catq.learner.syncer import Syncer
 from catq.messages import WeightsPublished

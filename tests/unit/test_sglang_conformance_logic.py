@@ -10,7 +10,7 @@ import torch
 
 from catq.config import SamplingConfig
 from catq.engines.client import EngineError, parse_completion
-from catq.engines.server import request_allowed
+from catq.engines.app import request_allowed
 from catq.engines.sglang_env import STANDIN_DIR, server_argv, server_env
 
 
