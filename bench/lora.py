@@ -28,8 +28,11 @@ For each mode (``full``, then ``lora`` with ``[learner.lora]``'s defaults from c
    publish -> serving time; the engine's peak RSS is reported beside it.
 
 The table prints each figure for both modes and the ratio lora/full; ``--out`` gets the same as
-JSON with the command that produced it. The machine is whatever runs it (its CPU count and torch
-threads are recorded): run nothing else beside it, or say that the machine was shared.
+JSON with the command that produced it. The machine is whatever runs it (its CPU count, torch
+threads, niceness and load average at start and end are recorded): run nothing else beside it,
+or say that the machine was shared. The serving time's first ``/generate`` is CPU-bound work in
+the engine and the most sensitive figure to other load; its split (load request vs first
+``/generate``) is recorded per version.
 ``--smoke`` is a seconds-long run on a tiny random model (for tests/integration/test_bench_lora.py).
 """
 
@@ -313,6 +316,7 @@ def main() -> None:
     from catq.engines.models import resolve_model_path, tiny_model_dir
 
     command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+    load_at_start = os.getloadavg()
     workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="catq-bench-lora-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
@@ -338,7 +342,9 @@ def main() -> None:
                      "target_modules": list(settings.target_modules)},
             "machine": {"cpu_count": os.cpu_count(), "torch_threads": modes["full"]["torch_threads"],
                         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                        "torch": torch.__version__, "python": platform.python_version()},
+                        "torch": torch.__version__, "python": platform.python_version(),
+                        "niceness": os.nice(0), "load_average_1_5_15_at_start": load_at_start,
+                        "load_average_1_5_15_at_end": os.getloadavg()},
             "modes": modes,
             "ratios_lora_over_full": {key: ratio(modes["lora"][key], modes["full"][key]) for key, *_ in FIGURES},
         }
