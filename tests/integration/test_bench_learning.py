@@ -13,7 +13,7 @@ import pytest
 
 from .procs import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # two arms of up to --budget-s each, then three evaluations
 
 
 def test_short_learning_benchmark_trains_both_arms_and_compares_them(tmp_path):

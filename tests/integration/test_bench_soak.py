@@ -12,7 +12,7 @@ import pytest
 
 from .procs import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a stack start, a minute of load, up to 240 s of drain
 
 SAMPLE_FIELDS = {"t_s", "sent", "accepted", "refused_429", "other_status", "backlog", "referenced", "answered",
                  "latency_p50_s", "latency_p95_s", "latency_p99_s", "rss_bytes", "redis_used_bytes",
