@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from catq import redis_server
 from catq.bus import Bus
+from catq.children import http_ok
 from catq.config import IngestConfig
 from catq.ingest import make_app
 from catq.messages import ChatMessage, Prompt
@@ -135,7 +136,7 @@ async def test_two_ingest_processes_share_one_rate_limit(bus, run_name, redis_ur
         async with aiohttp.ClientSession() as session:
             urls = [f"http://127.0.0.1:{port}" for port in ports]
             for url in urls:
-                await wait_for(lambda url=url: answers(session, url + "/healthz"), 60,
+                await wait_for(lambda url=url: http_ok(url + "/healthz"), 60,
                                what=f"ingest at {url}; log: {log}")
             started = time.monotonic()
             statuses = []
@@ -158,14 +159,6 @@ def start_ingest(config, run_name: str, redis_url: str, log) -> subprocess.Popen
         [sys.executable, "-m", "catq", "worker", "ingest", "--config", str(config), "--run", run_name,
          "--redis-url", redis_url],
         stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
-
-
-async def answers(session, url: str) -> bool:
-    try:
-        async with session.get(url) as response:
-            return response.status == 200
-    except aiohttp.ClientError:
-        return False
 
 
 # -- Redis out of memory --------------------------------------------------------------------------
