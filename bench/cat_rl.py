@@ -66,8 +66,9 @@ REQUEST_TIMEOUT_S = 3600.0
 """Per engine call: on a CPU shared with other jobs a group of G long rollouts can take minutes,
 and a call that times out is retried from scratch (the default 300 s lost whole groups)."""
 SMOKE = {"budget_s": 900.0, "max_steps": 2, "train": 24, "held_out": 3, "group_size": 4,
-         "max_new_tokens": 40, "batch_groups": 1, "anchor_tokens": 48}
-"""The cheapest run that still takes two learner steps per arm through the real stack."""
+         "max_new_tokens": 40, "batch_groups": 1, "anchor_tokens": 48, "parallel": True, "poll_s": 2.0}
+"""The cheapest run that still takes two learner steps per arm through the real stack (both arms
+side by side: a test's wall time is what it costs)."""
 
 
 # ---- settings and state ---------------------------------------------------------------------
@@ -92,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="learner.background_commit = false (saves a host copy of the weights)")
     parser.add_argument("--parallel", action="store_true",
                         help="train both arms at the same time, so they share whatever load the machine has")
+    parser.add_argument("--poll-s", type=float, default=POLL_S, help="how often an arm checks its budget")
     parser.add_argument("--dir", help="work directory (default /tmp/catq-cat-rl-<time>)")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR with its settings")
     parser.add_argument("--out", help="the table as JSON (default <dir>/cat_rl.json)")
@@ -238,7 +240,7 @@ async def watch(arm: str, stack: Stack, args, state: ArmState, state_path: Path)
     """Until the arm's budget (time left, or learner steps) is spent; saves the state each poll."""
     resumed_at, started = state.trained_s, time.monotonic()
     while True:
-        await asyncio.sleep(POLL_S)
+        await asyncio.sleep(getattr(args, "poll_s", POLL_S))
         state.trained_s = resumed_at + time.monotonic() - started
         note_memory(state, stack)
         state.save(state_path)

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from catq.bus import Bus
 from catq.config import Config, load_config
 from catq.messages import ScoredGroup
 from catq.results import ResultStore
+from tests.conftest import delete_run_keys
 from tests.helpers.engine_proc import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -234,93 +236,6 @@ def running_stack(tmp_path, redis_url, run_name, kind: str = "catq", batch_group
         stop_up(proc, {**children, **child_pids(proc.pid)})
 
 
-@pytest.fixture
-def stack(tmp_path, redis_url, run_name):
-    """`catq up` on a small config, up and healthy; stopped with SIGTERM afterwards, which must
-    leave no child behind."""
-    with running_stack(tmp_path, redis_url, run_name) as running:
-        yield running
-
-
-def test_up_runs_every_role_trains_publishes_and_stops_cleanly(stack, run_name):
-    roles = " ".join(stack.children.values())
-    for role in ("ingest", "rollout", "anchor", "judge", "learner", "syncer"):
-        assert f"worker {role}" in roles, f"no {role} child in {roles}"
-    ids = submit(stack.config, run_name)
-    settings, proc = stack.settings, stack.proc
-    wait_for(lambda: len(scored_prompt_ids(settings)) >= len(ids), 400, "every prompt to be scored", proc)
-    assert sorted(scored_prompt_ids(settings)) == sorted(ids), "each prompt scored exactly once"
-    for prompt_id, result in zip(ids, results_of(settings, ids)):
-        assert result and result.get("cat_answer") is not None, f"no result for {prompt_id}"
-        assert len(result["rewards"]) == 4
-    wait_for(lambda: list(settings.weights_dir.glob("v*")), 300, "a published version", proc)
-    wait_for(lambda: model_info_version(stack.policy_url) not in (None, "default", "0"), 120,
-             "the policy engine to serve the new version", proc)
-    assert dead_count(settings) == 0
-    # The learner tells each prompt's client what became of it once its checkpoint commits.
-    fates = wait_for(lambda: [r for r in results_of(settings, ids) if r["status"] in ("trained", "set_aside")],
-                     120, "the learner's verdict on a prompt", proc)
-    trained = [r for r in fates if r["status"] == "trained"]
-    assert all(r["trained_in_version"] >= 1 for r in trained)
-    assert all(r["set_aside"] for r in fates if r["status"] == "set_aside")
-    # A policy engine that dies comes back on the newest published weights from its first answer.
-    newest = max(int(p.name[1:]) for p in settings.weights_dir.glob("v*"))
-    engine_pid = next(pid for pid, cmd in stack.children.items() if "catq engine" in cmd and "--weights-dir" in cmd)
-    os.kill(engine_pid, signal.SIGKILL)
-    first = wait_for(lambda: first_answer(stack.policy_url), 300, "the policy engine back", proc)
-    assert int(first) >= newest
-
-
-def heartbeat_pid(redis_url: str, run: str, role: str) -> int | None:
-    client = redis.Redis.from_url(redis_url)
-    values = [client.get(k) for k in client.scan_iter(match=run_key(run, f"heartbeat:{role}:*"))]
-    pids = [json.loads(v)["pid"] for v in values if v]
-    return pids[0] if len(pids) == 1 else None
-
-
-def catq_cli(*args: str, config: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "catq", *args, "--config", str(config)],
-                          capture_output=True, text=True, timeout=60)
-
-
-SUPERVISE_FAST = ("[supervise]\nbackoff_initial_s = 0.05\nbackoff_factor = 2\nbackoff_max_s = 10\n"
-                  "start_window_s = 1\nhealthy_after_s = 600\ncrash_loop_starts = 3\n")
-
-
-def test_a_role_killed_ten_times_comes_back_every_time_and_the_run_completes(tmp_path, redis_url, run_name):
-    """Supervision: the judge SIGKILLed 10 times, each time after it came back up, is restarted
-    every time; `catq health`/`catq status` report it down until it is back; then every prompt
-    is scored exactly once."""
-    with running_stack(tmp_path, redis_url, run_name, extra=SUPERVISE_FAST) as stack:
-        killed: list[int] = []
-
-        def new_judge():
-            pid = heartbeat_pid(redis_url, run_name, "judge")
-            return pid if pid not in (None, *killed) else None
-
-        for _ in range(10):
-            pid = wait_for(new_judge, 120, "a new judge worker", stack.proc)
-            time.sleep(1.5)  # past the start window: a crash of a running role, not a failed start
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-        # The 11th kill waits out the longest backoff (10 s): down, then back.
-        pid = wait_for(new_judge, 120, "the judge back after 10 kills", stack.proc)
-        time.sleep(1.5)
-        os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
-        wait_for(lambda: catq_cli("health", "judge", config=stack.config).returncode == 1, 20,
-                 "catq health to report the judge down", stack.proc)
-        status = catq_cli("status", config=stack.config).stdout
-        assert "judge    0/1 alive" in status and "DOWN" in status and "restarts 10" in status, status
-        wait_for(lambda: catq_cli("health", "judge", config=stack.config).returncode == 0, 60,
-                 "the judge back", stack.proc)
-        ids = submit(stack.config, run_name)
-        wait_for(lambda: len(scored_prompt_ids(stack.settings)) >= len(ids), 400, "every prompt scored", stack.proc)
-        assert sorted(scored_prompt_ids(stack.settings)) == sorted(ids), "each prompt scored exactly once"
-        log = stack.log.read_text()
-        assert log.count("judge.0 restarted") == 11 and "giving up" not in log
-
-
 def test_sigterm_during_start_stops_what_was_started(tmp_path, redis_url, run_name):
     config, _ = write_config(tmp_path, run_name, redis_url)
     log = tmp_path / "up.log"
@@ -363,3 +278,102 @@ def test_up_on_real_sglang_trains_and_serves_new_versions(tmp_path, redis_url, r
         assert min(policy_versions_of(settings, later)) >= 2
         assert "engine updated" in stack.log.read_text()
         assert dead_count(settings) == 0
+
+
+SUPERVISE_FAST = ("[supervise]\nbackoff_initial_s = 0.05\nbackoff_factor = 2\nbackoff_max_s = 10\n"
+                  "start_window_s = 1\nhealthy_after_s = 600\ncrash_loop_starts = 3\n")
+
+
+# The module's last two tests share one stack (pytest keeps a module fixture until the module
+# ends, so they come last: no other stack runs beside it).
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, redis_url):
+    """`catq up` on a small config with fast supervision, up and healthy, shared by this module's
+    tests on a full stack (a stack's start costs a minute on 2 cores); stopped with SIGTERM at the
+    end, which must leave no child behind. Each test submits its own prompts and looks only at them."""
+    run = f"test-up-{uuid.uuid4().hex[:12]}"
+    try:
+        with running_stack(tmp_path_factory.mktemp("up"), redis_url, run, extra=SUPERVISE_FAST) as running:
+            yield running
+    finally:
+        delete_run_keys(redis_url, run)
+
+
+def scored_once(settings: Config, ids: list[str]) -> bool:
+    """Whether each of ``ids`` is scored, and none twice."""
+    scored = [p for p in scored_prompt_ids(settings) if p in set(ids)]
+    assert len(scored) == len(set(scored)), f"a prompt scored twice: {sorted(scored)}"
+    return sorted(scored) == sorted(ids)
+
+
+def test_up_runs_every_role_trains_publishes_and_stops_cleanly(stack):
+    roles = " ".join(stack.children.values())
+    for role in ("ingest", "rollout", "anchor", "judge", "learner", "syncer"):
+        assert f"worker {role}" in roles, f"no {role} child in {roles}"
+    ids = submit(stack.config, stack.settings.run)
+    settings, proc = stack.settings, stack.proc
+    wait_for(lambda: scored_once(settings, ids), 400, "every prompt to be scored", proc)
+    for prompt_id, result in zip(ids, results_of(settings, ids)):
+        assert result and result.get("cat_answer") is not None, f"no result for {prompt_id}"
+        assert len(result["rewards"]) == 4
+    wait_for(lambda: list(settings.weights_dir.glob("v*")), 300, "a published version", proc)
+    wait_for(lambda: model_info_version(stack.policy_url) not in (None, "default", "0"), 120,
+             "the policy engine to serve the new version", proc)
+    assert dead_count(settings) == 0
+    # The learner tells each prompt's client what became of it once its checkpoint commits.
+    fates = wait_for(lambda: [r for r in results_of(settings, ids) if r["status"] in ("trained", "set_aside")],
+                     120, "the learner's verdict on a prompt", proc)
+    trained = [r for r in fates if r["status"] == "trained"]
+    assert all(r["trained_in_version"] >= 1 for r in trained)
+    assert all(r["set_aside"] for r in fates if r["status"] == "set_aside")
+    # A policy engine that dies comes back on the newest published weights from its first answer.
+    newest = max(int(p.name[1:]) for p in settings.weights_dir.glob("v*"))
+    engine_pid = next(pid for pid, cmd in stack.children.items() if "catq engine" in cmd and "--weights-dir" in cmd)
+    os.kill(engine_pid, signal.SIGKILL)
+    first = wait_for(lambda: first_answer(stack.policy_url), 300, "the policy engine back", proc)
+    assert int(first) >= newest
+
+
+def heartbeat_pid(redis_url: str, run: str, role: str) -> int | None:
+    client = redis.Redis.from_url(redis_url)
+    values = [client.get(k) for k in client.scan_iter(match=run_key(run, f"heartbeat:{role}:*"))]
+    pids = [json.loads(v)["pid"] for v in values if v]
+    return pids[0] if len(pids) == 1 else None
+
+
+def catq_cli(*args: str, config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "catq", *args, "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_role_killed_ten_times_comes_back_every_time_and_the_run_completes(stack, redis_url):
+    """Supervision: the judge SIGKILLed 10 times, each time after it came back up, is restarted
+    every time; `catq health`/`catq status` report it down until it is back; then every prompt
+    is scored exactly once."""
+    run_name = stack.settings.run
+    killed: list[int] = []
+
+    def new_judge():
+        pid = heartbeat_pid(redis_url, run_name, "judge")
+        return pid if pid not in (None, *killed) else None
+
+    for _ in range(10):
+        pid = wait_for(new_judge, 120, "a new judge worker", stack.proc)
+        time.sleep(1.5)  # past the start window: a crash of a running role, not a failed start
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+    # The 11th kill waits out the longest backoff (10 s): down, then back.
+    pid = wait_for(new_judge, 120, "the judge back after 10 kills", stack.proc)
+    time.sleep(1.5)
+    os.kill(pid, signal.SIGKILL)
+    killed.append(pid)
+    wait_for(lambda: catq_cli("health", "judge", config=stack.config).returncode == 1, 20,
+             "catq health to report the judge down", stack.proc)
+    status = catq_cli("status", config=stack.config).stdout
+    assert "judge    0/1 alive" in status and "DOWN" in status and "restarts 10" in status, status
+    wait_for(lambda: catq_cli("health", "judge", config=stack.config).returncode == 0, 60,
+             "the judge back", stack.proc)
+    ids = submit(stack.config, run_name)
+    wait_for(lambda: scored_once(stack.settings, ids), 400, "every prompt scored", stack.proc)
+    log = stack.log.read_text()
+    assert log.count("judge.0 restarted") == 11 and "giving up" not in log
