@@ -40,7 +40,8 @@ async def evaluate_one(config: Config, problems, estimators: list[str], version,
                        anchor_url: str, progress: EvalCounter | None = None,
                        concurrency: int = EVAL_CONCURRENCY) -> dict:
     """One version's `catq eval` result, measured on the given engines (the policy engine loads
-    ``version`` first when it has weights)."""
+    ``version`` first when it has weights; a LoRA policy's version is measured on its adapter,
+    :attr:`catq.evaluation.runner.PolicyVersion.lora_path`)."""
     from catq.evaluation.command import build_models, evaluate_versions
     from catq.teacher.registry import needs_policy
 

@@ -95,6 +95,19 @@ def server_flags(*, rank: int, target_modules: list[str], max_loras_per_batch: i
     return flags
 
 
+def flags_fitting(adapter_dirs: list) -> list[str]:
+    """:func:`server_flags` for an engine that can load each of ``adapter_dirs`` (their largest
+    rank, all their target modules), the way ``--lora-paths`` infers them."""
+    rank, targets = limits_fitting(adapter_dirs)
+    return server_flags(rank=rank, target_modules=targets)
+
+
+def limits_fitting(adapter_dirs: list) -> tuple[int, list[str]]:
+    """(``--max-lora-rank``, ``--lora-target-modules``) that fit every adapter in ``adapter_dirs``."""
+    configs = [read_config(path) for path in adapter_dirs]
+    return max(int(c.get("r", 0)) for c in configs), sorted(set().union(*(config_targets(c) for c in configs)))
+
+
 def parse_lora_paths(values: list[str] | None) -> list[tuple[str, str, bool]]:
     """(name, path, pinned) for each ``--lora-paths`` entry, in SGLang's three forms."""
     out = []
@@ -165,11 +178,10 @@ class LoraManager:
         if not initial and (rank is None or targets is None):
             raise LoraError("When no initial `--lora-paths` is provided, you need to specify both "
                             "`--max-lora-rank` and `--lora-target-modules` for LoRA initialization.")
-        configs = [read_config(path) for _, path, _ in initial]
-        if rank is None:
-            rank = max(int(c.get("r", 0)) for c in configs)
-        if targets is None:
-            targets = sorted(set().union(*(config_targets(c) for c in configs)))
+        if initial:
+            fitted_rank, fitted_targets = limits_fitting([path for _, path, _ in initial])
+            rank = fitted_rank if rank is None else rank
+            targets = fitted_targets if targets is None else targets
         if ALL_TARGETS in targets:
             targets = list(SUPPORTED_TARGET_MODULES)
         manager = cls(model, model_path=model_path, served_name=served_name, max_lora_rank=rank,
@@ -204,7 +216,7 @@ class LoraManager:
         directory = Path(path).expanduser().resolve()
         if self.weights_dir is not None and not directory.is_relative_to(self.weights_dir):
             raise LoraError(f"lora_path {path!r} is outside the weights directory {str(self.weights_dir)!r}")
-        if not (directory / "adapter_config.json").is_file():
+        if not is_adapter_dir(directory):
             raise LoraError(f"lora_path {path!r} is no LoRA adapter directory (no adapter_config.json)")
         return directory
 
@@ -365,8 +377,16 @@ def _uid(seq) -> int:
     return 0 if adapter is None else adapter.uid
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a PEFT adapter directory (a LoRA policy's ``weights/v<N>/``), not full weights."""
+    return (Path(path).expanduser() / ADAPTER_CONFIG).is_file()
+
+
 def read_config(path: str | Path) -> dict:
-    file = Path(path).expanduser() / "adapter_config.json"
+    file = Path(path).expanduser() / ADAPTER_CONFIG
     try:
         return json.loads(file.read_text())
     except FileNotFoundError:

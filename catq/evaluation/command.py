@@ -36,6 +36,7 @@ from catq.evaluation.runner import (
     evaluate_version,
     load_version,
     read_metrics,
+    served_version,
 )
 from catq.evaluation.stats import paired_difference
 
@@ -160,8 +161,7 @@ async def evaluate_on_engines(problems, config: Config, estimators: list[str], a
         if versions is None:
             from catq.engines.client import parse_version
 
-            number = parse_version(await models.policy.weight_version())
-            versions = [PolicyVersion(f"v{number}", None, number)]
+            versions = [served_version(config, parse_version(await models.policy.weight_version()))]
         return await evaluate_versions(problems, models, config, estimators, versions, load=load,
                                        concurrency=args.concurrency, progress=progress_bar,
                                        scaling=getattr(args, "scaling", True),
@@ -177,21 +177,24 @@ async def evaluate_versions(problems, models: EvalModels, config: Config, estima
                             progress=None, scaling: bool = True,
                             later_estimators: list[str] | None = None) -> list[dict]:
     """One result per version, in order; with ``load`` the policy engine is moved to each
-    version first. ``progress(total, label)`` makes a tqdm-like bar (or None). Without
-    ``scaling`` the estimators run only at the full G (each extra g is one more anchor call).
+    version first. A LoRA version's adapter is loaded in any case (unless the engine has it) and
+    every policy call of that version names it. ``progress(total, label)`` makes a tqdm-like bar
+    (or None). Without ``scaling`` the estimators run only at the full G (each extra g is one
+    more anchor call).
     ``later_estimators``: the estimators of every version after the first, when they differ
     (the demo measures synthesis on v0 only: on CPU each synthesis is a long prefill)."""
     group_size = config.rollout.group_size
     sizes = scaling_sizes(group_size) if scaling else [group_size]
     results = []
     for i, version in enumerate(versions):
-        if load:
+        if load or version.lora_path:
             await load_version(models.policy, version, first=i == 0)
         bar = progress(len(problems), version.label) if progress else None
         failures: list[Failure] = []
         names = estimators if i == 0 or later_estimators is None else later_estimators
+        on_version = models.on_adapter(version.lora_path)
         try:
-            records = await evaluate_version(problems, models, config, names, sizes,
+            records = await evaluate_version(problems, on_version, config, names, sizes,
                                              concurrency=concurrency, progress=bar, failures=failures)
         finally:
             if bar is not None:
@@ -330,6 +333,7 @@ class OwnEngines:
         self.config = config
         self.log_path = log_path
         self.weights_root = common_parent([v.path for v in versions if v.path is not None])
+        self.lora_flags = lora_flags(versions)
         self.policy_url = self.anchor_url = ""
         self.children = []
 
@@ -339,7 +343,7 @@ class OwnEngines:
         self.log = open(self.log_path, "a")
         policy_port, anchor_port = free_port(), free_port()
         self.policy_url, self.anchor_url = (f"http://127.0.0.1:{p}" for p in (policy_port, anchor_port))
-        extra = ["--weights-dir", str(self.weights_root)] if self.weights_root else []
+        extra = (["--weights-dir", str(self.weights_root)] if self.weights_root else []) + self.lora_flags
         for name, model, port, args in (("policy", self.config.model.policy, policy_port, extra),
                                         ("anchor", self.config.model.anchor, anchor_port, [])):
             argv = [sys.executable, "-m", "catq", "engine", "--model", model, "--port", str(port), *args]
@@ -363,6 +367,15 @@ class OwnEngines:
 
         await asyncio.gather(*(stop_child(c, 30.0) for c in self.children))
         self.log.close()
+
+
+def lora_flags(versions: list[PolicyVersion]) -> list[str]:
+    """The policy engine's LoRA flags when some versions are LoRA adapters (fitting all of them),
+    else none: full-weight versions start the engine as before."""
+    from catq.engines.lora import flags_fitting
+
+    adapters = [v.path for v in versions if v.lora_path is not None]
+    return flags_fitting(adapters) if adapters else []
 
 
 def common_parent(paths: list[Path]) -> Path | None:

@@ -9,7 +9,10 @@ afterwards (:mod:`catq.evaluation.records`).
 
 Policy versions are served one after another by one policy engine: it starts on the initial
 weights (version 0) and loads each later version with ``/update_weights_from_disk``, the path
-the syncer takes in a run.
+the syncer takes in a run. A LoRA policy's version (an adapter directory) is loaded with
+``/load_lora_adapter`` instead, and every policy call of that version names it as ``lora_path``
+(:attr:`PolicyVersion.lora_path`), as rollout does in a run; without it the engine would answer
+with the base model.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import asyncio
 import dataclasses
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -41,6 +44,14 @@ class PolicyVersion:
     policy_version: int | None = None
     step: int | None = None
     """The learner step that published it (0 for the initial policy), from metrics.jsonl."""
+    lora_path: str | None = field(init=False, default=None)
+    """The adapter name every policy request of this version names (``path`` is a LoRA adapter
+    directory); None: the engine's own weights."""
+
+    def __post_init__(self):
+        from catq.learner.lora_sync import lora_path_for
+
+        self.lora_path = lora_path_for(self.path, self.policy_version, self.label)
 
 
 @dataclass
@@ -54,6 +65,16 @@ class EvalModels:
     selector: object | None = None
     judge: object | None = None
     """Grades rubric-scored (HealthBench) responses; None when every prompt is math."""
+    lora_path: str | None = None
+    """The LoRA adapter the policy engine serves the measured version with; None: its own weights."""
+
+    def on_adapter(self, lora_path: str | None) -> EvalModels:
+        """These models with every policy call (rollouts, the self best-of-N selector) on the
+        adapter ``lora_path``; themselves when it is None."""
+        if lora_path is None:
+            return self
+        selector = self.selector.on_adapter(lora_path) if self.selector is not None else None
+        return dataclasses.replace(self, selector=selector, lora_path=lora_path)
 
 
 EstimateFn = Callable[..., Awaitable]
@@ -109,7 +130,7 @@ async def evaluate_problem(problem: EvalProblem, models: EvalModels, config: Con
 
     match = config.reward.math_match
     prompt = Prompt(prompt_id=new_prompt_id(), task=problem.task, messages=list(problem.messages))
-    group = await sample_group(models.policy, models.tokenizer, prompt, config)
+    group = await sample_group(models.policy, models.tokenizer, prompt, config, lora_path=models.lora_path)
     if problem.rubric is not None:
         return await evaluate_rubric_problem(problem, group, models, config, estimators, sizes, estimate)
     answers = [response_answer(r.text, match, r.finish_reason) for r in group.rollouts]
@@ -204,11 +225,35 @@ async def evaluate_version(problems: list[EvalProblem], models: EvalModels, conf
     return [r for r in records if r is not None]
 
 
+def served_version(config: Config, number: int) -> PolicyVersion:
+    """The version a running stack's policy engine reports: its own weights, or for a LoRA
+    policy the adapter ``weights/v<N>`` (which requests must name)."""
+    from catq.learner.publish import version_dir
+
+    adapter = PolicyVersion(f"v{number}", version_dir(config.weights_dir, number), number)
+    return adapter if adapter.lora_path else PolicyVersion(f"v{number}", None, number)
+
+
 async def load_version(client, version: PolicyVersion, first: bool) -> None:
     """Make the policy engine serve ``version``. The initial policy is what the engine was
-    started with, so it can only come first."""
+    started with, so it can only come first. A LoRA version's adapter is loaded beside the
+    base weights (unless the engine has it already)."""
+    if version.lora_path is not None:
+        await load_adapter(client, version)
+        return
     if version.path is None:
         if not first:
             raise EvalError("the initial policy must be evaluated first (the engine starts on it)")
         return
     await client.update_weights_from_disk(str(version.path), weight_version=version.label)
+
+
+async def load_adapter(client, version: PolicyVersion) -> None:
+    from catq.engines.client import EngineError
+    from catq.learner.lora_sync import ensure_loaded
+
+    try:
+        await ensure_loaded(client, version.lora_path, version.path)
+    except EngineError as exc:
+        raise EvalError(f"{version.label}: the policy engine did not load the LoRA adapter "
+                        f"{version.path}: {exc}") from exc

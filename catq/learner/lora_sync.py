@@ -17,7 +17,10 @@ its adapter; an unload waits for the requests using it).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from catq.engines.client import EngineError
+from catq.engines.lora import is_adapter_dir
 
 KEEP_ADAPTERS = 2
 
@@ -25,6 +28,17 @@ KEEP_ADAPTERS = 2
 def adapter_name(version: int) -> str | None:
     """The name version ``version``'s adapter is loaded under; None for version 0 (the base)."""
     return f"v{version}" if version > 0 else None
+
+
+def lora_path_for(path: str | Path | None, version: int | None, label: str) -> str | None:
+    """Which ``lora_path`` serves the weights in ``path`` (what `catq eval` and `catq demo` ask
+    for each version they measure): None for the base model (no path) and for full weights;
+    for a LoRA adapter directory, the name it is loaded under: :func:`adapter_name` for a run's
+    version N (the syncer's name, so a stack's engine already has it; None for version 0, the
+    base), else ``label`` (a directory given by its path)."""
+    if path is None or not is_adapter_dir(path):
+        return None
+    return label if version is None else adapter_name(version)
 
 
 async def loaded_adapters(client) -> list[str]:
@@ -44,13 +58,18 @@ def _version_key(name: str) -> tuple[int, str]:
 async def move(client, version: int, path: str) -> None:
     """Load version ``version``'s adapter from ``path`` and have the engine report that version.
     Raises EngineError (``refused`` for a 4xx: the engine will never take this adapter)."""
-    name = adapter_name(version)
-    try:
-        await client.load_lora_adapter(name, path)
-    except EngineError as exc:
-        if not (exc.refused and "already loaded" in exc.message):  # a pass that stopped half-way
-            raise
+    await ensure_loaded(client, adapter_name(version), path)
     await client.update_weight_version(str(version), abort_all_requests=False)
+
+
+async def ensure_loaded(client, name: str, path: str | Path) -> None:
+    """Load adapter ``name`` from ``path`` unless the engine already has an adapter of that name
+    (a pass that stopped half-way, or the syncer loaded it). Raises EngineError otherwise."""
+    try:
+        await client.load_lora_adapter(name, str(path))
+    except EngineError as exc:
+        if not (exc.refused and "already loaded" in exc.message):
+            raise
 
 
 async def prune(client, serving: int, log) -> bool:

@@ -31,14 +31,25 @@ NO_SPELLINGS = (" no", "no", " No", "No")
 
 class EngineChat:
     """``prefix`` starts the assistant's turn (response priming: the model continues it, which
-    makes small models keep a format); the returned text includes it."""
+    makes small models keep a format); the returned text includes it. ``lora_path``: the LoRA
+    adapter every call names (a LoRA policy's version); None: the engine's own weights."""
 
-    def __init__(self, client: EngineClient, tokenizer: ChatTokenizer, sampling: SamplingConfig):
+    def __init__(self, client: EngineClient, tokenizer: ChatTokenizer, sampling: SamplingConfig,
+                 lora_path: str | None = None):
         self.client = client
         self.tokenizer = tokenizer
         self.sampling = sampling
+        self.lora_path = lora_path
 
     supports_prefix = True
+
+    def on_adapter(self, lora_path: str) -> EngineChat:
+        """The same chat on the adapter ``lora_path`` (sharing this one's connection)."""
+        return EngineChat(self.client, self.tokenizer, self.sampling, lora_path)
+
+    @property
+    def _adapter(self) -> dict:
+        return {"lora_path": self.lora_path} if self.lora_path else {}
 
     async def __call__(self, messages: list[dict[str, str]], *, temperature: float | None = None,
                        prefix: str = "", max_new_tokens: int | None = None) -> str:
@@ -51,6 +62,7 @@ class EngineChat:
             top_p=self.sampling.top_p,
             top_k=self.sampling.top_k,
             return_logprob=False,
+            **self._adapter,
         )
         return prefix + completion.text
 
@@ -63,7 +75,7 @@ class EngineChat:
             return None
         (completion,) = await self.client.generate(
             self.tokenizer.encode_chat(messages), n=1, max_new_tokens=1, temperature=0.0,
-            token_ids_logprob=yes_ids + no_ids,
+            token_ids_logprob=yes_ids + no_ids, **self._adapter,
         )
         [position] = completion.token_ids_logprobs
         return sum(math.exp(position[i]) for i in yes_ids), sum(math.exp(position[i]) for i in no_ids)

@@ -5,6 +5,7 @@ serving), adapters in one batch, weight_version, and log-probs equal to the merg
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 
 import aiohttp
@@ -52,6 +53,19 @@ def make_adapter(base, out, *, rank=8, targets=("q_proj", "v_proj"), seed=0, bas
     return model
 
 
+@contextlib.asynccontextmanager
+async def serving(engine):
+    """``engine`` over real HTTP on a free local port; yields its URL."""
+    runner = web.AppRunner(build_app(engine))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
 @pytest.fixture
 async def server(tmp_path):
     weights = tmp_path / "weights"
@@ -59,12 +73,8 @@ async def server(tmp_path):
     engine = load_engine("default", device="cpu", weights_dir=str(weights), max_batch=16,
                          lora_args=lora_args("--enable-lora", "--max-lora-rank", "8", "--lora-target-modules",
                                              *TARGETS, "--max-loras-per-batch", "3"))
-    runner = web.AppRunner(build_app(engine))
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}", engine, weights
-    await runner.cleanup()
+    async with serving(engine) as url:
+        yield url, engine, weights
 
 
 async def post(url, path, body):

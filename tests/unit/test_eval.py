@@ -338,3 +338,133 @@ async def test_plot_without_data_needs_a_run_with_steps(tmp_path):
     out = io.StringIO()
     assert await run_eval(args, config, out) == 0
     assert (tmp_path / "out" / "training.png").exists() and "training.png" in out.getvalue()
+
+
+# -- LoRA versions -------------------------------------------------------------------------------
+
+
+def write_adapter_config(directory, rank=8, targets=("q_proj", "v_proj")):
+    """What makes a directory a LoRA adapter (a PEFT adapter_config.json; no tensors needed here)."""
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank,
+                                                               "target_modules": list(targets)}))
+    return directory
+
+
+def write_full_weights(directory):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text("{}")
+    return directory
+
+
+def test_which_lora_path_serves_a_version(tmp_path):
+    from catq.learner.lora_sync import lora_path_for
+
+    adapter, full = write_adapter_config(tmp_path / "a" / "v3"), write_full_weights(tmp_path / "f" / "v3")
+    assert lora_path_for(adapter, 3, "v3") == "v3"  # the syncer's name for version 3
+    assert lora_path_for(adapter, None, "cat-final") == "cat-final"  # a directory outside a run
+    assert lora_path_for(full, 3, "v3") is None
+    assert lora_path_for(None, 0, "v0") is None  # the base model
+    assert lora_path_for(tmp_path / "a" / "v3", 0, "v0") is None  # version 0 is the base, whatever its directory
+    assert PolicyVersion("v3", adapter, 3).lora_path == "v3"
+    assert PolicyVersion("v3", full, 3).lora_path is None
+    assert PolicyVersion("v0", None, 0, 0).lora_path is None
+
+
+def test_run_versions_resolve_to_their_adapters(tmp_path):
+    from catq.evaluation.runner import served_version
+
+    config = load_config(None, run="r")
+    config.run_dir = str(tmp_path / "{run}")
+    write_full_weights(config.weights_dir / "v2")
+    write_adapter_config(config.weights_dir / "v5")
+    assert [(v.label, v.lora_path) for v in resolve_versions("0,2,5", config)] == \
+        [("v0", None), ("v2", None), ("v5", "v5")]
+    assert (served_version(config, 5).lora_path, served_version(config, 5).path) == ("v5", config.weights_dir / "v5")
+    assert (served_version(config, 2).lora_path, served_version(config, 2).path) == (None, None)  # as before
+
+
+class LoraPolicy(ScriptedPolicy):
+    """An engine with LoRA on: rollouts follow the adapter each request names (the base without)."""
+
+    def __init__(self, scripts, question, already_loaded=()):
+        super().__init__(scripts, question)
+        self.adapters = dict.fromkeys(already_loaded, "loaded at start")
+        self.load_requests = []
+        self.lora_paths = []
+
+    async def load_lora_adapter(self, name, path, pinned=False):
+        from catq.engines.client import EngineError
+
+        self.load_requests.append((name, path))
+        if name in self.adapters:
+            raise EngineError(f"Failed to load LoRA adapter {name} because it is already loaded", 400)
+        self.adapters[name] = path
+        return {"success": True}
+
+    async def generate(self, prompt_ids, *, n, lora_path=None, **sampling):
+        assert lora_path is None or lora_path in self.adapters, "named an adapter the engine does not have"
+        self.lora_paths.append(lora_path)
+        self.version = lora_path or "v0"
+        return await super().generate(prompt_ids, n=n, **sampling)
+
+
+LORA_SCRIPTS = {"v0": {"What is 2 + 3?": ["\\boxed{4}", "\\boxed{4}"]},
+                "v3": {"What is 2 + 3?": ["\\boxed{5}", "\\boxed{5}"]}}
+
+
+async def test_an_adapter_version_is_measured_on_its_adapter(tmp_path):
+    policy = LoraPolicy(LORA_SCRIPTS, "What is 2 + 3?")
+    models = EvalModels(policy, FakeTokenizer(), FakeChat("\\boxed{5}"))
+    adapter = write_adapter_config(tmp_path / "weights" / "v3")
+    versions = [PolicyVersion("v0", None, 0, 0), PolicyVersion("v3", adapter, 3, 6)]
+    results = await evaluate_versions([problem()], models, config_with_g(2), ["majority"], versions)
+    assert policy.load_requests == [("v3", str(adapter))]
+    assert policy.loaded == []  # never /update_weights_from_disk with an adapter directory
+    assert policy.lora_paths == [None, "v3"]  # v0 on the base, v3 on its adapter
+    assert [v["by_g"][-1]["single"]["value"] for v in results] == [0.0, 1.0]
+
+
+async def test_an_adapter_the_engine_already_serves_is_used_without_reloading_or_moving(tmp_path):
+    """The demo's and --use-stack's case: the stack's syncer loaded v3; the measurement does not
+    move the engine (load=False) but still names the adapter."""
+    policy = LoraPolicy(LORA_SCRIPTS, "What is 2 + 3?", already_loaded=["v3"])
+    models = EvalModels(policy, FakeTokenizer(), FakeChat("\\boxed{5}"))
+    version = PolicyVersion("v3", write_adapter_config(tmp_path / "weights" / "v3"), 3)
+    [result] = await evaluate_versions([problem()], models, config_with_g(2), ["majority"], [version], load=False)
+    assert policy.adapters["v3"] == "loaded at start" and policy.lora_paths == ["v3"]
+    assert result["by_g"][-1]["single"]["value"] == 1.0
+
+
+async def test_the_policy_as_selector_answers_on_the_adapter():
+    from catq.config import SamplingConfig
+    from catq.teacher.chat import EngineChat
+
+    class Client:
+        def __init__(self):
+            self.requests = []
+
+        async def generate(self, ids, **kwargs):
+            self.requests.append(kwargs.get("lora_path"))
+            return [Completion("1", [5], None, "stop", 3, 1, None)]
+
+    client = Client()
+    chat = EngineChat(client, FakeTokenizer(), SamplingConfig())
+    models = EvalModels(None, FakeTokenizer(), None, chat)
+    assert models.on_adapter(None) is models
+    await chat([{"role": "user", "content": "which?"}])
+    await models.on_adapter("v3").selector([{"role": "user", "content": "which?"}])
+    assert client.requests == [None, "v3"]
+
+
+def test_eval_starts_its_policy_engine_able_to_load_every_adapter(tmp_path):
+    from catq.evaluation.command import lora_flags
+
+    small = write_adapter_config(tmp_path / "v1", rank=4, targets=("q_proj",))
+    large = write_adapter_config(tmp_path / "v2", rank=8, targets=("v_proj", "o_proj"))
+    flags = lora_flags([PolicyVersion("v0", None, 0), PolicyVersion("v1", small, 1), PolicyVersion("v2", large, 2)])
+    assert flags[:2] == ["--enable-lora", "--max-lora-rank"] and flags[2] == "8"
+    assert flags[flags.index("--lora-target-modules") + 1:][:3] == ["o_proj", "q_proj", "v_proj"]
+    assert lora_flags([PolicyVersion("v0", None, 0), PolicyVersion("v2", write_full_weights(tmp_path / "f"), 2)]) == []
