@@ -277,11 +277,13 @@ class EngineClient(HttpJsonClient):
         ]
         return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-    async def completion_logprobs(self, prompt_ids: list[int], completions: list[list[int]]) -> list[list[float]]:
+    async def completion_logprobs(self, prompt_ids: list[int], completions: list[list[int]],
+                                  lora_path: str | None = None) -> list[list[float]]:
         """This engine's log-prob of every token of each completion after ``prompt_ids``: one
         prefill-only request (SGLang's ``max_new_tokens: 0`` with ``return_logprob`` and
-        ``logprob_start_len`` at the completion, read from ``input_token_logprobs``). How the
-        anchor engine serves π0's log-probs for the learner's KL term."""
+        ``logprob_start_len`` at the completion, read from ``input_token_logprobs``), on the
+        LoRA adapter ``lora_path`` when given. How the anchor engine serves π0's log-probs for
+        the learner's KL term."""
         wanted = [i for i, c in enumerate(completions) if len(c)]
         values: list[list[float]] = [[] for _ in completions]
         if not wanted:
@@ -292,6 +294,8 @@ class EngineClient(HttpJsonClient):
                    # sampling parameters leaves raw ones alone.
                    "sampling_params": {"max_new_tokens": 0, "temperature": 1.0, "top_p": 1.0, "top_k": -1},
                    "return_logprob": True, "logprob_start_len": start}
+        if lora_path:
+            payload["lora_path"] = lora_path
         reply = await self.request("POST", "/generate", payload)
         items = reply if isinstance(reply, list) else [reply]
         if len(items) != len(wanted):

@@ -17,7 +17,9 @@ What SGLang (0.5.x) names and does, and catq's engine does alike:
   "error_message", "loaded_adapters": {name: path}}`` (plus its ``rid`` and ``http_worker_ipc``,
   null), HTTP 200, or 400 with ``success: false`` and the reason. A refused load changes nothing:
   the adapters already loaded keep serving. Unloading stops new requests from naming the adapter
-  at once and answers once the requests already using it have finished.
+  at once and answers once the requests already using it have finished. A request naming an
+  adapter unloaded since loads it again from the same path (SGLang's ``lora_ref_cache``: an
+  unload frees the slot, it does not forget the name); only a name never loaded is refused.
 - ``lora_path`` on ``/generate``: an adapter name, or one per prompt (null = the base model);
   ``model = "<base>:<adapter>"`` (or a bare adapter name) on ``/v1/chat/completions``. Requests on
   different adapters share a batch: each row gets its own adapter's update.
@@ -156,6 +158,8 @@ class LoraManager:
     max_loras_per_batch: int = 8
     weights_dir: Path | None = None
     adapters: dict[str, Adapter] = field(default_factory=dict)
+    ever_loaded: dict[str, tuple[str, bool]] = field(default_factory=dict)
+    """(path, pinned) of every name loaded once, unloaded or not: what a request may reload."""
 
     def __post_init__(self):
         import torch
@@ -210,7 +214,34 @@ class LoraManager:
         adapter.version = match.group(1) if match else None
         adapter.uid = next(self._uids)
         self.adapters[name] = adapter
+        self.ever_loaded[name] = (path, pinned)
         return adapter
+
+    def to_reload(self, names: list[str | None]) -> list[str]:
+        """The adapters a request names that were loaded once and unloaded since; LoraError
+        for a name never loaded."""
+        missing = []
+        for name in dict.fromkeys(n for n in names if n):
+            if name in self.adapters:
+                continue
+            if name not in self.ever_loaded:
+                raise LoraError(self._never_loaded(name))
+            missing.append(name)
+        return missing
+
+    def reload(self, name: str) -> None:
+        """Load an unloaded adapter again from its path, as SGLang does when a request names it."""
+        if name in self.adapters:  # another request reloaded it first
+            return
+        path, pinned = self.ever_loaded[name]
+        try:
+            self.load(name, path, pinned)
+        except LoraError as exc:
+            raise LoraError(f"Failed to implicitly load LoRA adapter {name}: {exc}") from None
+
+    def _never_loaded(self, name: str) -> str:
+        return (f"Got LoRA adapter that has never been loaded: {name}\n"
+                f"All loaded adapters: {sorted(self.ever_loaded)}.")
 
     def _allowed(self, path: str) -> Path:
         directory = Path(path).expanduser().resolve()
@@ -304,8 +335,9 @@ class LoraManager:
                 out.append(None)
                 continue
             adapter = self.adapters.get(name)
-            if adapter is None:
-                raise LoraError(f"LoRA adapter {name!r} is not loaded. Loaded LoRAs: {sorted(self.adapters)}")
+            if adapter is None:  # never loaded, or unloaded between to_reload and here
+                raise LoraError(self._never_loaded(name) if name not in self.ever_loaded else
+                                f"LoRA adapter {name} was unloaded while the request was admitted")
             out.append(adapter)
         return out
 

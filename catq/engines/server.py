@@ -85,14 +85,18 @@ class Engine:
         """The LoRA adapters (catq/engines/lora.py's LoraManager) with --enable-lora, else None."""
         self.lora_lock = asyncio.Lock()
 
-    def _adapters(self, names: list[str | None]) -> list:
-        """The LoRA adapters a request names (a 400 for an unknown one, or any without LoRA)."""
+    async def _adapters(self, names: list[str | None]) -> list:
+        """The LoRA adapters a request names (a 400 for one never loaded, or any without LoRA);
+        one unloaded since is loaded again first, as SGLang does."""
         from catq.engines.lora import NOT_ENABLED
 
         if not any(names):
             return [None] * len(names)
         if self.lora is None:
             raise BadRequest(f"lora_path was given but {NOT_ENABLED}")
+        for name in self.lora.to_reload(names):
+            async with self.lora_lock:
+                await asyncio.to_thread(self.lora.reload, name)
         return self.lora.resolve(names)
 
     def _hold(self, adapters: list):
@@ -112,7 +116,7 @@ class Engine:
         logprob_flags = _per_prompt(body.return_logprob, len(prompts), "return_logprob")
         top_nums = _per_prompt(body.top_logprobs_num, len(prompts), "top_logprobs_num")
         id_lists = _token_ids_per_prompt(body.token_ids_logprob, len(prompts))
-        adapters = self._adapters(_per_prompt(body.lora_path, len(prompts), "lora_path"))
+        adapters = await self._adapters(_per_prompt(body.lora_path, len(prompts), "lora_path"))
         with self._hold(adapters):
             return await self._generate(body, prompts, single, params, logprob_flags, top_nums, id_lists,
                                         adapters, started)
@@ -387,7 +391,7 @@ class Engine:
         prompt = self._chat_prompt(body.messages, body.chat_template_kwargs)
         from catq.engines.lora import split_model_field
 
-        [adapter] = self._adapters([body.lora_path or split_model_field(body.model)])
+        [adapter] = await self._adapters([body.lora_path or split_model_field(body.model)])
         with self._hold([adapter]):
             return await self._chat(body, prompt, adapter, started)
 

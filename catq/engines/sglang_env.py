@@ -9,6 +9,10 @@ route: ``sglang==0.5.23`` without its dependencies, then only those its CPU path
 flashinfer, sglang-kernel, cutlass-dsl, tilelang, deep-ep/gemm, flash-attn, torchaudio...). The
 one missing piece, ``sgl_kernel`` (PyPI has only CUDA builds), is catq's pure-torch stand-in in
 ``catq/engines/sglang_cpu``, put first on the server's PYTHONPATH only for ``device = "cpu"``.
+LoRA (``--enable-lora``) on the CPU needs two more things: the ``torch_native`` LoRA backend
+(the default ``csgmv`` and ``triton`` ones are triton kernels) and pinned memory as a no-op
+(``sglang_cpu/sitecustomize.py``: SGLang's LoRA layers pin host memory unconditionally, which
+the CUDA torch build refuses without a driver).
 
 On a GPU host install the real thing instead (``pip install 'catq[gpu]'``) and use
 ``device = "cuda"``: catq then runs ``python -m sglang.launch_server`` from its own interpreter.
@@ -51,6 +55,9 @@ CPU_SERVER_ARGS = ("--device", "cpu", "--attention-backend", "torch_native", "--
 the behaviour log-probs comparable with catq's learner (fp32 on CPU). Without --sleep-on-idle
 an idle scheduler busy-polls one core at 100% (measured): two idle engines starve a 2-core
 machine of everything else."""
+
+CPU_LORA_ARGS = ("--lora-backend", "torch_native")
+"""SGLang's only LoRA backend without triton or NPU kernels (its default, csgmv, is triton)."""
 
 
 class SGLangEnvError(RuntimeError):
@@ -126,6 +133,8 @@ def server_argv(python: str | Path, model_path: str, *, host: str, port: int, de
             "--host", host, "--port", str(port)]
     if device == "cpu":
         argv += CPU_SERVER_ARGS
+        if ("--enable-lora" in extra or "--lora-paths" in extra) and "--lora-backend" not in extra:
+            argv += CPU_LORA_ARGS
     if api_key:
         argv += ["--api-key", api_key]
     if admin_api_key:

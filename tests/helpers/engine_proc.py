@@ -113,7 +113,8 @@ class EngineProcess:
 class SGLangProcess(EngineProcess):
     """Real SGLang (``python -m sglang.launch_server``) on the CPU, from catq's cached SGLang
     environment (installed on first use), started exactly as `catq up` starts a ``kind =
-    "sglang"``, ``device = "cpu"`` engine. ``api_key``/``admin_api_key`` become its flags."""
+    "sglang"``, ``device = "cpu"`` engine. ``api_key``/``admin_api_key`` become its flags;
+    ``extra_args`` (e.g. catq.engines.lora.server_flags) follow them."""
 
     def __init__(self, model: str = "default", *, api_key: str = "", admin_api_key: str = "", **kwargs):
         kwargs.setdefault("startup_timeout_s", 300.0)
@@ -129,7 +130,8 @@ class SGLangProcess(EngineProcess):
         except SGLangEnvError as exc:
             pytest.fail(f"real SGLang could not be installed, so its tests cannot run: {exc}", pytrace=False)
         return server_argv(python, str(resolve_model_path(self.model)), host="127.0.0.1", port=self.port,
-                           device="cpu", api_key=self.api_key, admin_api_key=self.admin_api_key)
+                           device="cpu", api_key=self.api_key, admin_api_key=self.admin_api_key,
+                           extra=tuple(self.extra_args))
 
     def environment(self) -> dict[str, str]:
         from catq.engines.sglang_env import server_env

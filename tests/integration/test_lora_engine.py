@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 
 import aiohttp
 import pytest
-import torch
 from aiohttp import web
 
 from catq.engines.lora import add_server_args
 from catq.engines.app import build_app, load_engine
 from catq.learner import grpo
 from tests.helpers.engine_proc import free_port
+from tests.helpers.lora_adapter import make_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -34,23 +33,6 @@ def base():
     from catq.engines.models import load_causal_lm
 
     return load_causal_lm("default")
-
-
-def make_adapter(base, out, *, rank=8, targets=("q_proj", "v_proj"), seed=0, base_name=None):
-    """A PEFT adapter with random, non-zero A and B saved to ``out``; returns the PEFT model."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets),
-                                                           init_lora_weights=False))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(0.05)
-    if base_name is not None:
-        model.peft_config["default"].base_model_name_or_path = base_name
-    model.save_pretrained(str(out))
-    return model
 
 
 @contextlib.asynccontextmanager
@@ -160,10 +142,15 @@ async def test_load_serve_unload_and_the_served_adapter_equals_the_merged_model(
 
     status, reply = await post(url, "/unload_lora_adapter", {"lora_name": "v3"})
     assert status == 200 and reply["success"] and reply["loaded_adapters"] == {}
-    status, reply = await generate(url, ids, "v3")
-    assert status == 400 and "not loaded" in reply["error"]["message"]
     status, reply = await post(url, "/unload_lora_adapter", {"lora_name": "v3"})
     assert status == 400 and reply["success"] is False and "does not exist" in reply["error_message"]
+    # As SGLang: a request naming an adapter unloaded since loads it again from its path...
+    status, again = await generate(url, ids, "v3")
+    assert status == 200 and again["output_ids"] == on_adapter["output_ids"]
+    assert [m["id"] for m in (await get(url, "/v1/models"))["data"]] == ["default", "v3"]
+    # ... and one never loaded is refused, by name.
+    status, reply = await generate(url, ids, "v9")
+    assert status == 400 and "never been loaded: v9" in reply["error"]["message"]
 
 
 async def test_a_mismatched_adapter_gets_a_400_naming_it_and_the_previous_one_keeps_serving(server, base):

@@ -14,7 +14,7 @@ from catq.engines.lora import add_server_args, fits_batch
 from catq.engines.app import build_app, load_engine
 from tests.helpers.engine_proc import free_port
 from tests.helpers.tiny_model import tiny_model_path  # noqa: F401  (pytest fixture)
-from tests.unit.test_lora_syncer import write_adapter
+from tests.unit.test_lora_syncer import engine_url, write_adapter  # noqa: F401  (engine_url: pytest fixture)
 
 
 def test_fits_batch_counts_the_base_model_as_one_adapter():
@@ -78,3 +78,38 @@ async def test_more_adapters_than_a_batch_holds_all_complete_each_on_its_own(tmp
         assert seen and max(seen) <= 2
     finally:
         await runner.cleanup()
+
+
+async def test_an_unloaded_adapter_named_by_a_request_is_loaded_again_as_sglang_does(engine_url, tmp_path,
+                                                                                      tiny_model_path):  # noqa: F811
+    """SGLang keeps every adapter name it has loaded: a request naming one unloaded since loads it
+    again from its path; a name never loaded, or one whose directory is gone, gets a 400 naming it."""
+    import shutil
+
+    url, _ = engine_url
+    path = tmp_path / "weights" / "v1"
+    write_adapter(tiny_model_path, path, seed=1)
+
+    async def post(http, route, body):
+        async with http.post(url + route, json=body) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    def generate(name):
+        return {"input_ids": [1, 2, 3, 4], "lora_path": name, "return_logprob": True,
+                "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}}
+
+    async with aiohttp.ClientSession() as http:
+        assert (await post(http, "/load_lora_adapter", {"lora_name": "a", "lora_path": str(path)}))[0] == 200
+        status, first = await post(http, "/generate", generate("a"))
+        assert status == 200
+        status, reply = await post(http, "/unload_lora_adapter", {"lora_name": "a"})
+        assert status == 200 and reply["loaded_adapters"] == {}
+        status, again = await post(http, "/generate", generate("a"))
+        assert status == 200 and again["meta_info"]["output_token_logprobs"] == first["meta_info"]["output_token_logprobs"]
+        status, reply = await post(http, "/unload_lora_adapter", {"lora_name": "a"})
+        assert status == 200 and reply["loaded_adapters"] == {}  # it was loaded again, so it unloads
+        status, reply = await post(http, "/generate", generate("b"))
+        assert status == 400 and "never been loaded: b" in reply["error"]["message"]
+        shutil.rmtree(path)
+        status, reply = await post(http, "/generate", generate("a"))
+        assert status == 400 and "Failed to implicitly load LoRA adapter a" in reply["error"]["message"]

@@ -91,6 +91,33 @@ def test_sglang_cpu_server_command_and_environment():
     assert "SGLANG_USE_CPU_ENGINE" not in gpu and "PYTHONPATH" not in gpu
 
 
+def test_sglang_on_cpu_serves_lora_with_its_torch_native_backend():
+    from catq.engines.lora import server_flags
+
+    flags = tuple(server_flags(rank=8, target_modules=["q_proj", "v_proj"]))
+    argv = server_argv("python", "/m", host="h", port=1, device="cpu", extra=flags)
+    assert argv[argv.index("--lora-backend") + 1] == "torch_native"
+    assert argv[-len(flags):] == list(flags)
+    assert "--lora-backend" not in server_argv("python", "/m", host="h", port=1, device="cuda", extra=flags)
+    assert "--lora-backend" not in server_argv("python", "/m", host="h", port=1, device="cpu")
+    chosen = server_argv("python", "/m", host="h", port=1, device="cpu", extra=(*flags, "--lora-backend", "triton"))
+    assert chosen.count("--lora-backend") == 1  # the operator's choice stands
+
+
+def test_a_cpu_sglang_server_gets_unpinned_memory_where_it_asks_for_pinned():
+    """SGLang's LoRA layers ask for pinned host memory, which torch refuses without a GPU; on the
+    server's PYTHONPATH the stand-in directory's sitecustomize makes pinning return plain memory."""
+    import subprocess
+    import sys
+
+    code = ("import torch; a = torch.tensor([1, 2], pin_memory=True); b = torch.zeros(2, pin_memory=True); "
+            "print(a.tolist(), b.pin_memory().tolist(), a.is_pinned())")
+    env = server_env({"PATH": "/usr/bin:/bin"}, "cpu")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["[1,", "2]", "[0.0,", "0.0]", "False"]
+
+
 def test_a_prefill_item_must_score_exactly_the_expected_tokens():
     from catq.engines.client import parse_input_logprobs
 
