@@ -275,6 +275,12 @@ class AnchorConfig(Section):
     rubric_max_criteria: int = Field(8, ge=1)
     """The merged rubric keeps its first this many criteria (judge calls per group are
     G × criteria). At least ``rubric_min_criteria``."""
+    rubric_drop_self_referential: bool = False
+    """Drop criteria about the rubric or the reference, or echoing the rubric prompt's format
+    instructions ("meets all criteria specified in the reference", "is one short sentence"): a
+    judge reading a response alone cannot check them and a small one says yes to each. Off by
+    default: the 135M default anchor writes almost nothing else, so with it most of its open
+    prompts are dead-lettered for want of a rubric (measured with bench/rubric_drafts.py)."""
 
     @field_validator("estimator")
     @classmethod

@@ -97,7 +97,8 @@ class AnchorHandler:
             rubric, info = await draft_rubric(
                 self.anchor, reference, min_criteria=config.rubric_min_criteria,
                 max_criteria=config.rubric_max_criteria, drafts=config.rubric_drafts,
-                attempts=config.rubric_attempts, temperature=config.rubric_temperature, question=question)
+                attempts=config.rubric_attempts, temperature=config.rubric_temperature, question=question,
+                drop_self_referential=config.rubric_drop_self_referential)
         except RubricParseError as exc:
             # The reference is still an answer worth serving; the runtime marks the result
             # "dead" with the reason when the group is dead-lettered.

@@ -6,6 +6,12 @@ stripped, and only the five predefined XML entities and numeric character refere
 decoded. DOCTYPE/ENTITY declarations are refused outright (no entity, internal or external, is
 ever expanded), and input size, criterion length and criterion count are bounded.
 
+With ``drop_self_referential`` (``anchor.rubric_drop_self_referential``), a criterion about the
+rubric or the reference itself, or an echo of the rubric prompt's format instructions, is dropped
+too (:func:`is_self_referential`): the judge reads a response alone, so it cannot check it, and a
+small judge says yes to it every time. It is off by default: the 135M default anchor writes
+almost nothing else, so with it most open prompts get no rubric (bench/rubric_drafts.py).
+
 Partial output (cut off by the token limit, or without the ``<rubric>`` wrapper) keeps its
 complete criteria; :class:`RubricParseError` says why a text holds too few.
 
@@ -30,6 +36,18 @@ _INNER_TAG = re.compile(r"<[^<>]{0,200}>")
 _ENTITY = re.compile(r"&(#x[0-9a-fA-F]{1,6}|#[0-9]{1,7}|lt|gt|amp|quot|apos);")
 _PLACEHOLDER = re.compile(r"(?:the response)?\s*(?:\.\.\.|…)?", re.IGNORECASE)
 """An echo of the prompt's format example ("The response ...") is not a criterion."""
+_SELF_REFERENCE = re.compile(
+    r"\b(?:rubrics?|(?<!diagnostic )(?<!clinical )criteri(?:on|a)\d*"
+    r"|(?:the|this|that|its) reference(?! (?:to|ranges?|values?)\b)|reference (?:response|answer|text)s?"
+    r"|(?:is|be|are) binary|checkable|clearly met|met or not met"
+    r"|one (?:short )?sentence|single sentence|short sentence)\b",
+    re.IGNORECASE)
+"""A criterion about the rubric or the reference ("The response must meet all criteria specified in
+the reference", "Matches the reference response") or an echo of the format instructions of
+catq.teacher.prompts.rubric_messages ("Each criterion is binary: clearly met or not met", "It is
+one short sentence", "formatted as a single sentence"). Not matched: "references" as a verb
+("references a doctor's advice"), "a reference to ...", "the reference range", "diagnostic
+criteria", "a single dose"."""
 _PREDEFINED = {"lt": "<", "gt": ">", "amp": "&", "quot": '"', "apos": "'"}
 
 
@@ -37,9 +55,10 @@ class RubricParseError(ValueError):
     """The anchor's output holds no usable rubric; the message says why."""
 
 
-def parse_rubric(text: str, min_criteria: int = 5) -> list[str]:
+def parse_rubric(text: str, min_criteria: int = 5, *, drop_self_referential: bool = False) -> list[str]:
     """The rubric's criteria, in order, deduplicated; RubricParseError when fewer than
-    ``min_criteria`` usable ones are found or the input is unsafe."""
+    ``min_criteria`` usable ones are found or the input is unsafe. ``drop_self_referential``:
+    criteria about the rubric, the reference or the instructions are not usable either."""
     if len(text) > MAX_INPUT_CHARS:
         raise RubricParseError(f"rubric output too large ({len(text)} chars > {MAX_INPUT_CHARS})")
     if _DECLARATION.search(text):
@@ -48,7 +67,7 @@ def parse_rubric(text: str, min_criteria: int = 5) -> list[str]:
     criteria: list[str] = []
     for raw in _criterion_bodies(text):
         criterion = _clean(raw)
-        if _PLACEHOLDER.fullmatch(criterion) or len(criterion) > MAX_CRITERION_CHARS:
+        if _echo_or_too_long(criterion) or (drop_self_referential and is_self_referential(criterion)):
             continue
         if criterion not in criteria:
             criteria.append(criterion)
@@ -56,6 +75,27 @@ def parse_rubric(text: str, min_criteria: int = 5) -> list[str]:
         found = f"{len(criteria)} usable criteria" if criteria else "no usable <criterion> elements"
         raise RubricParseError(f"rubric has {found}, need at least {min_criteria}")
     return criteria[:MAX_CRITERIA]
+
+
+def _echo_or_too_long(criterion: str) -> bool:
+    return bool(_PLACEHOLDER.fullmatch(criterion)) or len(criterion) > MAX_CRITERION_CHARS
+
+
+def is_usable(criterion: str) -> bool:
+    """Kept with ``drop_self_referential``: not an echo of the format example, not about the
+    rubric, the reference or the instructions, not too long."""
+    return not (_echo_or_too_long(criterion) or is_self_referential(criterion))
+
+
+def is_self_referential(criterion: str) -> bool:
+    """About the rubric, the reference or the rubric prompt's instructions (see _SELF_REFERENCE)."""
+    return bool(_SELF_REFERENCE.search(criterion))
+
+
+def self_referential_count(text: str) -> int:
+    """How many of a draft's criteria were dropped as self-referential (for the reason a draft
+    gave nothing)."""
+    return sum(is_self_referential(_clean(raw)) for raw in _criterion_bodies(text[:MAX_INPUT_CHARS]))
 
 
 def _criterion_bodies(text: str) -> list[str]:
@@ -109,10 +149,10 @@ class RubricInfo:
     """Why drafts gave no usable criterion, one line per such draft."""
 
 
-def parse_criteria(text: str) -> list[str]:
+def parse_criteria(text: str, *, drop_self_referential: bool = False) -> list[str]:
     """Every usable criterion of one draft, however few (none is fine): :func:`parse_rubric`'s
     scanner and bounds, so RubricParseError only for unsafe or oversized input."""
-    return parse_rubric(text, min_criteria=0)
+    return parse_rubric(text, min_criteria=0, drop_self_referential=drop_self_referential)
 
 
 def normalise_criterion(criterion: str) -> str:
@@ -121,22 +161,28 @@ def normalise_criterion(criterion: str) -> str:
     return re.sub(r"\s+", " ", criterion.lower()).strip().rstrip(".!?;:,…").rstrip()
 
 
-def merge_drafts(texts: list[str], *, min_criteria: int, max_criteria: int) -> tuple[list[str], RubricInfo]:
+def merge_drafts(texts: list[str], *, min_criteria: int, max_criteria: int,
+                 drop_self_referential: bool = False) -> tuple[list[str], RubricInfo]:
     """(criteria, info) of rubric drafts: each parsed leniently, their criteria merged in order,
     a criterion equal to an earlier one once normalised dropped (the first wording is kept), at
     most ``max_criteria``. Echoes of the prompt's format example never count (the parser drops
-    them). An empty list when no draft has a usable criterion."""
+    them), nor, with ``drop_self_referential``, criteria about the rubric or its instructions (a
+    draft left with none says how many it had). An empty list when no draft has a usable
+    criterion."""
     merged: dict[str, str] = {}
     info = RubricInfo(drafts=len(texts))
     for number, text in enumerate(texts, start=1):
         try:
-            criteria = [c for c in parse_criteria(text) if normalise_criterion(c)]
+            criteria = [c for c in parse_criteria(text, drop_self_referential=drop_self_referential)
+                        if normalise_criterion(c)]
         except RubricParseError as exc:
             criteria = []
             info.reasons.append(f"draft {number}: {exc}")
         else:
             if not criteria:
-                info.reasons.append(f"draft {number}: no usable <criterion> elements")
+                dropped = self_referential_count(text) if drop_self_referential else 0
+                why = f" ({dropped} about the rubric or its instructions)" if dropped else ""
+                info.reasons.append(f"draft {number}: no usable <criterion> elements{why}")
         info.criteria_per_draft.append(len(criteria))
         for criterion in criteria:
             merged.setdefault(normalise_criterion(criterion), criterion)
@@ -147,20 +193,22 @@ def merge_drafts(texts: list[str], *, min_criteria: int, max_criteria: int) -> t
 
 async def draft_rubric(
     anchor, reference: str, *, min_criteria: int, max_criteria: int, drafts: int, attempts: int,
-    temperature: float, question: str | None = None,
+    temperature: float, question: str | None = None, drop_self_referential: bool = False,
 ) -> tuple[list[str], RubricInfo]:
     """(criteria, info) from the anchor (an async chat callable, see
     catq.teacher.estimators.ChatFn). Drafts until the merged rubric has ``min_criteria``
     criteria, or ``drafts`` drafts once it has one, or ``attempts`` drafts while it has none;
     the first draft at the anchor's own sampling, the rest at ``temperature`` (a greedy anchor
-    would repeat itself). RubricParseError when no draft gave a usable criterion."""
+    would repeat itself). RubricParseError when no draft gave a usable criterion.
+    ``drop_self_referential``: see :func:`merge_drafts`."""
     from catq.teacher.prompts import RUBRIC_PREFIX, rubric_messages
 
     messages = rubric_messages(reference, min_criteria, question)
     texts: list[str] = []
     while True:
         texts.append(await anchor(messages, temperature=temperature if texts else None, prefix=RUBRIC_PREFIX))
-        criteria, info = merge_drafts(texts, min_criteria=min_criteria, max_criteria=max_criteria)
+        criteria, info = merge_drafts(texts, min_criteria=min_criteria, max_criteria=max_criteria,
+                                      drop_self_referential=drop_self_referential)
         if not info.short or len(texts) >= (drafts if criteria else attempts):
             break
     if not criteria:

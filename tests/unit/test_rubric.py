@@ -7,6 +7,7 @@ import pytest
 from catq.teacher.rubric import (
     MAX_CRITERIA,
     RubricParseError,
+    is_usable,
     parse_rubric,
     render_rubric,
 )
@@ -101,7 +102,7 @@ def test_many_unclosed_tags_parse_in_linear_time():
 
 
 def test_criteria_count_and_length_are_bounded():
-    many = [f"Criterion number {i}." for i in range(50)]
+    many = [f"Mentions point number {i}." for i in range(50)]
     assert len(parse_rubric(xml(many))) == MAX_CRITERIA
     long = CRITERIA + ["x" * 10_000]
     assert parse_rubric(xml(long)) == CRITERIA
@@ -121,8 +122,48 @@ def test_lenient_parse_takes_any_number_with_the_same_safety():
 
     assert parse_criteria(xml(CRITERIA[:1])) == CRITERIA[:1]
     assert parse_criteria("no rubric here") == [] and parse_criteria(xml(["The response ..."])) == []
-    assert len(parse_criteria(xml([f"Criterion number {i}." for i in range(50)]))) == MAX_CRITERIA
+    assert len(parse_criteria(xml([f"Mentions point number {i}." for i in range(50)]))) == MAX_CRITERIA
     with pytest.raises(RubricParseError, match="DOCTYPE/ENTITY"):
         parse_criteria('<!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/passwd">]>' + xml(["&x;"]))
     with pytest.raises(RubricParseError, match="too large"):
         parse_criteria("<criterion>" * 1_000_000)
+
+
+DEGENERATE = [  # written by the 135M anchor (issue 31), or echoes of rubric_messages' instructions
+    "The response must meet all criteria specified in the reference.",
+    "The rubric is followed.",
+    "Each criterion is binary: clearly met or not met.",
+    "Matches the reference response.",
+    "The response is as good as the reference answer.",
+    "It is one short sentence.",
+    "The response must be formatted as a single sentence with no more than 3 sentences.",
+    "Checkable by reading a response alone.",
+    "The response must be met by [criterion1], [criterion2]",
+]
+LEGITIMATE = [
+    "The response references a doctor's advice.",
+    "The response cites the CDC guideline on sleep.",
+    "The response mentions a single dose of ibuprofen.",
+    "The response includes a reference to a sleep study.",
+    "The response gives the reference range for blood pressure.",
+    "The response names the diagnostic criteria for migraine.",
+    "The response recommends drinking water.",
+]
+
+
+def test_criteria_about_the_rubric_the_reference_or_the_instructions_are_dropped():
+    text = xml(DEGENERATE + LEGITIMATE)
+    assert parse_rubric(text, min_criteria=len(LEGITIMATE), drop_self_referential=True) == LEGITIMATE
+    with pytest.raises(RubricParseError, match="no usable <criterion> elements"):
+        parse_rubric(xml(DEGENERATE), min_criteria=1, drop_self_referential=True)
+    assert parse_rubric(text, min_criteria=1) == DEGENERATE + LEGITIMATE  # off unless asked
+
+
+@pytest.mark.parametrize("criterion", DEGENERATE)
+def test_each_self_referential_criterion_is_unusable(criterion):
+    assert not is_usable(criterion)
+
+
+@pytest.mark.parametrize("criterion", LEGITIMATE)
+def test_each_legitimate_criterion_is_usable(criterion):
+    assert is_usable(criterion)

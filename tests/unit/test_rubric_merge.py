@@ -27,8 +27,9 @@ def xml(*criteria):
     return "<rubric>" + "".join(f"<criterion>{c}</criterion>" for c in criteria) + "</rubric>"
 
 
-def merge(*texts, min_criteria=3, max_criteria=8):
-    return merge_drafts(list(texts), min_criteria=min_criteria, max_criteria=max_criteria)
+def merge(*texts, min_criteria=3, max_criteria=8, drop_self_referential=False):
+    return merge_drafts(list(texts), min_criteria=min_criteria, max_criteria=max_criteria,
+                        drop_self_referential=drop_self_referential)
 
 
 class RecordingAnchor:
@@ -155,3 +156,33 @@ async def test_anchor_dead_letters_a_group_with_no_criterion():
     with pytest.raises(DeadLetterError, match="no valid rubric after 2 attempts"):
         await AnchorHandler(ctx, anchor).handle(await open_group(ctx))
     assert len(anchor.calls) == 3 and ctx.results.fields["p1"] == {"cat_answer": "x"}
+
+
+ECHOES = ("The response must meet all criteria specified in the reference.",
+          "Each criterion is binary: clearly met or not met.")
+
+
+def test_a_draft_of_only_self_referential_criteria_says_so():
+    rubric, info = merge(xml(*ECHOES), drop_self_referential=True)
+    assert rubric == [] and info.criteria_per_draft == [0] and info.reasons == [
+        "draft 1: no usable <criterion> elements (2 about the rubric or its instructions)"]
+
+
+def test_self_referential_criteria_do_not_count_towards_a_merged_rubric():
+    first = xml("It is one short sentence.", "The response references a doctor's advice.")
+    second = xml("Matches the reference response.", "The response cites the CDC guideline.")
+    rubric, info = merge(first, second, min_criteria=2, drop_self_referential=True)
+    assert rubric == ["The response references a doctor's advice.", "The response cites the CDC guideline."]
+    assert info.criteria_per_draft == [1, 1] and not info.short and info.reasons == []
+
+
+def test_self_referential_criteria_are_kept_unless_asked():
+    assert merge(xml(*ECHOES))[0] == list(ECHOES) and AnchorConfig().rubric_drop_self_referential is False
+
+
+async def test_anchor_dead_letters_a_group_whose_criteria_are_all_about_the_rubric():
+    ctx = make_ctx(anchor={"rubric_attempts": 2, "rubric_drop_self_referential": True})
+    anchor = FakeChat(["Unified response: x", xml(*ECHOES)])
+    with pytest.raises(DeadLetterError, match=r"no valid rubric after 2 attempts: draft 1: .*\(2 about the rubric"):
+        await AnchorHandler(ctx, anchor).handle(await open_group(ctx))
+    assert ctx.results.fields["p1"] == {"cat_answer": "x"}
