@@ -77,6 +77,16 @@ def learner_logprobs(model, prompt_ids: list[int], output_ids: list[int]) -> lis
     return sequence_logprobs(model, [sample])[0].tolist()
 
 
+def behaviour_deltas(model, prompt_ids: list[int], completions) -> list[float]:
+    """|engine - learner| for every sampled token: each completion's log-probs of its own tokens
+    against :func:`learner_logprobs` of the same tokens."""
+    deltas = []
+    for completion in completions:
+        recomputed = learner_logprobs(model, prompt_ids, completion.output_ids)
+        deltas += [abs(a - b) for a, b in zip(completion.logprobs, recomputed, strict=True)]
+    return deltas
+
+
 # -- generation ---------------------------------------------------------------------------------
 
 
@@ -143,10 +153,7 @@ async def test_behaviour_logprobs_agree_with_the_learner(engine, prompt_ids, mod
     async with client(url) as c:
         completions = await c.generate(prompt_ids, n=4, max_new_tokens=32, temperature=0.7, top_p=0.8, top_k=20)
         gap = await check_raw_logprobs(c, prompt_ids)
-    deltas = []
-    for completion in completions:
-        recomputed = learner_logprobs(model, prompt_ids, completion.output_ids)
-        deltas += [abs(a - b) for a, b in zip(completion.logprobs, recomputed, strict=True)]
+    deltas = behaviour_deltas(model, prompt_ids, completions)
     mean = sum(deltas) / len(deltas)
     print(f"\n[{name}] behaviour vs learner log-probs: mean |delta| {mean:.2e}, max {max(deltas):.2e} "
           f"over {len(deltas)} tokens; raw-logprob check gap {gap:.1e}")

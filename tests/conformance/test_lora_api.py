@@ -22,6 +22,7 @@ from tests.conformance.test_engine_api import (
     ADMIN_KEY,
     API_KEY,
     LOGPROB_AGREEMENT,
+    behaviour_deltas,
     client,
     learner_logprobs,
     post,
@@ -140,10 +141,7 @@ async def test_an_adapter_scores_as_the_merged_model(lora_engine, adapters, base
         sampled = await c.generate(prompt_ids, n=3, max_new_tokens=24, temperature=0.7, lora_path="scored")
     expected = learner_logprobs(merged, prompt_ids, forced_completion)
     prefill_gap, effect = mean_gap(served, expected), mean_gap(served, on_base)
-    behaviour = []
-    for completion in sampled:
-        recomputed = learner_logprobs(merged, prompt_ids, completion.output_ids)
-        behaviour += [abs(a - b) for a, b in zip(completion.logprobs, recomputed, strict=True)]
+    behaviour = behaviour_deltas(merged, prompt_ids, sampled)
     behaviour_gap = sum(behaviour) / len(behaviour)
     print(f"\n[{name}] adapter vs merged model: prefill mean |delta| {prefill_gap:.2e} "
           f"(max {max(abs(a - b) for a, b in zip(served, expected)):.2e}) over {len(served)} tokens; "
