@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--held-out", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0, help="data split and learner seed")
     parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--eval-samples", type=int,
+                        help="samples per held-out question in the evaluation (default: --group-size)")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="rollout tokens (math)")
     parser.add_argument("--anchor-tokens", type=int, default=128, help="anchor synthesis tokens")
     parser.add_argument("--batch-groups", type=int, default=2, help="prompts (groups) per learner step")
@@ -91,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--anchor-prompt", default="", help="anchor.prompt (default: the config's)")
     parser.add_argument("--no-background-commit", action="store_true",
                         help="learner.background_commit = false (saves a host copy of the weights)")
+    parser.add_argument("--lora", action="store_true",
+                        help="train a LoRA adapter ([learner.lora] with its defaults) instead of every weight: "
+                             "a 0.5B model's full fine-tune needs ~10 GB a learner, an adapter's ~3 GB")
     parser.add_argument("--parallel", action="store_true",
                         help="train both arms at the same time, so they share whatever load the machine has")
     parser.add_argument("--poll-s", type=float, default=POLL_S, help="how often an arm checks its budget")
@@ -192,6 +197,8 @@ def write_arm_config(arm_dir: Path, args, estimator: str, run: str) -> Path:
     if args.anchor_prompt:
         text = set_key(text, "anchor", "prompt", json.dumps(args.anchor_prompt))
     text += f"\n[ingest]\nport = {free_port()}\n"  # idle here, but it binds a port
+    if getattr(args, "lora", False):
+        text += "\n[learner.lora]\nenabled = true\n"
     path.write_text(text)
     return path
 
@@ -347,7 +354,8 @@ def measure(directory: Path, args) -> dict:
         return json.loads(path.read_text())
     weights = [w for w in (final_weights(directory, arm) for arm in ARMS) if w is not None]
     config = load_config(directory / "cat" / "catq.toml")
-    eval_args = argparse.Namespace(data=str(directory / "held_out.jsonl"), group_size=args.group_size,
+    samples = getattr(args, "eval_samples", None) or args.group_size
+    eval_args = argparse.Namespace(data=str(directory / "held_out.jsonl"), group_size=samples,
                                    estimators="majority", versions=",".join(["0", *map(str, weights)]),
                                    limit=None, concurrency=8, use_stack=False, scaling=False)
     results = asyncio.run(evaluate(eval_args, config, directory / "eval"))
@@ -387,7 +395,8 @@ def table(directory: Path, args, results: dict, states: dict[str, ArmState]) -> 
             "held_out": results["meta"]["prompts"], "train_questions": args.train,
             "settings": {k: getattr(args, k) for k in ("budget_s", "max_steps", "group_size", "max_new_tokens",
                                                         "anchor_tokens", "batch_groups", "lr", "kl_coef",
-                                                        "anchor_prompt", "seed", "no_background_commit")},
+                                                        "anchor_prompt", "seed", "no_background_commit", "lora", "eval_samples")
+                         if hasattr(args, k)},
             "arms": arms, "ratio_cat_ttrl": arms["cat"]["gain"] / ttrl_gain if ttrl_gain else None}
 
 

@@ -160,11 +160,13 @@ def _looks_like_an_answer(answer: str) -> bool:
 
 
 def _trailing_equation(text: str) -> str | None:
-    """X when the text ends with "... = X"."""
+    """X when the text ends with "... = X", cut at the end of its sentence: a rollout stopped at
+    the token limit after "82 / 7 = 11. This means that" answers "11", not the whole tail."""
     last_line = text.strip().rsplit("\n", 1)[-1]
     if "=" not in last_line:
         return None
-    answer = _clean(last_line.rsplit("=", 1)[1])
+    tail = re.split(r"\.(?:\s|$)", last_line.rsplit("=", 1)[1], maxsplit=1)[0]
+    answer = _clean(tail)
     return answer if answer and _looks_like_an_answer(answer) else None
 
 

@@ -24,6 +24,8 @@ EXTRACTION = [
     ("Answer: 3.5.", "3.5"),
     ("so answer is 12\nand more text", "12"),
     ("2 + 2 = 4", "4"),
+    ("So, 82 / 7 = 11. This means that", "11"),           # cut off mid-sentence (cat_rl's groups)
+    ("Total = 3.5. Then we", "3.5"),
     ("We get x = 2\\sqrt{2}", "2\\sqrt{2}"),
     ("I think there are 3 apples and 5 pears", "5"),
     ("It costs 1,000 dollars", "1,000"),
