@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=96, help="rollout tokens (math)")
     parser.add_argument("--anchor-tokens", type=int, default=128, help="anchor synthesis tokens")
     parser.add_argument("--batch-groups", type=int, default=2, help="prompts (groups) per learner step")
+    parser.add_argument("--micro-batch", type=int, help="learner.micro_batch_rollouts (default: the config's 8); "
+                        "at 0.5B a micro-batch of 8 x 300 tokens holds ~8 GB of activations")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--kl-coef", type=float, default=0.0)
     parser.add_argument("--anchor-prompt", default="", help="anchor.prompt (default: the config's)")
@@ -115,7 +117,7 @@ def settings(args: argparse.Namespace) -> tuple[Path, argparse.Namespace]:
     if args.resume:
         directory = Path(args.resume).resolve()
         saved = json.loads((directory / "args.json").read_text())
-        extended = {k: getattr(args, k) for k in ("budget_s", "max_steps") if getattr(args, k) is not None}
+        extended = {k: getattr(args, k) for k in ("budget_s", "max_steps", "micro_batch") if getattr(args, k) is not None}
         saved.update(out=args.out or saved.get("out"), resume=str(directory), **extended)
         (directory / "args.json").write_text(json.dumps(saved, indent=1))
         return directory, argparse.Namespace(**saved)
@@ -197,6 +199,8 @@ def write_arm_config(arm_dir: Path, args, estimator: str, run: str) -> Path:
     if args.anchor_prompt:
         text = set_key(text, "anchor", "prompt", json.dumps(args.anchor_prompt))
     text += f"\n[ingest]\nport = {free_port()}\n"  # idle here, but it binds a port
+    if getattr(args, "micro_batch", None):
+        text = set_key(text, "learner", "micro_batch_rollouts", str(args.micro_batch))
     if getattr(args, "lora", False):
         text += "\n[learner.lora]\nenabled = true\n"
     path.write_text(text)
@@ -395,7 +399,7 @@ def table(directory: Path, args, results: dict, states: dict[str, ArmState]) -> 
             "held_out": results["meta"]["prompts"], "train_questions": args.train,
             "settings": {k: getattr(args, k) for k in ("budget_s", "max_steps", "group_size", "max_new_tokens",
                                                         "anchor_tokens", "batch_groups", "lr", "kl_coef",
-                                                        "anchor_prompt", "seed", "no_background_commit", "lora", "eval_samples")
+                                                        "anchor_prompt", "seed", "no_background_commit", "lora", "eval_samples", "micro_batch")
                          if hasattr(args, k)},
             "arms": arms, "ratio_cat_ttrl": arms["cat"]["gain"] / ttrl_gain if ttrl_gain else None}
 
