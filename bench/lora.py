@@ -22,7 +22,7 @@ For each mode (``full``, then ``lora`` with ``[learner.lora]``'s defaults from c
    ``catq up`` starts it), started after the learner process has exited so the two do not share
    the CPUs. Each published version (already in place) is then served as the syncer serves it
    (catq/learner/syncer.py): ``full`` = ``POST /update_weights_from_disk``; ``lora`` = ``POST
-   /load_lora_adapter`` + ``POST /update_weight_version`` (catq/learner/lora_sync.py ``move``);
+   /load_lora_adapter`` + ``POST /update_weight_version`` (catq/engines/adapters.py ``move``);
    the clock stops when a ``/generate`` (on the adapter, ``lora_path = "v<N>"``, for ``lora``)
    succeeds and its ``meta_info.weight_version`` is N. The median over the versions is the
    publish -> serving time; the engine's peak RSS is reported beside it.
@@ -231,7 +231,7 @@ async def serve_versions(url: str, mode: str, versions: list[dict], prompt_ids: 
     import structlog
 
     from catq.engines.client import EngineClient
-    from catq.learner import lora_sync
+    from catq.engines import adapters
 
     timings = []
     async with EngineClient(url, timeout_s=600, max_attempts=1) as client:
@@ -239,12 +239,12 @@ async def serve_versions(url: str, mode: str, versions: list[dict], prompt_ids: 
             version, path = entry["version"], entry["path"]
             started = time.perf_counter()
             if mode == "lora":
-                await lora_sync.move(client, version, path)
+                await adapters.move(client, version, path)
             else:
                 await client.update_weights_from_disk(path, weight_version=str(version))
             moved = time.perf_counter()
             [completion] = await client.generate(prompt_ids, max_new_tokens=4, temperature=0.0,
-                                                 lora_path=lora_sync.adapter_name(version) if mode == "lora" else None)
+                                                 lora_path=adapters.adapter_name(version) if mode == "lora" else None)
             served = time.perf_counter()
             if completion.weight_version != str(version):
                 raise SystemExit(f"{mode}: /generate reports weight_version {completion.weight_version!r}, "
@@ -252,7 +252,7 @@ async def serve_versions(url: str, mode: str, versions: list[dict], prompt_ids: 
             timings.append({"version": version, "load_s": moved - started, "generate_s": served - moved,
                             "serve_s": served - started})
             if mode == "lora":  # as the syncer does after listing the replica (not timed)
-                await lora_sync.prune(client, version, structlog.get_logger())
+                await adapters.prune(client, version, structlog.get_logger())
     return timings
 
 

@@ -207,9 +207,9 @@ class Stack:
 
     def _lora_flags(self, spec: EngineSpec, version: str) -> list[str]:
         """A LoRA policy's engine: SGLang's LoRA flags, and the newest adapter loaded at start
-        under the name the syncer gives it (catq/learner/lora_sync.py)."""
+        under the name the syncer gives it (catq/engines/adapters.py)."""
         from catq.engines.lora import server_flags
-        from catq.learner.lora_sync import adapter_name
+        from catq.engines.adapters import adapter_name
         from catq.learner.publish import version_dir
 
         settings = self.config.learner.lora

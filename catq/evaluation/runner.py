@@ -49,7 +49,7 @@ class PolicyVersion:
     directory); None: the engine's own weights."""
 
     def __post_init__(self):
-        from catq.learner.lora_sync import lora_path_for
+        from catq.engines.adapters import lora_path_for
 
         self.lora_path = lora_path_for(self.path, self.policy_version, self.label)
 
@@ -250,7 +250,7 @@ async def load_version(client, version: PolicyVersion, first: bool) -> None:
 
 async def load_adapter(client, version: PolicyVersion) -> None:
     from catq.engines.client import EngineError
-    from catq.learner.lora_sync import ensure_loaded
+    from catq.engines.adapters import ensure_loaded
 
     try:
         await ensure_loaded(client, version.lora_path, version.path)

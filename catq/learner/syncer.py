@@ -40,7 +40,7 @@ Rollout needs no coupling to it: every completion carries the engine's ``weight_
 
 A LoRA policy (``learner.lora``): each version is an adapter directory, and a replica is moved
 to it with SGLang's ``/load_lora_adapter`` + ``/update_weight_version`` instead
-(catq/learner/lora_sync.py), under the same rules (never backwards, unlisted while it moves,
+(catq/engines/adapters.py), under the same rules (never backwards, unlisted while it moves,
 a refusal dead-lettered); the registry lists the adapter's name, which rollout sends as
 ``lora_path``, and adapters older than the last two are unloaded after listing.
 """
@@ -176,18 +176,18 @@ class Syncer:
         except Exception as exc:  # Redis away: the entry ages out, and the next pass writes it
             self.log.warning("could not update the replica registry", engine=url, error=str(exc))
         if current and self.lora and self.pruned.get(url) != serving:
-            from catq.learner import lora_sync
+            from catq.engines import adapters
 
-            if await lora_sync.prune(client, serving, self.log.bind(engine=url)):
+            if await adapters.prune(client, serving, self.log.bind(engine=url)):
                 self.pruned[url] = serving
 
     @property
     def lora(self) -> bool:
-        """A LoRA policy: versions are adapters (catq/learner/lora_sync.py)."""
+        """A LoRA policy: versions are adapters (catq/engines/adapters.py)."""
         return self.config.learner.lora.enabled
 
     def _adapter(self, version: int) -> str | None:
-        from catq.learner.lora_sync import adapter_name
+        from catq.engines.adapters import adapter_name
 
         return adapter_name(version) if self.lora else None
 
@@ -220,9 +220,9 @@ class Syncer:
             await self.bus.unlist_replica(POOL, url)  # no rollout traffic while it loads
             started = time.perf_counter()
             if self.lora:
-                from catq.learner import lora_sync
+                from catq.engines import adapters
 
-                await lora_sync.move(client, target.version, target.path)
+                await adapters.move(client, target.version, target.path)
             else:
                 await client.update_weights_from_disk(target.path, weight_version=str(target.version))
             reported = parse_version(await client.weight_version())

@@ -8,7 +8,9 @@ synthesis by default, which never shows the anchor the question). For ``open`` p
 drafts a rubric from s (catq.teacher.rubric.draft_rubric: several drafts merged while short of
 ``anchor.rubric_min_criteria``). A short rubric is used and flagged ``rubric_short`` in the
 prompt's result; a group whose drafts give no usable criterion is dead-lettered with the reason.
-An estimator that needs the policy (``self_bon``) asks the first policy engine.
+An estimator that needs the policy (``self_bon``) asks the first policy engine, on the adapter of
+the version it serves when the policy is a LoRA adapter (without ``lora_path`` the engine would
+answer as the base model, v0).
 
 With ``learner.anchor_logprobs = "engine"`` (and a KL term), the anchor engine also scores every
 rollout's tokens under π0 in one prefill-only request, run beside the estimate, and the group
@@ -46,7 +48,7 @@ class AnchorHandler:
         prompt = group.prompt
         question = prompt.question if config.include_question else None
         ref, _ = await asyncio.gather(
-            estimate_reference(group, config.estimator, anchor=self.anchor, policy=self.policy,
+            estimate_reference(group, config.estimator, anchor=self.anchor, policy=await self.current_policy(),
                                include_question=config.include_question, options=config),
             self.attach_anchor_logprobs(group))
         rubric: list[str] = []
@@ -107,6 +109,17 @@ class AnchorHandler:
         self.ctx.log.info("rubric", criteria=len(rubric), drafts=info.drafts, short=info.short,
                           criteria_per_draft=info.criteria_per_draft)
         return rubric, {"rubric_short": info.short, "rubric_drafts": info.drafts}
+
+    async def current_policy(self):
+        """The policy chat as the policy engine serves it now: with ``learner.lora`` on, on the
+        adapter of the version the engine reports (the syncer loads each version's adapter and
+        sets that version); full weights, or version 0, need no adapter."""
+        if self.policy is None or not self.ctx.config.learner.lora.enabled:
+            return self.policy
+        from catq.engines.adapters import adapter_name
+
+        name = adapter_name(parse_version(await self.policy.client.weight_version()))
+        return self.policy.on_adapter(name) if name else self.policy
 
     async def anchor_version(self) -> int:
         """The anchor engine's weight version, asked once (the anchor is frozen)."""

@@ -360,7 +360,7 @@ def write_full_weights(directory):
 
 
 def test_which_lora_path_serves_a_version(tmp_path):
-    from catq.learner.lora_sync import lora_path_for
+    from catq.engines.adapters import lora_path_for
 
     adapter, full = write_adapter_config(tmp_path / "a" / "v3"), write_full_weights(tmp_path / "f" / "v3")
     assert lora_path_for(adapter, 3, "v3") == "v3"  # the syncer's name for version 3

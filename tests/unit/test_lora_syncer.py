@@ -14,7 +14,7 @@ from catq.engines.client import EngineClient
 from catq.engines.lora import add_server_args
 from catq.engines.replicas import ReplicaPicker
 from catq.engines.app import build_app, load_engine
-from catq.learner import lora_sync
+from catq.engines import adapters
 from catq.learner.syncer import Syncer
 from catq.messages import WeightsPublished
 from tests.helpers.engine_proc import free_port
@@ -86,7 +86,7 @@ async def test_the_syncer_moves_a_replica_to_the_newest_adapter_and_lists_its_na
         await syncer.sync_all()
         assert syncer.bus.listed[url]["model"] == "v3" and await client.weight_version() == "3"
         # v2 was skipped (v3 was already out); v1 is older than the newest two: unloaded
-        assert await lora_sync.loaded_adapters(client) == ["v3"]
+        assert await adapters.loaded_adapters(client) == ["v3"]
 
         # A mismatched adapter (rank 16 > --max-lora-rank 8) is refused: dead-lettered, never
         # retried, and the replica keeps serving v3, listed.
@@ -116,7 +116,7 @@ async def test_a_replica_ahead_of_the_target_is_never_moved_back(tmp_path, tiny_
         syncer.bus.entries = [publish(tmp_path, tiny_model_path, 2)]
         await syncer.start()
         await syncer.sync_all()
-        assert await client.weight_version() == "5" and await lora_sync.loaded_adapters(client) == []
+        assert await client.weight_version() == "5" and await adapters.loaded_adapters(client) == []
     finally:
         await client.close()
 

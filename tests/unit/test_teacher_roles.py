@@ -321,3 +321,20 @@ def test_backpressure_says_which_downstream_role_it_waits_for():
     state = BackpressureState(10, 0, 0, {"anchor": 7, "judge": 0, "learner": 3})
     assert state.reason(max_staleness=4, groups_per_version=2).endswith("waiting for anchor 7, learner 3")
     assert "waiting for the syncer" in BackpressureState(0, 5, 0).reason(max_staleness=4, groups_per_version=2)
+
+
+@pytest.mark.parametrize("lora,served,expected", [(True, "4", "v4"), (True, "0", None), (False, "4", None)])
+async def test_self_best_of_n_asks_the_policy_on_the_adapter_its_engine_serves(lora, served, expected):
+    from catq.config import LoraConfig, SamplingConfig
+    from catq.teacher.chat import EngineChat
+
+    ctx = make_ctx(anchor={"estimator": "self_bon"})
+    ctx.config.learner = ctx.config.learner.model_copy(update={"lora": LoraConfig(enabled=lora)})
+    policy_engine = FakeEngine(["2"], version=served)
+    policy = EngineChat(policy_engine, FakeTokenizer(), SamplingConfig(temperature=0.0, max_new_tokens=4))
+    group = (await RolloutHandler(ctx, [FakeEngine(["\\boxed{4}", "\\boxed{5}", "4"] * 3)],
+                                  FakeTokenizer()).roll_out(prompt()))
+    (out,) = await AnchorHandler(ctx, FakeChat(["unused"]), policy).handle(group)
+    (_, selection_call) = policy_engine.calls[-1]
+    assert selection_call.get("lora_path") == expected
+    assert out.message.reference == group.rollouts[1].text  # the policy picked answer 2

@@ -1,5 +1,7 @@
-"""Moving a policy replica to a LoRA policy's newest version (catq/learner/syncer.py uses it when
-``learner.lora`` is on): SGLang's dynamic LoRA API, so catq's engine and SGLang alike.
+"""LoRA adapters from the client side: the name each version's adapter is served under, and
+moving a policy replica to a LoRA policy's newest version (the syncer, catq/learner/syncer.py,
+when ``learner.lora`` is on; `catq eval` and `catq demo` load the versions they measure the same
+way) with SGLang's dynamic LoRA API, so catq's engine and SGLang alike.
 
 Version N is the adapter directory ``weights/v<N>/``, loaded under the name ``v<N>``
 (:func:`adapter_name`) with ``POST /load_lora_adapter``; then ``POST /update_weight_version``
