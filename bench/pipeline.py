@@ -37,6 +37,10 @@ Two more catq arms, each compared with the same TRL run:
 
   synthesis            ``anchor.estimator = "synthesis"``: the anchor engine writes a reference
                        from the G answers for every group (skip with ``--no-synthesis``).
+  --lora               the majority arm again with ``[learner.lora] enabled = true`` (an adapter
+                       with [learner.lora]'s defaults is trained, published and served instead of
+                       every weight); prints ``lora: X rollouts/s, ratio lora/full Y`` against the
+                       majority arm of the same run. ``--no-trl`` skips the TRL arm (no extra).
   --compare-resources  the majority arm again with ``[resources] enabled = false``: `catq up`
                        gives no child a thread count, so every engine and the learner run torch's
                        default (every core) and oversubscribe the machine; prints ``resources:
@@ -111,7 +115,7 @@ def arithmetic_prompts(n: int, seed: int = SEED) -> list[str]:
 # ---- catq ---------------------------------------------------------------------------------
 
 
-def write_arm_config(out: Path, args, estimator: str, allocate: bool) -> Path:
+def write_arm_config(out: Path, args, estimator: str, allocate: bool, lora: bool = False) -> Path:
     """configs/demo.toml (via bench/learning.py's writer: run dir, G, free engine ports) with this
     benchmark's workload; the workers read the file, so every change must be in it. The arm's
     directory is emptied first: a learner would resume from a checkpoint left there, and its
@@ -131,6 +135,8 @@ def write_arm_config(out: Path, args, estimator: str, allocate: bool) -> Path:
     text += f"\n[ingest]\nport = {free_port()}\n"
     if not allocate:
         text += "\n[resources]\nenabled = false\n"
+    if lora:
+        text += "\n[learner.lora]\nenabled = true\n"
     path.write_text(text)
     return path
 
@@ -264,6 +270,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--no-synthesis", action="store_true", help="skip the synthesis-estimator arm")
+    parser.add_argument("--lora", action="store_true", help="also run the majority arm with a LoRA policy")
+    parser.add_argument("--no-trl", action="store_true", help="skip the TRL arm (no ratio catq/trl)")
     parser.add_argument("--compare-resources", action="store_true",
                         help="also run the majority arm with [resources] enabled = false")
     parser.add_argument("--smoke", action="store_true",
@@ -284,23 +292,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workload: {len(prompts)} questions x G={args.group_size}, {args.max_new_tokens} new tokens, "
           f"lr {LR}, 1 group per step; out {out}", flush=True)
 
-    arms = [("catq", "majority", True)]
+    arms = [("catq", "majority", True, False)]
     if not args.no_synthesis:
-        arms.append(("synthesis", "synthesis", True))
+        arms.append(("synthesis", "synthesis", True, False))
+    if args.lora:
+        arms.append(("lora", "majority", True, True))
     if args.compare_resources:
-        arms.append(("unallocated", "majority", False))
+        arms.append(("unallocated", "majority", False, False))
     catq: dict[str, Arm] = {}
-    for name, estimator, allocate in arms:
-        config_path = write_arm_config(out / name, args, estimator, allocate)
+    for name, estimator, allocate, lora in arms:
+        config_path = write_arm_config(out / name, args, estimator, allocate, lora)
         catq[name] = asyncio.run(run_catq(name, config_path, prompts, args))
         print(catq[name].line(), flush=True)
-    trl = run_trl(prompts, load_config(out / "catq" / "catq.toml"), args)
+    trl = None if args.no_trl else run_trl(prompts, load_config(out / "catq" / "catq.toml"), args)
 
     print()
-    for arm in (*catq.values(), trl):
+    for arm in (*catq.values(), *([trl] if trl else [])):
         print(arm.line())
-    print(f"ratio catq/trl {catq['catq'].rate / trl.rate:.2f}")
-    if "synthesis" in catq:
+    if trl:
+        print(f"ratio catq/trl {catq['catq'].rate / trl.rate:.2f}")
+    if "lora" in catq:
+        print(f"lora: {catq['lora'].rate:.3f} rollouts/s, ratio lora/full {catq['lora'].rate / catq['catq'].rate:.2f}")
+    if "synthesis" in catq and trl:
         print(f"synthesis: {catq['synthesis'].rate:.3f} rollouts/s, ratio to trl "
               f"{catq['synthesis'].rate / trl.rate:.2f}")
     if "unallocated" in catq:
