@@ -175,12 +175,22 @@ def _last_number(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
+def only_number(text: str) -> str | None:
+    """The number ``text`` states when it states exactly one (1,000 and 1000 count as one)."""
+    numbers = {n.replace(",", "") for n in _NUMBER.findall(text)}
+    return numbers.pop() if len(numbers) == 1 else None
+
+
 def _clean(answer: str) -> str:
     answer = answer.strip()
     for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**")):
         if answer.startswith(left) and answer.endswith(right) and len(answer) >= len(left) + len(right):
             answer = answer[len(left) : len(answer) - len(right)].strip()
-    return answer.rstrip(".").strip().strip("$").strip()
+    answer = answer.rstrip(".").strip().strip("$").strip()
+    for left, right in (("\\(", "\\)"), ("\\[", "\\]")):  # "\(12 + 19 = 31\)" cut at "=": "31\)"
+        if answer.endswith(right) and left not in answer:
+            answer = answer[: -len(right)].strip()
+    return answer
 
 
 def normalize_answer(answer: str) -> str:

@@ -38,6 +38,7 @@ from catq.teacher.answers import (
     answers_equivalent,
     final_answer,
     last_boxed,
+    only_number,
     rollout_answer,
 )
 from catq.teacher.verify_pool import off_loop
@@ -101,11 +102,16 @@ def parse_unified_response(output: str) -> tuple[str, bool]:
 
 def reference_final_answer(reference: str, anchor_output: str) -> str | None:
     """The reference's final answer: a box in s, else a box anywhere in the anchor's output
-    (some models box the answer in the summary), else the usual fallbacks on s."""
+    (some models box the answer in the summary), else a stated answer or closing equation in s,
+    else the number s states when it states only one. A last number among several is no
+    answer (None: the caller primes one): "Each child gets 13 balloons. The total is 39. The
+    number of children is 3." answers 13, and its last number made all 8 right rollouts wrong."""
     boxed = last_boxed(reference)
     if boxed is None:
         boxed = last_boxed(anchor_output)
-    return final_answer("\\boxed{" + boxed + "}") if boxed is not None else final_answer(reference)
+    if boxed is not None:
+        return final_answer("\\boxed{" + boxed + "}")
+    return final_answer(reference, last_number=False) or only_number(reference)
 
 
 def synthesis_reference(output: str, task: str) -> Reference:
