@@ -175,12 +175,6 @@ def _last_number(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
-def only_number(text: str) -> str | None:
-    """The number ``text`` states when it states exactly one (1,000 and 1000 count as one)."""
-    numbers = {n.replace(",", "") for n in _NUMBER.findall(text)}
-    return numbers.pop() if len(numbers) == 1 else None
-
-
 def _clean(answer: str) -> str:
     answer = answer.strip()
     for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**")):

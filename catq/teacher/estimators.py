@@ -38,7 +38,6 @@ from catq.teacher.answers import (
     answers_equivalent,
     final_answer,
     last_boxed,
-    only_number,
     rollout_answer,
 )
 from catq.teacher.verify_pool import off_loop
@@ -102,16 +101,14 @@ def parse_unified_response(output: str) -> tuple[str, bool]:
 
 def reference_final_answer(reference: str, anchor_output: str) -> str | None:
     """The reference's final answer: a box in s, else a box anywhere in the anchor's output
-    (some models box the answer in the summary), else a stated answer or closing equation in s,
-    else the number s states when it states only one. A last number among several is no
-    answer (None: the caller primes one): "Each child gets 13 balloons. The total is 39. The
-    number of children is 3." answers 13, and its last number made all 8 right rollouts wrong."""
+    (some models box the answer in the summary), else the usual fallbacks on s, its last number
+    included. Tried and reverted (bench/cat_rl.py on Qwen2.5-Coder-0.5B, 29 CaT references): no
+    last number when s states several, priming for one instead: right references 25 -> 19, and
+    the primed continuation found an answer for 1 of 4 (the README's CaT-RL section)."""
     boxed = last_boxed(reference)
     if boxed is None:
         boxed = last_boxed(anchor_output)
-    if boxed is not None:
-        return final_answer("\\boxed{" + boxed + "}")
-    return final_answer(reference, last_number=False) or only_number(reference)
+    return final_answer("\\boxed{" + boxed + "}") if boxed is not None else final_answer(reference)
 
 
 def synthesis_reference(output: str, task: str) -> Reference:

@@ -215,14 +215,10 @@ async def last_rollout(group, **_):
 
 
 @pytest.mark.parametrize("unified, answer", [
-    # seen in bench/cat_rl.py's CaT arm (Qwen2.5-Coder-0.5B anchor): the last number was the number
-    # of children, and all 8 rollouts, right with 13, were rewarded 0
-    ("Each child gets 13 balloons. The total number of balloons is 39. The total number of children is 3.", None),
-    ("The farmer has 40 animals.", "40"),       # one number: that is the answer
-    ("It costs 1,000 dollars, that is 1000.", "1000"),
-    ("The total is \\(12 + 19 = 31\\).", "31"),
+    ("The farmer has 40 animals.", "40"),
+    ("The total is \\(12 + 19 = 31\\).", "31"),     # the unmatched closing \) is not part of it
     ("So 72 - 29 = 43", "43"),
 ])
-def test_a_formatted_synthesis_answers_with_its_only_number_not_the_last_of_several(unified, answer):
+def test_a_formatted_synthesis_without_a_box_answers_with_its_stated_or_last_number(unified, answer):
     ref = synthesis_reference(f"Summary: they differ.\nUnified response: {unified}", "math")
     assert not ref.format_fallback and ref.reference_answer == answer

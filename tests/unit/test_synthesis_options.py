@@ -129,9 +129,3 @@ async def test_priming_and_the_unified_parser_work_with_paper_and_catq_prompts(p
     assert ref.reference == "3 + 4 = 7.\nFinal answer: \\boxed{7}" and ref.reference_answer == "7"
     assert not ref.answer_primed and not ref.format_fallback
 
-
-async def test_a_synthesis_stating_several_numbers_and_no_answer_is_primed_for_one():
-    anchor = EngineLikeAnchor("\nUnified response: Each child gets 13 balloons. The total is 39. There are 3 children.",
-                              "13}.")
-    ref = await estimate_reference(GROUP, "synthesis", anchor=anchor)
-    assert ref.reference_answer == "13" and ref.answer_primed and len(anchor.calls) == 2
